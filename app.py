@@ -1,0 +1,105 @@
+"""The Starlette application: configuration, routes and middleware wired together.
+
+Run it with `hypercorn app:app` (see Procfile). Bad configuration stops start-up with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route, WebSocketRoute
+
+from assistant.config import ConfigError, Settings, load_settings
+from assistant.errors import ServiceError
+from assistant.http_api import (
+    chat,
+    create_thread,
+    handle_http_exception,
+    handle_service_error,
+    handle_unexpected_error,
+    health,
+)
+from assistant.logs import configure_logging
+from assistant.middleware import APIKeyMiddleware, CorrelationIdMiddleware
+from assistant.responses_engine import ResponsesEngine
+from assistant.run_manager import RunManager
+from assistant.tool_executor import ToolConfigError, ToolRegistry, load_tool_map
+from assistant.upstream import create_openai_client
+from assistant.websocket_stream_handler import websocket_chat
+
+logger = logging.getLogger("assistant")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or load_settings()
+    registry = ToolRegistry(load_tool_map(settings.tools_module), timeout=settings.tool_timeout_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = create_openai_client(settings)
+        engine = ResponsesEngine(client, settings, registry)
+        async with RunManager(engine, registry, settings) as runs:
+            app.state.runs = runs
+            logger.info(
+                "service ready",
+                extra={"engine": engine.name, "model": settings.openai_model, "tools": list(registry.names)},
+            )
+            try:
+                yield
+            finally:
+                logger.info("shutting down")
+        await client.close()
+
+    middleware = [Middleware(CorrelationIdMiddleware)]
+    if settings.cors_allow_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_allow_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "X-Correlation-ID", "Last-Event-ID"],
+                expose_headers=["X-Correlation-ID"],
+            )
+        )
+    if settings.service_api_key:
+        middleware.append(Middleware(APIKeyMiddleware, api_key=settings.service_api_key))
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/threads", create_thread, methods=["POST"]),
+            Route("/start", create_thread, methods=["GET"]),
+            Route("/chat", chat, methods=["POST"]),
+            WebSocketRoute("/ws/chat", websocket_chat),
+        ],
+        middleware=middleware,
+        exception_handlers={
+            ServiceError: handle_service_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    return app
+
+
+def _app_from_environment() -> Starlette:
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        return create_app(settings)
+    except (ConfigError, ToolConfigError) as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = _app_from_environment()

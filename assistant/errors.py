@@ -1,0 +1,79 @@
+"""The service's errors: one class per kind a client can tell apart, each with its HTTP status.
+
+Every failure a client sees is one of these, as JSON `{"error", "type", "correlation_id"}` or as
+an `error` event with the same fields, so clients branch on `type`, never on message text.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, type: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        if type is not None:
+            self.type = type
+        self.retry_after = retry_after
+
+    def payload(self, correlation_id: str | None) -> dict[str, object]:
+        return {"error": self.message, "type": self.type, "correlation_id": correlation_id}
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    type = "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    type = "unauthorized"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    type = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status_code = 405
+    type = "method_not_allowed"
+
+
+class ThreadBusy(ServiceError):
+    status_code = 409
+    type = "thread_busy"
+
+
+class RunCancelled(ServiceError):
+    status_code = 409
+    type = "run_cancelled"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    type = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    type = "unsupported_media_type"
+
+
+class UpstreamError(ServiceError):
+    """OpenAI answered with an error, broke the stream, or the run failed there."""
+
+    status_code = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(ServiceError):
+    status_code = 504
+    type = "upstream_timeout"
+
+
+class ShuttingDown(ServiceError):
+    status_code = 503
+    type = "shutting_down"

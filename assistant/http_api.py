@@ -1,0 +1,126 @@
+"""The HTTP endpoints and the JSON shape of every error they give."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .chat_request import parse_chat_request
+from .errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from .orchestrator import process_run, process_run_stream
+from .sse_stream_handler import SSEResponse
+
+logger = logging.getLogger("assistant.http")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
+def correlation_id(request: Request) -> str:
+    return request.scope["state"]["correlation_id"]
+
+
+def error_response(error: ServiceError, request: Request) -> JSONResponse:
+    headers = {}
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(error.retry_after)))
+    return JSONResponse(error.payload(correlation_id(request)), status_code=error.status_code, headers=headers)
+
+
+async def handle_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    if exc.status_code >= 500:
+        logger.warning("request failed with %s: %s", exc.type, exc.message)
+    return error_response(exc, request)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: ServiceError = NotFound(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = ServiceError(str(exc.detail), type="http_error")
+        error.status_code = exc.status_code
+    return error_response(error, request)
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(ServiceError("the service failed to handle this request"), request)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> object:
+    """The request's JSON body, read no further than `max_bytes`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"send the body as application/json, not {content_type!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise BadRequest("the body is empty; send a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def create_thread(request: Request) -> Response:
+    state = request.app.state
+    thread_id = await state.runs.engine.create_thread()
+    return JSONResponse(
+        {
+            "thread_id": thread_id,
+            "initial_message": state.settings.initial_message,
+            "correlation_id": correlation_id(request),
+        }
+    )
+
+
+def wants_event_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+async def chat(request: Request) -> Response:
+    state = request.app.state
+    settings = state.settings
+    data = await read_json_body(request, settings.max_body_bytes)
+    thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
+    if wants_event_stream(request):
+        log = await process_run_stream(state.runs, thread_id, message, correlation_id(request))
+        return SSEResponse(  # type: ignore[return-value]
+            log,
+            heartbeat_seconds=settings.sse_heartbeat_seconds,
+            retry_ms=settings.sse_retry_ms,
+            slow_client_timeout_seconds=settings.slow_client_timeout_seconds,
+        )
+    return JSONResponse(await process_run(state.runs, thread_id, message, correlation_id(request)))

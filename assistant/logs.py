@@ -1,0 +1,67 @@
+"""One JSON object per log line on stdout, carrying the request's correlation, thread and run IDs.
+
+The IDs live in context variables: set once where they become known, they follow the request
+into every task it starts (anyio copies the context), so no call needs to pass them around.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from contextvars import ContextVar
+
+import orjson
+
+correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+thread_id_var: ContextVar[str | None] = ContextVar("thread_id", default=None)
+run_id_var: ContextVar[str | None] = ContextVar("run_id", default=None)
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+# Anything shaped like an OpenAI or bearer secret is masked wherever it appears in a log line.
+_SECRET = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+[A-Za-z0-9._\-]{6,})")
+
+
+def redact(text: str) -> str:
+    """Mask API keys and bearer tokens in free text (upstream error bodies, exception messages)."""
+    return _SECRET.sub("[redacted]", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        for key, var in (
+            ("correlation_id", correlation_id_var),
+            ("thread_id", thread_id_var),
+            ("run_id", run_id_var),
+        ):
+            value = var.get()
+            if value is not None:
+                entry[key] = value
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """Route the service's and the servers' loggers through the JSON formatter on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The HTTP clients log every request at INFO/DEBUG; that is noise on the hot path.
+    for noisy in ("httpx", "httpcore", "openai", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,92 @@
+"""ASGI middleware: the correlation ID every request carries, and the service's API key."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import Unauthorized
+from .logs import correlation_id_var
+
+# A caller's own ID is kept only when it is a short token that is safe in headers and logs.
+SAFE_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class CorrelationIdMiddleware:
+    """Gives every request an ID: the caller's `X-Correlation-ID` if safe, else a new one.
+
+    It is put in `scope["state"]`, in the logging context, and on the response's headers
+    (for WebSockets, on the handshake's accept).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        raw = _header(scope, b"x-correlation-id")
+        candidate = raw.decode("latin-1") if raw is not None else ""
+        correlation_id = candidate if SAFE_CORRELATION_ID.fullmatch(candidate) else new_correlation_id()
+        scope.setdefault("state", {})["correlation_id"] = correlation_id
+        correlation_id_var.set(correlation_id)
+        header = (b"x-correlation-id", correlation_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class APIKeyMiddleware:
+    """With SERVICE_API_KEY set, every route but /health needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"authorization") or b""
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        error = Unauthorized("missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'")
+        correlation_id = scope.get("state", {}).get("correlation_id")
+        if scope["type"] == "websocket":
+            # Refuse the handshake (a 403 from the server); no socket is opened.
+            await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
+            return
+        body = orjson.dumps(error.payload(correlation_id))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status_code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

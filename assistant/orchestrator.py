@@ -1,0 +1,223 @@
+"""One run: the upstream rounds, the tool loop between them, and how the run ends.
+
+`iterate_run_events` is the core loop and yields the service's events; `execute_run` drives it
+into the run's log (the pipeline's only writer); `process_run` and `process_run_stream` are what
+the JSON and streaming handlers call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import Settings
+from .errors import RunCancelled, UpstreamError, ServiceError
+from .events import (
+    ERROR,
+    MESSAGE_COMPLETED,
+    METADATA,
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_CREATED,
+    RUN_FAILED,
+    Event,
+)
+from .logs import run_id_var, thread_id_var
+from .message_parser import MessageParser, ToolTracker
+from .run_log import RunLog
+from .tool_executor import ToolCall, ToolRegistry, ToolResult, execute_tool
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from .run_manager import RunManager
+
+logger = logging.getLogger("assistant.orchestrator")
+
+
+class Engine(Protocol):
+    """What the orchestrator needs of an upstream API (Responses or Assistants)."""
+
+    name: str
+
+    async def create_thread(self) -> str: ...
+
+    def new_parser(self, tracker: ToolTracker) -> MessageParser: ...
+
+    def first_input(self, thread_id: str, message: str) -> Any: ...
+
+    def next_input(self, results: list[ToolResult]) -> Any: ...
+
+    def open_round(
+        self, thread_id: str, turn_input: Any
+    ) -> AbstractAsyncContextManager[AsyncIterator[list[dict[str, Any]]]]: ...
+
+    def keep_undelivered(self, thread_id: str, results: list[ToolResult]) -> None: ...
+
+
+async def _run_tool(
+    registry: ToolRegistry,
+    call: ToolCall,
+    correlation_id: str,
+    send: anyio.abc.ObjectSendStream[ToolResult],
+) -> None:
+    async with send:
+        await send.send(await execute_tool(registry, call, correlation_id=correlation_id))
+
+
+def _interrupted(call: ToolCall, reason: str) -> ToolResult:
+    return ToolResult(tool_call_id=call.call_id, output=f'{{"error": "{reason}"}}', is_error=True)
+
+
+async def iterate_run_events(
+    engine: Engine,
+    registry: ToolRegistry,
+    settings: Settings,
+    log: RunLog,
+    message: str,
+    task_group: TaskGroup,
+) -> AsyncIterator[Event]:
+    """The run's events, from `thread.run.created` to its outcome (completed or failed).
+
+    Service errors (upstream down, timeouts, broken streams) are raised, not yielded. Tools run
+    in `task_group`, which belongs to the caller, so no task group is open across a yield here.
+    """
+    thread_id, run_id = log.thread_id, log.run_id
+    yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id})
+    tracker = ToolTracker()
+    turn_input = engine.first_input(thread_id, message)
+    for round_number in range(1, settings.max_tool_rounds + 2):
+        parser = engine.new_parser(tracker)
+        async with engine.open_round(thread_id, turn_input) as batches:
+            async for batch in batches:
+                for upstream_event in batch:
+                    event = parser.parse(upstream_event)
+                    if event is not None:
+                        yield event
+                if parser.ended:
+                    break
+        if parser.failure is not None:
+            error, type, code = parser.failure
+            yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
+            return
+        if not parser.ended:
+            raise UpstreamError("the upstream stream ended before the response was complete")
+        calls = parser.tool_calls
+        if not calls:
+            yield Event(RUN_COMPLETED, {"thread_id": thread_id, "run_id": run_id})
+            return
+        if round_number > settings.max_tool_rounds:
+            # Answer the calls anyway, so the thread's next message is accepted upstream.
+            engine.keep_undelivered(thread_id, [_interrupted(c, "tool round limit reached") for c in calls])
+            limit = settings.max_tool_rounds
+            yield Event(
+                RUN_FAILED,
+                {
+                    "error": f"the model kept calling tools after {limit} rounds (MAX_TOOL_ROUNDS)",
+                    "type": "tool_rounds_exceeded",
+                    "code": None,
+                },
+            )
+            return
+
+        for call in calls:
+            yield tracker.start_call(call)
+        results: dict[str, ToolResult] = {}
+        send, receive = anyio.create_memory_object_stream[ToolResult](len(calls))
+        async with send:
+            for call in calls:
+                task_group.start_soon(_run_tool, registry, call, log.correlation_id, send.clone())
+        try:
+            async with receive:
+                async for result in receive:
+                    results[result.tool_call_id] = result
+                    yield tracker.finish_call(result)
+        finally:
+            if len(results) < len(calls):  # cancelled mid-round: the calls still need answers
+                missing = [_interrupted(c, "the run was stopped") for c in calls if c.call_id not in results]
+                engine.keep_undelivered(thread_id, [*results.values(), *missing])
+        turn_input = engine.next_input([results[c.call_id] for c in calls])
+
+
+async def execute_run(
+    engine: Engine, registry: ToolRegistry, settings: Settings, log: RunLog, message: str
+) -> None:
+    """Drive one run to its end, writing every event to its log. Never raises.
+
+    The log always ends with `metadata` (the run reached an outcome) or `error` (it could not).
+    """
+    thread_id_var.set(log.thread_id)
+    run_id_var.set(log.run_id)
+    with anyio.CancelScope() as scope:
+        log.cancel_scope = scope
+        async with anyio.create_task_group() as task_group:
+            try:
+                events = iterate_run_events(engine, registry, settings, log, message, task_group)
+                async with aclosing(events):
+                    async for event in events:
+                        log.append(event)
+            except ServiceError as exc:
+                log.error = exc
+            except Exception:
+                logger.exception("run crashed")
+                log.error = ServiceError("the service failed while running this message")
+        if log.error is not None:
+            logger.warning("run ended with %s: %s", log.error.type, log.error.message)
+            log.append(Event(ERROR, log.error.payload(log.correlation_id)))
+            return
+    if scope.cancelled_caught and log.error is not None:  # stopped by the service's shutdown
+        log.append(Event(ERROR, log.error.payload(log.correlation_id)))
+        return
+    if scope.cancelled_caught:
+        reason = log.cancel_reason or "the run was cancelled"
+        log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
+    log.append(metadata_event(log))
+    logger.info("run finished", extra={"events": log.last_seq, "elapsed_seconds": _elapsed(log)})
+
+
+def _elapsed(log: RunLog) -> float:
+    return round(time.monotonic() - log.started, 3)
+
+
+def metadata_event(log: RunLog) -> Event:
+    return Event(
+        METADATA,
+        {
+            "correlation_id": log.correlation_id,
+            "thread_id": log.thread_id,
+            "run_id": log.run_id,
+            "event_count": log.last_seq + 1,
+            "elapsed_time_seconds": _elapsed(log),
+        },
+    )
+
+
+async def process_run(manager: RunManager, thread_id: str, message: str, correlation_id: str) -> dict[str, Any]:
+    """Run one message to the end and give the JSON answer; failures raise `ServiceError`."""
+    log = await manager.start_run(thread_id, message, correlation_id)
+    await log.wait_finished()
+    if log.error is not None:
+        raise log.error
+    responses = []
+    for event in log.events():
+        if event.name == MESSAGE_COMPLETED:
+            responses.append(event.data["message"]["content"])
+        elif event.name == RUN_FAILED:
+            raise UpstreamError(event.data["error"], type=event.data["type"])
+        elif event.name == RUN_CANCELLED:
+            raise RunCancelled(event.data["reason"])
+    return {"responses": responses, "thread_id": thread_id, "run_id": log.run_id, "correlation_id": correlation_id}
+
+
+async def process_run_stream(manager: RunManager, thread_id: str, message: str, correlation_id: str) -> RunLog:
+    """Start a run for a streaming client, which then reads it with `RunLog.follow`.
+
+    Starting (and so any 409 for a busy thread) happens before the stream's first byte.
+    """
+    return await manager.start_run(thread_id, message, correlation_id)

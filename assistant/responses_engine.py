@@ -1,0 +1,140 @@
+"""The default engine: OpenAI's Responses API, with a Conversation holding each thread.
+
+Every call this engine makes to OpenAI is in this module. A turn is one or more responses on
+the thread's conversation: the first carries the user's message, each next one carries the
+outputs of the function calls the previous one made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import openai
+
+from .config import Settings
+from .message_parser import MessageParser, ToolTracker
+from .tool_executor import ToolRegistry, ToolResult
+from .upstream import call_with_retries, is_thread_busy, map_upstream_error
+from .upstream_sse import iterate_sse_events
+
+logger = logging.getLogger("assistant.responses")
+
+# How long to keep retrying a thread the upstream still holds (a dropped client's response).
+BUSY_RETRY_SECONDS = 20.0
+
+
+def user_message_item(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def tool_output_item(result: ToolResult) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": result.tool_call_id, "output": result.output}
+
+
+def _item_matches(stored: dict[str, Any], sent: dict[str, Any]) -> bool:
+    """Whether an item read back from the conversation is the one we sent."""
+    if sent.get("type") == "function_call_output":
+        return stored.get("type") == "function_call_output" and stored.get("call_id") == sent["call_id"]
+    if stored.get("type") != "message" or stored.get("role") != "user":
+        return False
+    text = "".join(p.get("text", "") for p in stored.get("content") or () if isinstance(p, dict))
+    return text == sent["content"][0]["text"]
+
+
+class ResponsesEngine:
+    name = "responses"
+
+    def __init__(self, client: openai.AsyncOpenAI, settings: Settings, registry: ToolRegistry) -> None:
+        self.client = client
+        self.settings = settings
+        # Everything but the conversation and the input is the same for every response.
+        self._base_params: dict[str, Any] = {"model": settings.openai_model, "stream": True}
+        if settings.instructions:
+            self._base_params["instructions"] = settings.instructions
+        if registry.responses_tools:
+            self._base_params["tools"] = registry.responses_tools
+        # Outputs of function calls that could not be delivered (the follow-up failed): they are
+        # sent with the thread's next message, since the upstream refuses new input until then.
+        self._undelivered: dict[str, list[dict[str, Any]]] = {}
+
+    async def create_thread(self) -> str:
+        try:
+            conversation = await call_with_retries(
+                self.client.conversations.create,
+                max_retries=self.settings.upstream_max_retries,
+                what="conversations.create",
+                # A duplicate empty conversation harms nothing, so 5xx is safe to retry.
+                retry_if=_always,
+            )
+        except Exception as exc:
+            raise map_upstream_error(exc) from exc
+        return conversation.id
+
+    def new_parser(self, tracker: ToolTracker) -> MessageParser:
+        return MessageParser(tracker)
+
+    def first_input(self, thread_id: str, message: str) -> list[dict[str, Any]]:
+        return [*self._undelivered.pop(thread_id, ()), user_message_item(message)]
+
+    def next_input(self, results: list[ToolResult]) -> list[dict[str, Any]]:
+        return [tool_output_item(r) for r in results]
+
+    def keep_undelivered(self, thread_id: str, items: list[dict[str, Any]]) -> None:
+        """Hold tool outputs the upstream never got, to send them before the next message."""
+        outputs = [i for i in items if i.get("type") == "function_call_output"]
+        if outputs:
+            self._undelivered.setdefault(thread_id, []).extend(outputs)
+
+    @asynccontextmanager
+    async def open_round(
+        self, thread_id: str, items: list[dict[str, Any]]
+    ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+        """Create a streamed response on the thread and give its events, in batches."""
+        params = {**self._base_params, "conversation": thread_id, "input": items}
+        deadline = anyio.current_time() + BUSY_RETRY_SECONDS
+        sent = items
+
+        async def create() -> Any:
+            return await self.client.responses.with_streaming_response.create(**params).__aenter__()
+
+        async def not_applied(exc: BaseException) -> bool:
+            return await self._input_not_applied(thread_id, sent)
+
+        while True:
+            try:
+                response = await call_with_retries(
+                    create,
+                    max_retries=self.settings.upstream_max_retries,
+                    what="responses.create",
+                    retry_if=not_applied,
+                )
+                break
+            except Exception as exc:
+                if is_thread_busy(exc) and anyio.current_time() < deadline:
+                    # The upstream is finishing an earlier response on this conversation.
+                    logger.info("thread busy upstream; waiting to retry")
+                    await anyio.sleep(1.0)
+                    continue
+                self.keep_undelivered(thread_id, items)
+                raise map_upstream_error(exc, thread_id=thread_id) from exc
+        try:
+            yield iterate_sse_events(response.http_response.aiter_bytes())
+        finally:
+            await response.http_response.aclose()
+
+    async def _input_not_applied(self, thread_id: str, items: list[dict[str, Any]]) -> bool:
+        """After a 5xx: make sure the conversation did not take our input before retrying."""
+        try:
+            page = await self.client.conversations.items.list(thread_id, limit=1, order="desc")
+        except Exception:
+            return False  # cannot tell, so do not risk sending the input twice
+        newest = [item.model_dump() for item in page.data]
+        return not (newest and _item_matches(newest[0], items[-1]))
+
+
+async def _always(exc: BaseException) -> bool:
+    return True

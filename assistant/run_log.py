@@ -1,0 +1,98 @@
+"""The events of one run, kept in order for any number of readers.
+
+A run writes its events here and never waits for a client; the SSE and WebSocket handlers read
+from here at their own pace. That is what lets a slow or vanished client cost the run nothing,
+and what a reconnecting client resumes from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+
+from .errors import ServiceError
+from .events import STREAM_END, Event
+
+
+class EventsDropped(Exception):
+    """A reader asked for events that were already dropped to keep memory bounded."""
+
+
+class RunLog:
+    def __init__(self, run_id: str, thread_id: str, correlation_id: str, *, max_events: int = 100_000) -> None:
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.correlation_id = correlation_id
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.max_events = max_events
+        self._events: list[Event] = []
+        self._first_seq = 1  # sequence number of self._events[0]; grows when old events are dropped
+        self._waiter: anyio.Event | None = None
+        # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
+        self.cancel_scope: anyio.CancelScope | None = None
+        self.cancel_reason: str | None = None
+        self.error: ServiceError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def last_seq(self) -> int:
+        return self._first_seq + len(self._events) - 1
+
+    def append(self, event: Event) -> int:
+        """Add an event and wake the readers; returns its sequence number (1, 2, ...)."""
+        if self.finished:
+            raise RuntimeError(f"run {self.run_id} has already ended")
+        self._events.append(event)
+        if len(self._events) > self.max_events:
+            drop = len(self._events) - self.max_events
+            del self._events[:drop]
+            self._first_seq += drop
+        if event.name in STREAM_END:
+            self.finished_at = time.monotonic()
+        self._wake()
+        return self.last_seq
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    def events_after(self, seq: int) -> list[tuple[int, Event]]:
+        """Every event after `seq` that is here now, with its sequence number."""
+        if seq + 1 < self._first_seq:
+            raise EventsDropped(f"events of run {self.run_id} after {seq} are no longer kept")
+        start = seq + 1 - self._first_seq
+        return [(self._first_seq + i, e) for i, e in enumerate(self._events[start:], start)]
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once there is an event after `seq` or the run has ended."""
+        while self.last_seq <= seq and not self.finished:
+            if self._waiter is None:
+                self._waiter = anyio.Event()
+            await self._waiter.wait()
+
+    async def wait_finished(self) -> None:
+        while not self.finished:
+            await self.wait_beyond(self.last_seq)
+
+    async def follow(self, after: int = 0) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Yield the events after `after` in batches, live, until the run's last event."""
+        seq = after
+        while True:
+            batch = self.events_after(seq)
+            if batch:
+                seq = batch[-1][0]
+                yield batch
+            elif self.finished:
+                return
+            else:
+                await self.wait_beyond(seq)
+
+    def events(self) -> list[Event]:
+        return list(self._events)

@@ -1,0 +1,116 @@
+"""Runs outlive the requests that start them: this keeps them, one at a time per thread.
+
+A run is a task in the manager's task group (open for the life of the app), so a client that
+disconnects stops reading but never stops the run half-way: the tools finish, their outputs
+reach the upstream, and the thread stays usable. Finished runs' logs are kept for a while so
+clients can read them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from types import TracebackType
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import Settings
+from .errors import ShuttingDown, ThreadBusy
+from .orchestrator import Engine, execute_run
+from .run_log import RunLog
+from .tool_executor import ToolRegistry
+
+logger = logging.getLogger("assistant.runs")
+
+
+def new_run_id() -> str:
+    return f"run_{uuid.uuid4().hex}"
+
+
+class RunManager:
+    def __init__(self, engine: Engine, registry: ToolRegistry, settings: Settings) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.settings = settings
+        self.accepting = True
+        self._runs: dict[str, RunLog] = {}
+        self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
+        self._busy_threads: dict[str, anyio.Event] = {}  # thread id -> set when its run ends
+        self._task_group: TaskGroup | None = None
+
+    async def __aenter__(self) -> RunManager:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        await self.shutdown()
+        assert self._task_group is not None
+        return await self._task_group.__aexit__(exc_type, exc, tb)
+
+    @property
+    def active_runs(self) -> list[RunLog]:
+        return [log for log in self._runs.values() if not log.finished]
+
+    def get(self, run_id: str) -> RunLog | None:
+        self._expire()
+        return self._runs.get(run_id)
+
+    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
+        """Start a run on the thread once the thread is free (or raise `ThreadBusy`)."""
+        if not self.accepting or self._task_group is None:
+            raise ShuttingDown("the service is shutting down; retry on another instance")
+        with anyio.move_on_after(self.settings.thread_lock_timeout_seconds):
+            while (busy := self._busy_threads.get(thread_id)) is not None:
+                await busy.wait()
+        if thread_id in self._busy_threads:
+            raise ThreadBusy("another message on this thread is still being answered")
+        if not self.accepting:
+            raise ShuttingDown("the service is shutting down; retry on another instance")
+        self._busy_threads[thread_id] = anyio.Event()
+        self._expire()
+        log = RunLog(new_run_id(), thread_id, correlation_id)
+        self._runs[log.run_id] = log
+        self._task_group.start_soon(self._run, log, message, name=f"run {log.run_id}")
+        return log
+
+    async def _run(self, log: RunLog, message: str) -> None:
+        try:
+            await execute_run(self.engine, self.registry, self.settings, log, message)
+        finally:
+            self._busy_threads.pop(log.thread_id).set()
+            self._finished.append(log)
+
+    def cancel(self, run_id: str, reason: str) -> bool:
+        """Stop a run that is still going; False when it is unknown or already over."""
+        log = self._runs.get(run_id)
+        if log is None or log.finished or log.cancel_scope is None:
+            return False
+        log.cancel_reason = reason
+        log.cancel_scope.cancel()
+        return True
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.settings.stream_retention_seconds
+        while self._finished and (self._finished[0].finished_at or 0) <= cutoff:
+            self._runs.pop(self._finished.popleft().run_id, None)
+
+    async def shutdown(self) -> None:
+        """Take no new runs; give running ones the grace period, then end them with an error."""
+        self.accepting = False
+        running = self.active_runs
+        if not running:
+            return
+        logger.info("waiting for %d running runs to finish", len(running))
+        with anyio.move_on_after(self.settings.shutdown_grace_seconds):
+            for log in running:
+                await log.wait_finished()
+        for log in self.active_runs:
+            log.error = ShuttingDown("the service is shutting down; send the message again")
+            if log.cancel_scope is not None:
+                log.cancel_scope.cancel()

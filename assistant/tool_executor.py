@@ -1,0 +1,340 @@
+"""Expose plain Python functions to the model as tools.
+
+The JSON schema the model sees is derived from each function's signature, type
+hints and docstring, and the same pydantic model validates the arguments the
+model sends back, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, get_origin
+
+import anyio
+import anyio.to_thread
+import orjson
+import pydantic
+from pydantic.fields import FieldInfo
+
+__all__ = [
+    "ToolCall",
+    "ToolConfigError",
+    "ToolRegistry",
+    "ToolResult",
+    "execute_tool",
+    "load_tool_map",
+]
+
+logger = logging.getLogger("assistant.tools")
+
+_DEFAULT_MODULE = "assistant.example_tools"
+_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_SECTION_RE = re.compile(
+    r"(Args|Arguments|Parameters|Params|Returns?|Yields?|Raises|Examples?|Notes?|"
+    r"Attributes|See Also|Warnings?|Todo):"
+)
+_PARAM_SECTIONS = {"Args", "Arguments", "Parameters", "Params"}
+_PARAM_RE = re.compile(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+class ToolConfigError(ValueError):
+    """TOOL_MAP is unusable; the message is shown to a human at start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments: str  # raw JSON text the model produced
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    tool_call_id: str
+    output: str  # exactly what the model receives
+    is_error: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Tool:
+    func: Callable[..., Any]
+    is_async: bool
+    model: type[pydantic.BaseModel]
+    params: tuple[tuple[str, str], ...]  # (model field name, parameter name)
+
+
+class ToolRegistry:
+    """Validated tools plus their schemas, built once at start-up."""
+
+    def __init__(self, tool_map: Mapping[str, Callable[..., Any]], *, timeout: float) -> None:
+        if not timeout > 0:
+            raise ToolConfigError(f"tool timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = timeout
+        self._tools: dict[str, _Tool] = {}
+        self.responses_tools: list[dict[str, Any]] = []
+        self.assistants_tools: list[dict[str, Any]] = []
+        for name, func in tool_map.items():
+            tool, description, parameters = _build_tool(name, func)
+            self._tools[name] = tool
+            self.responses_tools.append(
+                {
+                    "type": "function",
+                    "name": name,
+                    "description": description,
+                    "parameters": parameters,
+                    "strict": False,
+                }
+            )
+            self.assistants_tools.append(
+                {
+                    "type": "function",
+                    "function": {"name": name, "description": description, "parameters": parameters},
+                }
+            )
+        self.names: tuple[str, ...] = tuple(self._tools)
+
+
+def load_tool_map(module_name: str | None) -> dict[str, Callable[..., Any]]:
+    """Import ``module_name`` and return its ``TOOL_MAP`` (the example tools by default)."""
+    module_name = module_name or _DEFAULT_MODULE
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ToolConfigError(
+            f"cannot import tool module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        tool_map = module.TOOL_MAP
+    except AttributeError:
+        raise ToolConfigError(
+            f"tool module {module_name!r} has no TOOL_MAP "
+            "(expected a dict mapping tool names to functions)"
+        ) from None
+    if not isinstance(tool_map, dict):
+        raise ToolConfigError(
+            f"TOOL_MAP in tool module {module_name!r} must be a dict mapping tool names "
+            f"to functions, got {type(tool_map).__name__}"
+        )
+    return dict(tool_map)
+
+
+async def execute_tool(registry: ToolRegistry, call: ToolCall, *, correlation_id: str) -> ToolResult:
+    """Run one tool call; every failure becomes an error result the model can read.
+
+    Only cancellation from outside propagates.
+    """
+    tool = registry._tools.get(call.name)
+    if tool is None:
+        available = ", ".join(registry.names) or "none"
+        return _error(call, correlation_id, f"unknown tool {call.name!r}; available tools: {available}")
+
+    try:
+        arguments = orjson.loads(call.arguments.strip() or "{}")
+    except orjson.JSONDecodeError as exc:
+        return _error(call, correlation_id, f"arguments for tool {call.name!r} are not valid JSON: {exc}")
+    if not isinstance(arguments, dict):
+        kind = _JSON_TYPES.get(type(arguments), "null")
+        return _error(
+            call, correlation_id, f"arguments for tool {call.name!r} must be a JSON object, got {kind}"
+        )
+
+    try:
+        validated = tool.model.model_validate(arguments)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors(include_url=False))
+        return _error(call, correlation_id, f"invalid arguments for tool {call.name!r}: {problems}")
+    kwargs = {param: getattr(validated, field) for field, param in tool.params}
+
+    extra = {"tool": call.name, "tool_call_id": call.call_id}
+    start = time.perf_counter()
+    # move_on_after rather than fail_after: a TimeoutError raised by the tool itself
+    # (a socket timeout, say) must be reported as the tool's error, not ours.
+    with anyio.move_on_after(registry.timeout) as scope:
+        try:
+            if tool.is_async:
+                result = await tool.func(**kwargs)
+            else:
+                result = await anyio.to_thread.run_sync(
+                    functools.partial(tool.func, **kwargs), abandon_on_cancel=True
+                )
+        except Exception as exc:
+            logger.exception("tool %r raised", call.name, extra=extra)
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return _error(call, correlation_id, message)
+    duration = time.perf_counter() - start
+    if scope.cancelled_caught:
+        logger.warning("tool %r timed out after %gs", call.name, registry.timeout, extra=extra)
+        return _error(call, correlation_id, f"tool {call.name!r} timed out after {registry.timeout:g} seconds")
+
+    logger.debug("tool %r finished in %.3fs", call.name, duration, extra=extra)
+    return ToolResult(tool_call_id=call.call_id, output=_encode(result), is_error=False)
+
+
+def _error(call: ToolCall, correlation_id: str, message: str) -> ToolResult:
+    output = orjson.dumps({"error": message, "correlation_id": correlation_id}).decode()
+    return ToolResult(tool_call_id=call.call_id, output=output, is_error=True)
+
+
+def _describe(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {error['msg']}" if location else error["msg"]
+
+
+def _encode(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    try:
+        return orjson.dumps(result, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits, circular references
+        return str(result)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, pydantic.BaseModel):
+        return obj.model_dump(mode="json")
+    return str(obj)
+
+
+def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ToolConfigError(
+            f"invalid tool name {name!r}: use 1-64 letters, digits, underscores or hyphens"
+        )
+    if not callable(func):
+        raise ToolConfigError(f"tool {name!r} is not callable: {func!r}")
+    try:
+        signature = inspect.signature(func, eval_str=True)
+    except Exception as exc:
+        raise ToolConfigError(
+            f"tool {name!r}: cannot read its signature: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    summary, param_docs = _parse_docstring(inspect.getdoc(func) or "")
+    fields: dict[str, Any] = {}
+    params: list[tuple[str, str]] = []
+    for index, param in enumerate(signature.parameters.values()):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ToolConfigError(
+                f"tool {name!r}: *args/**kwargs parameter {param.name!r} is not supported; "
+                "list every argument explicitly"
+            )
+        if param.kind is param.POSITIONAL_ONLY:
+            raise ToolConfigError(
+                f"tool {name!r}: positional-only parameter {param.name!r} is not supported; "
+                "tools are called with keyword arguments"
+            )
+        if param.annotation is param.empty:
+            raise ToolConfigError(
+                f"tool {name!r}: parameter {param.name!r} needs a type hint "
+                "(it defines the JSON schema the model sees)"
+            )
+        options: dict[str, Any] = {"alias": param.name}
+        doc = param_docs.get(param.name)
+        if doc and not _has_description(param.annotation):
+            options["description"] = doc
+        default = ... if param.default is param.empty else param.default
+        # Model fields get neutral names, the parameter name is the alias: parameters
+        # called `json`, `schema` or `_private` would otherwise clash with BaseModel.
+        field = f"arg_{index}"
+        fields[field] = (param.annotation, pydantic.Field(default, **options))
+        params.append((field, param.name))
+
+    try:
+        model = pydantic.create_model(
+            f"{name}_arguments",
+            __config__=pydantic.ConfigDict(extra="forbid"),
+            **fields,
+        )
+        schema = model.model_json_schema()
+    except Exception as exc:
+        raise ToolConfigError(
+            f"tool {name!r}: cannot build an argument schema from its type hints: {exc}"
+        ) from exc
+
+    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)
+    )
+    return _Tool(func, is_async, model, tuple(params)), summary, _parameters_schema(schema)
+
+
+def _has_description(annotation: Any) -> bool:
+    """True if ``Annotated[T, Field(description=...)]`` already describes the parameter."""
+    return get_origin(annotation) is Annotated and any(
+        isinstance(meta, FieldInfo) and meta.description for meta in annotation.__metadata__
+    )
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its summary and ``Args:`` descriptions."""
+    summary: list[str] = []
+    params: dict[str, list[str]] = {}
+    section: str | None = None
+    item_indent: int | None = None
+    current: list[str] | None = None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        header = _SECTION_RE.fullmatch(stripped)
+        if header and indent == 0:
+            section, item_indent, current = header.group(1), None, None
+        elif section is None:
+            summary.append(stripped)
+        elif section in _PARAM_SECTIONS and stripped:
+            if item_indent is None:
+                item_indent = indent
+            match = _PARAM_RE.fullmatch(stripped) if indent <= item_indent else None
+            if match:
+                current = params.setdefault(match.group(1), [])
+                current.append(match.group(2))
+            elif current is not None:
+                current.append(stripped)
+    descriptions = {name: " ".join(" ".join(parts).split()) for name, parts in params.items()}
+    return " ".join(" ".join(summary).split()), descriptions
+
+
+def _parameters_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Reshape pydantic's schema into the canonical object schema the model expects."""
+    schema = _strip_titles(schema)
+    parameters: dict[str, Any] = {
+        "type": "object",
+        "properties": schema.get("properties", {}),
+        "required": schema.get("required", []),
+        "additionalProperties": False,
+    }
+    if "$defs" in schema:
+        parameters["$defs"] = schema["$defs"]
+    return parameters
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "patternProperties")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+
+
+def _strip_titles(schema: Any) -> Any:
+    """Drop pydantic's ``title`` keywords; titles are noise to the model.
+
+    Walks only schema positions, so a property *named* ``title`` and data such as
+    ``default`` or ``enum`` values are left alone.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    cleaned = {key: value for key, value in schema.items() if not (key == "title" and isinstance(value, str))}
+    for key in _SCHEMA_MAPS:
+        if isinstance(cleaned.get(key), dict):
+            cleaned[key] = {name: _strip_titles(sub) for name, sub in cleaned[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(cleaned.get(key), list):
+            cleaned[key] = [_strip_titles(sub) for sub in cleaned[key]]
+    for key in _SCHEMA_VALUES:
+        if key in cleaned:
+            cleaned[key] = _strip_titles(cleaned[key])
+    return cleaned

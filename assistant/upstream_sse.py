@@ -1,0 +1,85 @@
+"""Reads the upstream's Server-Sent Events straight from the response bytes.
+
+The SDK would build a typed object per event; the service only needs a few fields of a few
+event types, so it decodes the SSE lines itself and parses each data line with orjson.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from .errors import UpstreamError
+
+
+class SSEDecoder:
+    """Incremental SSE parser (WHATWG rules): bytes in, complete (event, data) pairs out."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            # A CR at the very end may be the first half of CRLF: keep it for the next chunk.
+            held = b"\r" if buffer.endswith(b"\r") else b""
+            if held:
+                buffer = buffer[:-1]
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            lines = buffer.split(b"\n")
+            self._buffer = lines.pop() + held
+        else:
+            lines = buffer.split(b"\n")
+            self._buffer = lines.pop()
+        out: list[tuple[bytes, bytes]] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    out.append((self._event, b"\n".join(self._data)))
+                self._event = b""
+                self._data = []
+                continue
+            if line[0] == 0x3A:  # ":" comment, e.g. a keepalive
+                continue
+            name, sep, value = line.partition(b":")
+            if sep and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value
+        return out
+
+
+def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+    """JSON-decode each event's data; the event name falls back into `type` when data lacks it."""
+    events = []
+    for name, data in pairs:
+        if data == b"[DONE]":
+            continue
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"the upstream sent a malformed event ({name.decode(errors='replace') or 'unnamed'}): "
+                "its data is not valid JSON"
+            ) from None
+        if not isinstance(event, dict):
+            raise UpstreamError("the upstream sent an event whose data is not a JSON object")
+        if "type" not in event and name:
+            event["type"] = name.decode(errors="replace")
+        events.append(event)
+    return events
+
+
+async def iterate_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+    """Yield the events of an upstream SSE body, in batches: one batch per network read."""
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        events = decode_events(decoder.feed(chunk))
+        if events:
+            yield events

@@ -1,0 +1,628 @@
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+import orjson
+import pydantic
+import pytest
+
+from assistant import example_tools
+from assistant.example_tools import calculator, get_current_time, roll_dice
+from assistant.tool_executor import (
+    ToolCall,
+    ToolConfigError,
+    ToolRegistry,
+    ToolResult,
+    execute_tool,
+    load_tool_map,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def examples() -> ToolRegistry:
+    return ToolRegistry(example_tools.TOOL_MAP, timeout=5)
+
+
+async def run(registry: ToolRegistry, name: str, arguments: str, correlation_id: str = "corr-1") -> ToolResult:
+    return await execute_tool(registry, ToolCall("call_1", name, arguments), correlation_id=correlation_id)
+
+
+def error_of(result: ToolResult, correlation_id: str = "corr-1") -> str:
+    """Assert ``result`` is a well-formed error result and return its message."""
+    assert result.is_error is True
+    assert result.tool_call_id == "call_1"
+    payload = orjson.loads(result.output)
+    assert set(payload) == {"error", "correlation_id"}
+    assert payload["correlation_id"] == correlation_id
+    assert "Traceback" not in payload["error"]
+    return payload["error"]
+
+
+def tool_schema(registry: ToolRegistry, name: str) -> dict[str, Any]:
+    return next(tool for tool in registry.responses_tools if tool["name"] == name)
+
+
+# --- schemas -------------------------------------------------------------------
+
+
+def test_calculator_schema(examples: ToolRegistry) -> None:
+    assert tool_schema(examples, "calculator") == {
+        "type": "function",
+        "name": "calculator",
+        "description": (
+            "Calculate an exact result of an arithmetic operation on two numbers. "
+            "Use this instead of doing arithmetic in your head."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "number", "description": "The first operand."},
+                "b": {"type": "number", "description": "The second operand."},
+                "op": {
+                    "type": "string",
+                    "enum": ["add", "subtract", "multiply", "divide", "power"],
+                    "description": "The operation to apply: a + b, a - b, a * b, a / b or a raised to the power b.",
+                },
+            },
+            "required": ["a", "b", "op"],
+            "additionalProperties": False,
+        },
+        "strict": False,
+    }
+
+
+def test_get_current_time_schema(examples: ToolRegistry) -> None:
+    tool = tool_schema(examples, "get_current_time")
+    assert tool["description"] == "Get the current date and time in a time zone, as ISO 8601 with UTC offset."
+    assert tool["parameters"] == {
+        "type": "object",
+        "properties": {
+            "timezone": {
+                "type": "string",
+                "default": "UTC",
+                "description": 'An IANA time zone name, such as "Europe/Paris" or "America/New_York".',
+            }
+        },
+        "required": [],
+        "additionalProperties": False,
+    }
+
+
+def test_roll_dice_schema(examples: ToolRegistry) -> None:
+    tool = tool_schema(examples, "roll_dice")
+    assert tool["description"] == "Roll one or more fair dice and report each roll and their total."
+    assert tool["parameters"] == {
+        "type": "object",
+        "properties": {
+            "sides": {
+                "type": "integer",
+                "default": 6,
+                "minimum": 2,
+                "maximum": 1000,
+                "description": "Number of faces on each die.",
+            },
+            "count": {
+                "type": "integer",
+                "default": 1,
+                "minimum": 1,
+                "maximum": 100,
+                "description": "How many dice to roll.",
+            },
+        },
+        "required": [],
+        "additionalProperties": False,
+    }
+
+
+def test_registry_names_and_assistants_format(examples: ToolRegistry) -> None:
+    assert examples.names == ("calculator", "get_current_time", "roll_dice")
+    assert examples.timeout == 5
+    assert [tool["name"] for tool in examples.responses_tools] == list(examples.names)
+    for responses, assistants in zip(examples.responses_tools, examples.assistants_tools, strict=True):
+        assert assistants == {
+            "type": "function",
+            "function": {
+                "name": responses["name"],
+                "description": responses["description"],
+                "parameters": responses["parameters"],
+            },
+        }
+
+
+def test_annotated_field_description_and_docstring_sections() -> None:
+    def search(
+        query: Annotated[str, pydantic.Field(description="What to look for.")],
+        limit: Annotated[int, pydantic.Field(ge=1, description="From Field.")] = 10,
+        title: str = "",
+    ) -> list[str]:
+        """Search the
+        knowledge base.
+
+        Args:
+            limit (int): From the docstring, which
+                loses to the Field description.
+            title: Only documents with this
+                title; an empty string matches all.
+
+        Returns:
+            Matching document ids.
+        """
+        return []
+
+    parameters = tool_schema(ToolRegistry({"search": search}, timeout=1), "search")
+    assert parameters["description"] == "Search the knowledge base."
+    assert parameters["parameters"] == {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "description": "What to look for."},
+            "limit": {"type": "integer", "minimum": 1, "default": 10, "description": "From Field."},
+            # A property called "title" survives the removal of pydantic's titles.
+            "title": {
+                "type": "string",
+                "default": "",
+                "description": "Only documents with this title; an empty string matches all.",
+            },
+        },
+        "required": ["query"],
+        "additionalProperties": False,
+    }
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Point(pydantic.BaseModel):
+    x: int
+    y: int
+
+
+def test_nested_model_and_enum_keep_defs_without_titles() -> None:
+    def paint(at: Point, colour: Colour, mode: Literal["fill", "stroke"] = "fill") -> str:
+        """Paint a point."""
+        return "ok"
+
+    parameters = ToolRegistry({"paint": paint}, timeout=1).responses_tools[0]["parameters"]
+    assert parameters["properties"]["at"] == {"$ref": "#/$defs/Point"}
+    assert parameters["properties"]["colour"] == {"$ref": "#/$defs/Colour"}
+    assert parameters["properties"]["mode"] == {"type": "string", "enum": ["fill", "stroke"], "default": "fill"}
+    assert parameters["$defs"]["Colour"] == {"type": "string", "enum": ["red", "blue"]}
+    assert parameters["$defs"]["Point"]["properties"] == {"x": {"type": "integer"}, "y": {"type": "integer"}}
+    assert "title" not in orjson.dumps(parameters).decode()
+    assert parameters["required"] == ["at", "colour"]
+    assert parameters["additionalProperties"] is False
+
+
+def test_no_parameters_and_no_docstring() -> None:
+    def ping() -> str:
+        return "pong"
+
+    tool = ToolRegistry({"ping": ping}, timeout=1).responses_tools[0]
+    assert tool["description"] == ""
+    assert tool["parameters"] == {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
+
+
+# --- registry validation -------------------------------------------------------
+
+
+def _ok(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize("name", ["", "has space", "dotted.name", "x" * 65, "émoji", 3])
+def test_registry_rejects_bad_names(name: Any) -> None:
+    with pytest.raises(ToolConfigError, match="invalid tool name"):
+        ToolRegistry({name: _ok}, timeout=1)
+
+
+def test_registry_accepts_edge_names() -> None:
+    assert ToolRegistry({"a-b_C9": _ok, "x" * 64: _ok}, timeout=1).names == ("a-b_C9", "x" * 64)
+
+
+def test_registry_rejects_non_callable() -> None:
+    with pytest.raises(ToolConfigError, match="'broken'.*not callable"):
+        ToolRegistry({"broken": 42}, timeout=1)  # type: ignore[dict-item]
+
+
+def test_registry_rejects_var_args() -> None:
+    def star(*values: int) -> int:
+        return sum(values)
+
+    def double_star(**options: str) -> str:
+        return ""
+
+    with pytest.raises(ToolConfigError, match="'star'.*values"):
+        ToolRegistry({"star": star}, timeout=1)
+    with pytest.raises(ToolConfigError, match="'double_star'.*options"):
+        ToolRegistry({"double_star": double_star}, timeout=1)
+
+
+def test_registry_rejects_positional_only() -> None:
+    def positional(x: int, /) -> int:
+        return x
+
+    with pytest.raises(ToolConfigError, match="'positional'.*positional-only.*'x'"):
+        ToolRegistry({"positional": positional}, timeout=1)
+
+
+def test_registry_rejects_missing_annotation() -> None:
+    def untyped(x: int, y) -> int:  # type: ignore[no-untyped-def]
+        return x
+
+    with pytest.raises(ToolConfigError, match="'untyped'.*'y'.*type hint"):
+        ToolRegistry({"untyped": untyped}, timeout=1)
+
+
+def test_registry_rejects_types_pydantic_cannot_handle() -> None:
+    def uses_opaque(thing: Opaque) -> str:
+        return ""
+
+    with pytest.raises(ToolConfigError, match="'uses_opaque': cannot build an argument schema"):
+        ToolRegistry({"uses_opaque": uses_opaque}, timeout=1)
+
+
+def test_registry_rejects_unresolvable_annotation() -> None:
+    def forward(thing: NotDefinedAnywhere) -> str:  # type: ignore[name-defined]  # noqa: F821
+        return ""
+
+    with pytest.raises(ToolConfigError, match="'forward': cannot read its signature: NameError"):
+        ToolRegistry({"forward": forward}, timeout=1)
+
+
+def test_registry_rejects_non_positive_timeout() -> None:
+    with pytest.raises(ToolConfigError, match="timeout"):
+        ToolRegistry({}, timeout=0)
+
+
+# --- load_tool_map -------------------------------------------------------------
+
+
+@pytest.fixture
+def tool_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write a module under tmp_path and make it importable; forget it afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names: list[str] = []
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_load_tool_map_default() -> None:
+    for default in (None, ""):
+        tool_map = load_tool_map(default)
+        assert tool_map == example_tools.TOOL_MAP
+        assert tool_map is not example_tools.TOOL_MAP
+
+
+def test_load_tool_map_from_module(tool_module) -> None:
+    name = tool_module(
+        "tmp_good_tools",
+        "def shout(text: str) -> str:\n    return text.upper()\n\nTOOL_MAP = {'shout': shout}\n",
+    )
+    tool_map = load_tool_map(name)
+    assert list(tool_map) == ["shout"]
+    assert tool_map["shout"]("hi") == "HI"
+
+
+def test_load_tool_map_missing_module() -> None:
+    with pytest.raises(ToolConfigError, match="cannot import tool module 'no_such_tools_module'"):
+        load_tool_map("no_such_tools_module")
+
+
+def test_load_tool_map_module_failing_on_import(tool_module) -> None:
+    name = tool_module("tmp_broken_tools", "raise RuntimeError('boom')\n")
+    with pytest.raises(ToolConfigError, match="cannot import tool module 'tmp_broken_tools': RuntimeError: boom"):
+        load_tool_map(name)
+
+
+def test_load_tool_map_without_tool_map(tool_module) -> None:
+    name = tool_module("tmp_no_map_tools", "X = 1\n")
+    with pytest.raises(ToolConfigError, match="'tmp_no_map_tools' has no TOOL_MAP"):
+        load_tool_map(name)
+
+
+def test_load_tool_map_not_a_dict(tool_module) -> None:
+    name = tool_module("tmp_list_map_tools", "TOOL_MAP = [print]\n")
+    with pytest.raises(ToolConfigError, match="must be a dict.*got list"):
+        load_tool_map(name)
+
+
+# --- example tools called directly ---------------------------------------------
+
+
+def test_calculator() -> None:
+    assert calculator(19, 3, "multiply") == 57
+    assert type(calculator(19, 3, "multiply")) is int
+    assert calculator(7, 2, "divide") == 3.5
+    assert calculator(0.1, 0.2, "add") == pytest.approx(0.3)
+    assert calculator(1, 3, "subtract") == -2
+    assert calculator(2, 10, "power") == 1024
+    with pytest.raises(ValueError, match="cannot divide 5 by zero"):
+        calculator(5, 0, "divide")
+    with pytest.raises(ValueError, match="too large"):
+        calculator(10, 1000, "power")
+    with pytest.raises(ValueError, match="not a real number"):
+        calculator(-8, 0.5, "power")
+
+
+def test_get_current_time() -> None:
+    utc = datetime.fromisoformat(get_current_time())
+    assert utc.utcoffset() is not None and utc.utcoffset().total_seconds() == 0
+    kolkata = datetime.fromisoformat(get_current_time("Asia/Kolkata"))
+    assert kolkata.utcoffset().total_seconds() == 5.5 * 3600
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        get_current_time("Mars/Olympus")
+
+
+def test_roll_dice() -> None:
+    result = roll_dice(sides=20, count=50)
+    assert len(result["rolls"]) == 50
+    assert all(1 <= roll <= 20 for roll in result["rolls"])
+    assert result["total"] == sum(result["rolls"])
+
+
+# --- execute_tool: success -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_calculator_call_like_recorded_stream(examples: ToolRegistry) -> None:
+    result = await run(examples, "calculator", '{"a":19,"b":3,"op":"multiply"}')
+    assert result == ToolResult(tool_call_id="call_1", output="57", is_error=False)
+
+
+@pytest.mark.anyio
+async def test_lax_coercion(examples: ToolRegistry) -> None:
+    result = await run(examples, "calculator", '{"a":"7","b":2,"op":"divide"}')
+    assert result.output == "3.5" and not result.is_error
+
+
+@pytest.mark.anyio
+async def test_empty_arguments_mean_no_arguments(examples: ToolRegistry) -> None:
+    result = await run(examples, "roll_dice", "")
+    assert not result.is_error
+    payload = orjson.loads(result.output)
+    assert len(payload["rolls"]) == 1 and payload["total"] == payload["rolls"][0]
+
+
+@pytest.mark.anyio
+async def test_string_result_is_returned_as_is(examples: ToolRegistry) -> None:
+    result = await run(examples, "get_current_time", '{"timezone": "Europe/Paris"}')
+    assert not result.is_error
+    assert datetime.fromisoformat(result.output).utcoffset() is not None
+
+
+@pytest.mark.anyio
+async def test_async_tool_is_awaited_on_the_event_loop() -> None:
+    async def where(delay: float) -> int:
+        await anyio.sleep(delay)
+        return threading.get_ident()
+
+    result = await run(ToolRegistry({"where": where}, timeout=5), "where", '{"delay": 0.01}')
+    assert result.is_error is False
+    assert int(result.output) == threading.get_ident()
+
+
+@pytest.mark.anyio
+async def test_sync_tool_runs_in_worker_thread() -> None:
+    def where() -> int:
+        return threading.get_ident()
+
+    result = await run(ToolRegistry({"where": where}, timeout=5), "where", "{}")
+    assert result.is_error is False
+    assert int(result.output) != threading.get_ident()
+
+
+@pytest.mark.anyio
+async def test_async_callable_instance_is_awaited() -> None:
+    class Echo:
+        """Echo text back."""
+
+        async def __call__(self, text: str) -> str:
+            return text
+
+    result = await run(ToolRegistry({"echo": Echo()}, timeout=5), "echo", '{"text": "hi"}')
+    assert result == ToolResult("call_1", "hi", False)
+
+
+@dataclass
+class Money:
+    amount: int
+    currency: str
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    when: datetime
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "<opaque thing>"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"a": [1, 2.5, None, True]}, '{"a":[1,2.5,null,true]}'),
+        ([1, "two"], '[1,"two"]'),
+        (None, "null"),
+        (42, "42"),
+        (False, "false"),
+        (Money(3, "EUR"), '{"amount":3,"currency":"EUR"}'),
+        (Weather(city="Oslo", when=datetime(2024, 1, 2, 3, 4, 5)), '{"city":"Oslo","when":"2024-01-02T03:04:05"}'),
+        ({"thing": Opaque()}, '{"thing":"<opaque thing>"}'),
+        ({1: "one"}, '{"1":"one"}'),
+    ],
+)
+async def test_non_string_results_are_json_encoded(value: Any, expected: str) -> None:
+    def produce() -> Any:
+        return value
+
+    result = await run(ToolRegistry({"produce": produce}, timeout=5), "produce", "{}")
+    assert result == ToolResult("call_1", expected, False)
+
+
+@pytest.mark.anyio
+async def test_parameters_named_like_basemodel_attributes() -> None:
+    def query(schema: str, json: bool = False, _private: int = 0) -> str:
+        return f"{schema}:{json}:{_private}"
+
+    registry = ToolRegistry({"query": query}, timeout=5)
+    assert list(registry.responses_tools[0]["parameters"]["properties"]) == ["schema", "json", "_private"]
+    result = await run(registry, "query", '{"schema": "public", "json": true, "_private": 3}')
+    assert result.output == "public:True:3"
+
+
+@pytest.mark.anyio
+async def test_success_logged_at_debug_only(examples: ToolRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="assistant.tools")
+    await run(examples, "calculator", '{"a":1,"b":2,"op":"add"}')
+    records = [record for record in caplog.records if record.name == "assistant.tools"]
+    assert [record.levelno for record in records] == [logging.DEBUG]
+    assert "calculator" in records[0].getMessage()
+    assert records[0].tool == "calculator" and records[0].tool_call_id == "call_1"
+
+
+# --- execute_tool: errors ------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unknown_tool(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "launch_rockets", "{}"))
+    assert "unknown tool 'launch_rockets'" in message
+    assert "calculator" in message  # tells the model what it can call instead
+
+
+@pytest.mark.anyio
+async def test_invalid_json(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "calculator", '{"a": 1,', correlation_id="req-42"), "req-42")
+    assert "not valid JSON" in message
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("arguments", "kind"), [("[1, 2]", "array"), ('"x"', "string"), ("null", "null"), ("3", "number")])
+async def test_arguments_must_be_an_object(examples: ToolRegistry, arguments: str, kind: str) -> None:
+    message = error_of(await run(examples, "calculator", arguments))
+    assert message == f"arguments for tool 'calculator' must be a JSON object, got {kind}"
+
+
+@pytest.mark.anyio
+async def test_missing_argument(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "calculator", '{"a": 1, "op": "add"}'))
+    assert message == "invalid arguments for tool 'calculator': b: Field required"
+
+
+@pytest.mark.anyio
+async def test_unknown_argument(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "calculator", '{"a": 1, "b": 2, "op": "add", "c": 3}'))
+    assert message == "invalid arguments for tool 'calculator': c: Extra inputs are not permitted"
+
+
+@pytest.mark.anyio
+async def test_mistyped_arguments_are_all_listed(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "roll_dice", '{"sides": "abc", "count": 0}'))
+    assert message.startswith("invalid arguments for tool 'roll_dice': ")
+    assert "sides: Input should be a valid integer" in message
+    assert "count: Input should be greater than or equal to 1" in message
+    assert "input_value" not in message and "errors.pydantic.dev" not in message
+
+
+@pytest.mark.anyio
+async def test_literal_is_enforced(examples: ToolRegistry) -> None:
+    message = error_of(await run(examples, "calculator", '{"a": 1, "b": 2, "op": "modulo"}'))
+    assert "op: Input should be 'add', 'subtract', 'multiply', 'divide' or 'power'" in message
+
+
+@pytest.mark.anyio
+async def test_tool_exception(examples: ToolRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="assistant.tools")
+    result = await run(examples, "calculator", '{"a": 5, "b": 0, "op": "divide"}', correlation_id="req-7")
+    assert error_of(result, "req-7") == "ValueError: cannot divide 5 by zero"
+    [record] = [record for record in caplog.records if record.name == "assistant.tools"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert record.tool == "calculator" and record.tool_call_id == "call_1"
+
+
+@pytest.mark.anyio
+async def test_async_tool_exception_and_own_timeout_error() -> None:
+    async def fetch(url: str) -> str:
+        raise TimeoutError(f"connect to {url} timed out")
+
+    message = error_of(await run(ToolRegistry({"fetch": fetch}, timeout=5), "fetch", '{"url": "http://x"}'))
+    # The tool's own TimeoutError is its error, not the executor's timeout.
+    assert message == "TimeoutError: connect to http://x timed out"
+
+
+@pytest.mark.anyio
+async def test_exception_without_message() -> None:
+    def fail() -> None:
+        raise KeyError
+
+    assert error_of(await run(ToolRegistry({"fail": fail}, timeout=5), "fail", "")) == "KeyError"
+
+
+def _sleep_sync() -> str:
+    time.sleep(5)
+    return "woke"
+
+
+async def _sleep_async() -> str:
+    await anyio.sleep(5)
+    return "woke"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("func", [_sleep_sync, _sleep_async], ids=["sync", "async"])
+async def test_timeout(func: Any) -> None:
+    registry = ToolRegistry({"slow": func}, timeout=0.2)
+    start = time.monotonic()
+    result = await run(registry, "slow", "{}")
+    assert time.monotonic() - start < 1
+    assert error_of(result) == "tool 'slow' timed out after 0.2 seconds"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("func", [_sleep_sync, _sleep_async], ids=["sync", "async"])
+async def test_cancellation_propagates(func: Any) -> None:
+    registry = ToolRegistry({"slow": func}, timeout=10)
+    results: list[ToolResult] = []
+    cancelled: list[bool] = []
+
+    async def call() -> None:
+        try:
+            results.append(await run(registry, "slow", "{}"))
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    start = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - start < 1
+    assert results == []
+    assert cancelled == [True]
