@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,7 +27,7 @@ from assistant.http_api import (
     handle_unexpected_error,
     health,
 )
-from assistant.logs import configure_logging
+from assistant.logs import adopt_server_loggers, configure_logging
 from assistant.middleware import APIKeyMiddleware, CorrelationIdMiddleware
 from assistant.responses_engine import ResponsesEngine
 from assistant.run_manager import RunManager
@@ -37,12 +38,16 @@ from assistant.websocket_stream_handler import websocket_chat
 logger = logging.getLogger("assistant")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable[..., Any]] | None = None) -> Starlette:
+    """The service as an ASGI app; `tool_map` overrides ASSISTANT_TOOLS when embedding it."""
     settings = settings or load_settings()
-    registry = ToolRegistry(load_tool_map(settings.tools_module), timeout=settings.tool_timeout_seconds)
+    if tool_map is None:
+        tool_map = load_tool_map(settings.tools_module)
+    registry = ToolRegistry(tool_map, timeout=settings.tool_timeout_seconds)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        adopt_server_loggers()
         client = create_openai_client(settings)
         engine = ResponsesEngine(client, settings, registry)
         async with RunManager(engine, registry, settings) as runs:

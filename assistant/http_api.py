@@ -116,7 +116,9 @@ async def chat(request: Request) -> Response:
     data = await read_json_body(request, settings.max_body_bytes)
     thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
     if wants_event_stream(request):
-        log = await process_run_stream(state.runs, thread_id, message, correlation_id(request))
+        log = await process_run_stream(
+            state.runs, thread_id, message, correlation_id(request), first_event_wait=settings.sse_heartbeat_seconds
+        )
         return SSEResponse(  # type: ignore[return-value]
             log,
             heartbeat_seconds=settings.sse_heartbeat_seconds,

@@ -65,3 +65,17 @@ def configure_logging(level: str) -> None:
     # The HTTP clients log every request at INFO/DEBUG; that is noise on the hot path.
     for noisy in ("httpx", "httpcore", "openai", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def adopt_server_loggers() -> None:
+    """Send hypercorn's own records through the JSON handler instead of its plain-text one.
+
+    Hypercorn installs its handler when it starts serving, after the app is imported, so this
+    runs at the app's start-up.
+    """
+    if not any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        return  # logging was not configured by the service (embedded, or under tests)
+    for name in ("hypercorn.error", "hypercorn.access"):
+        server_logger = logging.getLogger(name)
+        server_logger.handlers.clear()
+        server_logger.propagate = True

@@ -215,9 +215,18 @@ async def process_run(manager: RunManager, thread_id: str, message: str, correla
     return {"responses": responses, "thread_id": thread_id, "run_id": log.run_id, "correlation_id": correlation_id}
 
 
-async def process_run_stream(manager: RunManager, thread_id: str, message: str, correlation_id: str) -> RunLog:
+async def process_run_stream(
+    manager: RunManager, thread_id: str, message: str, correlation_id: str, *, first_event_wait: float
+) -> RunLog:
     """Start a run for a streaming client, which then reads it with `RunLog.follow`.
 
-    Starting (and so any 409 for a busy thread) happens before the stream's first byte.
+    Waits (at most `first_event_wait`) for the upstream's first answer, so that a run refused
+    at once (unknown thread, bad credentials, busy thread) is raised and answered with a plain
+    HTTP error status instead of a 200 stream holding only an error.
     """
-    return await manager.start_run(thread_id, message, correlation_id)
+    log = await manager.start_run(thread_id, message, correlation_id)
+    with anyio.move_on_after(first_event_wait):
+        await log.wait_beyond(1)
+    if log.error is not None and log.last_seq <= 2:
+        raise log.error
+    return log

@@ -8,6 +8,7 @@ outputs of the function calls the previous one made.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,13 +19,10 @@ import openai
 from .config import Settings
 from .message_parser import MessageParser, ToolTracker
 from .tool_executor import ToolRegistry, ToolResult
-from .upstream import call_with_retries, is_thread_busy, map_upstream_error
+from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error
 from .upstream_sse import iterate_sse_events
 
 logger = logging.getLogger("assistant.responses")
-
-# How long to keep retrying a thread the upstream still holds (a dropped client's response).
-BUSY_RETRY_SECONDS = 20.0
 
 
 def user_message_item(text: str) -> dict[str, Any]:
@@ -33,6 +31,30 @@ def user_message_item(text: str) -> dict[str, Any]:
 
 def tool_output_item(result: ToolResult) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": result.tool_call_id, "output": result.output}
+
+
+_MISSING_OUTPUT = re.compile(r"No tool output found for function call (\S+?)\.?$")
+_UNKNOWN_CALL = re.compile(r"No tool call found for function call output with call_id (\S+?)\.?$")
+
+
+def repair_input(exc: BaseException, items: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The input fixed for a thread left inconsistent by an earlier, interrupted turn.
+
+    The upstream refuses new input while a function call of the conversation has no output
+    (a turn died between the call and its output), and refuses outputs for calls it does not
+    know. Either way the fix is in our input: answer the orphan call, or drop the stray output.
+    """
+    if not isinstance(exc, openai.BadRequestError):
+        return None
+    message = error_message(exc)
+    if match := _MISSING_OUTPUT.search(message):
+        orphan = {"type": "function_call_output", "call_id": match[1],
+                  "output": '{"error": "the turn that made this call was interrupted"}'}
+        return [orphan, *items]
+    if match := _UNKNOWN_CALL.search(message):
+        kept = [i for i in items if i.get("call_id") != match[1]]
+        return kept if len(kept) < len(items) else None
+    return None
 
 
 def _item_matches(stored: dict[str, Any], sent: dict[str, Any]) -> bool:
@@ -83,8 +105,11 @@ class ResponsesEngine:
     def next_input(self, results: list[ToolResult]) -> list[dict[str, Any]]:
         return [tool_output_item(r) for r in results]
 
-    def keep_undelivered(self, thread_id: str, items: list[dict[str, Any]]) -> None:
+    def keep_undelivered(self, thread_id: str, results: list[ToolResult]) -> None:
         """Hold tool outputs the upstream never got, to send them before the next message."""
+        self._hold(thread_id, [tool_output_item(r) for r in results])
+
+    def _hold(self, thread_id: str, items: list[dict[str, Any]]) -> None:
         outputs = [i for i in items if i.get("type") == "function_call_output"]
         if outputs:
             self._undelivered.setdefault(thread_id, []).extend(outputs)
@@ -95,8 +120,11 @@ class ResponsesEngine:
     ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
         """Create a streamed response on the thread and give its events, in batches."""
         params = {**self._base_params, "conversation": thread_id, "input": items}
-        deadline = anyio.current_time() + BUSY_RETRY_SECONDS
+        # A thread the upstream still holds (a dropped client's response) is retried for as long
+        # as a turn may wait for a thread.
+        deadline = anyio.current_time() + self.settings.thread_lock_timeout_seconds
         sent = items
+        repairs = 0
 
         async def create() -> Any:
             return await self.client.responses.with_streaming_response.create(**params).__aenter__()
@@ -114,12 +142,18 @@ class ResponsesEngine:
                 )
                 break
             except Exception as exc:
+                repaired = repair_input(exc, params["input"])
+                if repaired is not None and repairs < 3:
+                    logger.warning("repairing the thread's unanswered tool calls before retrying")
+                    params["input"] = sent = repaired
+                    repairs += 1
+                    continue
                 if is_thread_busy(exc) and anyio.current_time() < deadline:
                     # The upstream is finishing an earlier response on this conversation.
                     logger.info("thread busy upstream; waiting to retry")
                     await anyio.sleep(1.0)
                     continue
-                self.keep_undelivered(thread_id, items)
+                self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc
         try:
             yield iterate_sse_events(response.http_response.aiter_bytes())

@@ -52,7 +52,7 @@ def create_openai_client(settings: Settings) -> openai.AsyncOpenAI:
     )
 
 
-def _error_message(exc: openai.APIStatusError) -> str:
+def error_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     message = None
     if isinstance(body, dict):
@@ -76,7 +76,7 @@ def is_thread_busy(exc: BaseException) -> bool:
         return False
     if error_code(exc) == "conversation_locked":
         return True
-    message = _error_message(exc).lower()
+    message = error_message(exc).lower()
     return "already has an active run" in message or "while a run" in message
 
 
@@ -88,7 +88,7 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
         return UpstreamTimeout("the upstream did not answer in time")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        message = _error_message(exc)
+        message = error_message(exc)
         if is_thread_busy(exc):
             return ThreadBusy("the thread is still busy with an earlier message; retry shortly")
         if status == 404 and thread_id is not None:

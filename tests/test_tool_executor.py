@@ -584,8 +584,19 @@ async def test_exception_without_message() -> None:
     assert error_of(await run(ToolRegistry({"fail": fail}, timeout=5), "fail", "")) == "KeyError"
 
 
+_release_sleepers = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _wake_sleeping_threads() -> Any:
+    """Abandoned worker threads end with the test instead of holding the process open."""
+    _release_sleepers.clear()
+    yield
+    _release_sleepers.set()
+
+
 def _sleep_sync() -> str:
-    time.sleep(5)
+    _release_sleepers.wait(5)
     return "woke"
 
 
