@@ -117,7 +117,7 @@ async def chat(request: Request) -> Response:
     thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
     if wants_event_stream(request):
         log = await process_run_stream(
-            state.runs, thread_id, message, correlation_id(request), first_event_wait=settings.sse_heartbeat_seconds
+            state.runs, thread_id, message, correlation_id(request), first_upstream_wait=settings.sse_heartbeat_seconds
         )
         return SSEResponse(  # type: ignore[return-value]
             log,

@@ -95,6 +95,7 @@ async def iterate_run_events(
     for round_number in range(1, settings.max_tool_rounds + 2):
         parser = engine.new_parser(tracker)
         async with engine.open_round(thread_id, turn_input) as batches:
+            log.upstream_answered.set()
             async for batch in batches:
                 for upstream_event in batch:
                     event = parser.parse(upstream_event)
@@ -216,17 +217,17 @@ async def process_run(manager: RunManager, thread_id: str, message: str, correla
 
 
 async def process_run_stream(
-    manager: RunManager, thread_id: str, message: str, correlation_id: str, *, first_event_wait: float
+    manager: RunManager, thread_id: str, message: str, correlation_id: str, *, first_upstream_wait: float
 ) -> RunLog:
     """Start a run for a streaming client, which then reads it with `RunLog.follow`.
 
-    Waits (at most `first_event_wait`) for the upstream's first answer, so that a run refused
-    at once (unknown thread, bad credentials, busy thread) is raised and answered with a plain
-    HTTP error status instead of a 200 stream holding only an error.
+    Waits (at most `first_upstream_wait`) for the upstream to accept the first request, so that
+    a run refused at once (unknown thread, bad credentials, busy thread) is raised and answered
+    with a plain HTTP error status instead of a 200 stream holding only an error.
     """
     log = await manager.start_run(thread_id, message, correlation_id)
-    with anyio.move_on_after(first_event_wait):
-        await log.wait_beyond(1)
+    with anyio.move_on_after(first_upstream_wait):
+        await log.upstream_answered.wait()
     if log.error is not None and log.last_seq <= 2:
         raise log.error
     return log

@@ -31,6 +31,8 @@ class RunLog:
         self._events: list[Event] = []
         self._first_seq = 1  # sequence number of self._events[0]; grows when old events are dropped
         self._waiter: anyio.Event | None = None
+        # Set once the upstream accepted the run's first request (or the run ended without it).
+        self.upstream_answered = anyio.Event()
         # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
         self.cancel_scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
@@ -55,6 +57,7 @@ class RunLog:
             self._first_seq += drop
         if event.name in STREAM_END:
             self.finished_at = time.monotonic()
+            self.upstream_answered.set()
         self._wake()
         return self.last_seq
 

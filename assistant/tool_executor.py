@@ -42,6 +42,7 @@ _SECTION_RE = re.compile(
 )
 _PARAM_SECTIONS = {"Args", "Arguments", "Parameters", "Params"}
 _PARAM_RE = re.compile(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
@@ -179,7 +180,7 @@ async def execute_tool(registry: ToolRegistry, call: ToolCall, *, correlation_id
 
 
 def _error(call: ToolCall, correlation_id: str, message: str) -> ToolResult:
-    output = orjson.dumps({"error": message, "correlation_id": correlation_id}).decode()
+    output = orjson.dumps({"error": _clean(message), "correlation_id": correlation_id}).decode()
     return ToolResult(tool_call_id=call.call_id, output=output, is_error=True)
 
 
@@ -188,13 +189,23 @@ def _describe(error: Any) -> str:
     return f"{location}: {error['msg']}" if location else error["msg"]
 
 
+def _clean(text: str) -> str:
+    """Text that is valid UTF-8: a lone surrogate (say, a file name decoded with
+    surrogateescape) would make every JSON encoder downstream refuse the whole event."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 def _encode(result: Any) -> str:
     if isinstance(result, str):
-        return result
+        return _clean(result)
     try:
         return orjson.dumps(result, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits, circular references
-        return str(result)
+    except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits, circular references, surrogates
+        return _clean(str(result))
 
 
 def _json_default(obj: Any) -> Any:

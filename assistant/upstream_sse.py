@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 
 from .errors import UpstreamError
+from .upstream import map_upstream_error
 
 
 class SSEDecoder:
@@ -21,20 +23,18 @@ class SSEDecoder:
         self._buffer = b""
         self._event = b""
         self._data: list[bytes] = []
+        self._skip_lf = False  # the last chunk ended with CR: an LF opening the next one ends nothing
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        buffer = self._buffer + chunk
-        if b"\r" in buffer:
-            # A CR at the very end may be the first half of CRLF: keep it for the next chunk.
-            held = b"\r" if buffer.endswith(b"\r") else b""
-            if held:
-                buffer = buffer[:-1]
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            lines = buffer.split(b"\n")
-            self._buffer = lines.pop() + held
-        else:
-            lines = buffer.split(b"\n")
-            self._buffer = lines.pop()
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = (self._buffer + chunk).split(b"\n")
+        self._buffer = lines.pop()
         out: list[tuple[bytes, bytes]] = []
         for line in lines:
             if not line:
@@ -79,7 +79,10 @@ def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
 async def iterate_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
     """Yield the events of an upstream SSE body, in batches: one batch per network read."""
     decoder = SSEDecoder()
-    async for chunk in chunks:
-        events = decode_events(decoder.feed(chunk))
-        if events:
-            yield events
+    try:
+        async for chunk in chunks:
+            events = decode_events(decoder.feed(chunk))
+            if events:
+                yield events
+    except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)
+        raise map_upstream_error(exc) from exc

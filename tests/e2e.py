@@ -210,12 +210,13 @@ def service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def impatient_service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
-    """A second service that gives up fast: one upstream retry, 0.5 s upstream idle timeout."""
+    """A second service that gives up fast: one upstream retry, 0.5 s upstream idle timeout, one tool round."""
     server = start_service(
         fake_upstream.url,
         name="impatient-service",
         UPSTREAM_MAX_RETRIES="1",
         UPSTREAM_IDLE_TIMEOUT_SECONDS="0.5",
+        MAX_TOOL_ROUNDS="1",
     )
     try:
         yield server

@@ -1,0 +1,302 @@
+"""Tests of the settings: every bad value stops start-up with one clear line naming the variable."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from assistant.config import DEFAULT_MODEL, ConfigError, Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-test-key-0123456789"
+
+
+def load(**env: str) -> Settings:
+    return load_settings({"OPENAI_API_KEY": KEY, **env})
+
+
+# (variable, attribute, whole number?, minimum, default)
+NUMERIC = [
+    ("TOOL_TIMEOUT_SECONDS", "tool_timeout_seconds", False, 0.001, 30.0),
+    ("MAX_TOOL_ROUNDS", "max_tool_rounds", True, 1, 10),
+    ("SSE_HEARTBEAT_SECONDS", "sse_heartbeat_seconds", False, 0.01, 15.0),
+    ("SSE_RETRY_MS", "sse_retry_ms", True, 0, 5000),
+    ("UPSTREAM_MAX_RETRIES", "upstream_max_retries", True, 0, 3),
+    ("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_seconds", False, 0.01, 10.0),
+    ("UPSTREAM_IDLE_TIMEOUT_SECONDS", "upstream_idle_timeout_seconds", False, 0.01, 120.0),
+    ("THREAD_LOCK_TIMEOUT_SECONDS", "thread_lock_timeout_seconds", False, 0, 30.0),
+    ("MAX_MESSAGE_CHARS", "max_message_chars", True, 1, 32_000),
+    ("MAX_BODY_BYTES", "max_body_bytes", True, 64, 262_144),
+    ("SLOW_CLIENT_TIMEOUT_SECONDS", "slow_client_timeout_seconds", False, 0.01, 30.0),
+    ("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", False, 0, 10.0),
+    ("STREAM_RETENTION_SECONDS", "stream_retention_seconds", False, 0, 300.0),
+]
+NUMERIC_IDS = [row[0] for row in NUMERIC]
+
+
+# --------------------------------------------------------------------------------------------
+# defaults
+
+
+def test_defaults() -> None:
+    settings = load_settings({"OPENAI_API_KEY": KEY})
+    assert settings.openai_api_key == KEY
+    assert settings.openai_base_url is None
+    assert settings.openai_model == DEFAULT_MODEL == "gpt-4.1-mini"
+    assert settings.engine == "responses"
+    assert settings.assistant_id is None
+    assert settings.instructions is None
+    assert settings.initial_message is None
+    assert settings.tools_module is None
+    assert settings.log_level == "INFO"
+    assert settings.service_api_key is None
+    assert settings.cors_allow_origins == ()
+    for _, attribute, integer, _, default in NUMERIC:
+        value = getattr(settings, attribute)
+        assert value == default, attribute
+        assert type(value) is (int if integer else float), attribute
+
+
+def test_blank_values_count_as_unset() -> None:
+    blank = {name: "   " for name, *_ in NUMERIC}
+    blank |= {"OPENAI_MODEL": "", "LOG_LEVEL": " ", "ASSISTANT_ENGINE": "", "OPENAI_BASE_URL": "  "}
+    assert load_settings({"OPENAI_API_KEY": KEY, **blank}) == load_settings({"OPENAI_API_KEY": KEY})
+
+
+def test_text_settings_are_read_and_stripped() -> None:
+    settings = load(
+        OPENAI_MODEL=" gpt-5 ",
+        ASSISTANT_INSTRUCTIONS="Be brief.",
+        ASSISTANT_INITIAL_MESSAGE="Hi!",
+        ASSISTANT_TOOLS="my.tools",
+        SERVICE_API_KEY="svc-key",
+    )
+    assert settings.openai_model == "gpt-5"
+    assert settings.instructions == "Be brief."
+    assert settings.initial_message == "Hi!"
+    assert settings.tools_module == "my.tools"
+    assert settings.service_api_key == "svc-key"
+
+
+def test_default_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-os-environ")
+    monkeypatch.setenv("MAX_TOOL_ROUNDS", "4")
+    settings = load_settings()
+    assert settings.openai_api_key == "sk-from-os-environ"
+    assert settings.max_tool_rounds == 4
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+
+
+BAD_NUMBERS = ["abc", "12abc", "1,5", "0x10", "-1", "-5.5", "nan", "NaN", "-nan", "inf", "Infinity", "-inf", "1e999"]
+
+
+@pytest.mark.parametrize(("name", "attribute", "integer", "minimum", "default"), NUMERIC, ids=NUMERIC_IDS)
+def test_numeric_rejects_bad_values(name: str, attribute: str, integer: bool, minimum: float, default: float) -> None:
+    for raw in BAD_NUMBERS:
+        with pytest.raises(ConfigError) as info:
+            load(**{name: raw})
+        message = str(info.value)
+        assert message.startswith(f"{name} must be "), (raw, message)
+        assert repr(raw) in message, (raw, message)
+
+
+@pytest.mark.parametrize(("name", "attribute", "integer", "minimum", "default"), NUMERIC, ids=NUMERIC_IDS)
+def test_numeric_rejects_values_below_minimum(
+    name: str, attribute: str, integer: bool, minimum: float, default: float
+) -> None:
+    below = str(minimum - 1) if integer else str(minimum / 2 if minimum else -0.001)
+    with pytest.raises(ConfigError, match=rf"^{name} must be at least"):
+        load(**{name: below})
+
+
+@pytest.mark.parametrize(("name", "attribute", "integer", "minimum", "default"), NUMERIC, ids=NUMERIC_IDS)
+def test_numeric_accepts_minimum_and_larger(
+    name: str, attribute: str, integer: bool, minimum: float, default: float
+) -> None:
+    assert getattr(load(**{name: str(minimum)}), attribute) == minimum
+    settings = load(**{name: " 77 "})
+    value = getattr(settings, attribute)
+    assert value == 77 and type(value) is (int if integer else float)
+
+
+@pytest.mark.parametrize(("name", "attribute", "integer", "minimum", "default"), NUMERIC, ids=NUMERIC_IDS)
+def test_numeric_fractions(name: str, attribute: str, integer: bool, minimum: float, default: float) -> None:
+    if integer:
+        with pytest.raises(ConfigError, match=rf"^{name} must be a whole number, got '2\.5'"):
+            load(**{name: "2.5"})
+    else:
+        assert getattr(load(**{name: "2.5"}), attribute) == 2.5
+        assert getattr(load(**{name: "1e2"}), attribute) == 100.0
+
+
+# --------------------------------------------------------------------------------------------
+# the other checks
+
+
+@pytest.mark.parametrize("env", [{}, {"OPENAI_API_KEY": ""}, {"OPENAI_API_KEY": "   "}, {"OPENAI_MODEL": "x"}])
+def test_api_key_required(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"^OPENAI_API_KEY is required"):
+        load_settings(env)
+
+
+def test_api_key_is_stripped() -> None:
+    assert load_settings({"OPENAI_API_KEY": "  sk-abc \n"}).openai_api_key == "sk-abc"
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8080/v1", "https://api.openai.com/v1", "https://x.example/"])
+def test_base_url_accepted(url: str) -> None:
+    assert load(OPENAI_BASE_URL=url).openai_base_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["api.openai.com/v1", "ftp://api.openai.com", "file:///etc/passwd", "ws://x", "//api.openai.com", "http:/x"]
+)
+def test_base_url_rejected(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(OPENAI_BASE_URL=url)
+    assert str(info.value) == f"OPENAI_BASE_URL must start with http:// or https://, got {url!r}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("debug", "DEBUG"), ("Info", "INFO"), ("WARNING", "WARNING"), ("error", "ERROR"), (" critical ", "CRITICAL")],
+)
+def test_log_level_case_insensitive(raw: str, expected: str) -> None:
+    assert load(LOG_LEVEL=raw).log_level == expected
+
+
+@pytest.mark.parametrize("raw", ["verbose", "WARN", "trace", "10", "info,debug"])
+def test_log_level_rejected(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        load(LOG_LEVEL=raw)
+
+
+@pytest.mark.parametrize("raw", ["chat", "completions", "response", "assistant"])
+def test_unknown_engine_rejected(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^ASSISTANT_ENGINE must be one of responses, assistants"):
+        load(ASSISTANT_ENGINE=raw)
+
+
+@pytest.mark.parametrize("raw", ["assistants", "Assistants", " ASSISTANTS "])
+def test_assistants_engine_needs_assistant_id(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^ASSISTANT_ENGINE=assistants needs OPENAI_ASSISTANT_ID"):
+        load(ASSISTANT_ENGINE=raw)
+    with pytest.raises(ConfigError, match=r"OPENAI_ASSISTANT_ID"):
+        load(ASSISTANT_ENGINE=raw, OPENAI_ASSISTANT_ID="  ")
+    settings = load(ASSISTANT_ENGINE=raw, OPENAI_ASSISTANT_ID="asst_123")
+    assert settings.engine == "assistants" and settings.assistant_id == "asst_123"
+
+
+def test_responses_engine_keeps_an_assistant_id_it_does_not_need() -> None:
+    settings = load(ASSISTANT_ENGINE="RESPONSES", OPENAI_ASSISTANT_ID="asst_1")
+    assert settings.engine == "responses" and settings.assistant_id == "asst_1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", ()),
+        ("*", ("*",)),
+        ("https://a.example", ("https://a.example",)),
+        ("https://a.example,https://b.example", ("https://a.example", "https://b.example")),
+        (" https://a.example , ,https://b.example,, ", ("https://a.example", "https://b.example")),
+        (",,,", ()),
+    ],
+)
+def test_cors_origins(raw: str, expected: tuple[str, ...]) -> None:
+    assert load(CORS_ALLOW_ORIGINS=raw).cors_allow_origins == expected
+
+
+def test_secrets_never_in_repr() -> None:
+    settings = load_settings(
+        {"OPENAI_API_KEY": "sk-secret-openai-123", "SERVICE_API_KEY": "svc-secret-456", "OPENAI_MODEL": "gpt-x"}
+    )
+    for text in (repr(settings), str(settings), f"{settings}", f"{settings!r}"):
+        assert "sk-secret-openai-123" not in text
+        assert "svc-secret-456" not in text
+        assert "gpt-x" in text  # the repr is real, not blanked out
+    assert settings.openai_api_key == "sk-secret-openai-123"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load()
+    with pytest.raises(AttributeError):
+        settings.openai_model = "other"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# start-up: `import app` stops with one line and exit code 2
+
+
+def _start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import app"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _start_both() -> dict[str, subprocess.Popen[str]]:
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ASSISTANT_TOOLS")}
+    return {
+        "no_key": _start(base),
+        "bad_tools": _start({**base, "OPENAI_API_KEY": "sk-test", "ASSISTANT_TOOLS": "no_such_module"}),
+    }
+
+
+def _reap(procs: dict[str, subprocess.Popen[str]]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# Importing the app takes most of a second; both processes start when this module is collected,
+# so they run while the other tests do, and the suite stays fast.
+_EARLY = _start_both()
+atexit.register(_reap, _EARLY)
+
+
+@pytest.fixture(scope="module")
+def startups() -> Iterator[dict[str, tuple[int, str, str]]]:
+    results = {}
+    try:
+        for label, proc in _EARLY.items():
+            stdout, stderr = proc.communicate(timeout=30)
+            results[label] = (proc.returncode, stdout, stderr)
+        yield results
+    finally:
+        _reap(_EARLY)
+
+
+def test_import_app_without_api_key_exits_2(startups: dict[str, tuple[int, str, str]]) -> None:
+    code, stdout, stderr = startups["no_key"]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("configuration error: OPENAI_API_KEY is required ")
+    assert stdout == ""
+
+
+def test_import_app_with_missing_tool_module_exits_2(startups: dict[str, tuple[int, str, str]]) -> None:
+    code, stdout, stderr = startups["bad_tools"]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("configuration error: cannot import tool module 'no_such_module'")
+    assert "No module named 'no_such_module'" in lines[0]
+    assert stdout == ""
