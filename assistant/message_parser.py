@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, STEP_COMPLETED, STEP_CREATED, Event
@@ -117,8 +118,8 @@ def _hosted_tool_summary(item: dict[str, Any]) -> str:
 class MessageParser:
     """Reads the events of one upstream response.
 
-    `parse` returns the service event an upstream event maps to, or None (most upstream events,
-    such as reasoning summaries and content part bookkeeping, are not shown to clients).
+    `parse` returns the service events an upstream event maps to: most often none (reasoning
+    summaries and content part bookkeeping are not shown to clients), or one.
     """
 
     def __init__(self, tracker: ToolTracker) -> None:
@@ -135,37 +136,38 @@ class MessageParser:
         """True once the response reached a terminal event (completed, failed, incomplete)."""
         return self.completed or self.failure is not None
 
-    def parse(self, event: dict[str, Any]) -> Event | None:
+    def parse(self, event: dict[str, Any]) -> Sequence[Event]:
         kind = event.get("type")
         if kind == "response.output_text.delta" or kind == "response.refusal.delta":
             delta = event.get("delta")
             if delta:
-                return Event(MESSAGE_DELTA, {"delta": {"content": delta}})
-            return None
+                return (Event(MESSAGE_DELTA, {"delta": {"content": delta}}),)
+            return ()
         if kind == "response.output_item.done":
-            return self._item_done(event.get("item") or {})
+            done = self._item_done(event.get("item") or {})
+            return () if done is None else (done,)
         if kind == "response.output_item.added":
             item = event.get("item") or {}
             if item.get("type") in HOSTED_TOOL_ITEMS:
                 name = item["type"].removesuffix("_call")
-                return self.tracker.start(str(item.get("id")), name, "", show_input=False)
-            return None
+                return (self.tracker.start(str(item.get("id")), name, "", show_input=False),)
+            return ()
         if kind == "response.created":
             self.response_id = (event.get("response") or {}).get("id")
-            return None
+            return ()
         if kind == "response.completed":
             self.completed = True
             self._collect_missed_calls(event.get("response") or {})
-            return None
+            return ()
         if kind == "response.failed":
             error = (event.get("response") or {}).get("error") or {}
             self._fail(error.get("message") or "the model failed to respond", "run_failed", error.get("code"))
-            return None
+            return ()
         if kind == "response.incomplete":
             details = (event.get("response") or {}).get("incomplete_details") or {}
             reason = details.get("reason") or "unknown"
             self._fail(f"the response was cut short ({reason})", "run_incomplete", reason)
-            return None
+            return ()
         if kind == "error":
             # Real streams nest the details under "error"; older ones put them at the top level.
             error = event.get("error") if isinstance(event.get("error"), dict) else event
@@ -174,8 +176,8 @@ class MessageParser:
                 "run_failed",
                 error.get("code") or error.get("type"),
             )
-            return None
-        return None
+            return ()
+        return ()
 
     def _item_done(self, item: dict[str, Any]) -> Event | None:
         kind = item.get("type")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import orjson
 from anyio.abc import TaskGroup
 
 from .config import Settings
@@ -29,7 +30,7 @@ from .events import (
     Event,
 )
 from .logs import run_id_var, thread_id_var
-from .message_parser import MessageParser, ToolTracker
+from .message_parser import ToolTracker
 from .run_log import RunLog
 from .tool_executor import ToolCall, ToolRegistry, ToolResult, execute_tool
 
@@ -40,6 +41,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("assistant.orchestrator")
 
+# Settling an abandoned round (answering its calls, or cancelling it upstream) may take this long.
+SETTLE_TIMEOUT_SECONDS = 15.0
+
+
+class Parser(Protocol):
+    """Reads one upstream round; what the orchestrator needs of `MessageParser` and its kin."""
+
+    tool_calls: list[ToolCall]
+    failure: tuple[str, str, str | None] | None
+
+    @property
+    def ended(self) -> bool: ...
+
+    def parse(self, event: dict[str, Any]) -> Sequence[Event]: ...
+
 
 class Engine(Protocol):
     """What the orchestrator needs of an upstream API (Responses or Assistants)."""
@@ -48,17 +64,18 @@ class Engine(Protocol):
 
     async def create_thread(self) -> str: ...
 
-    def new_parser(self, tracker: ToolTracker) -> MessageParser: ...
+    def new_parser(self, tracker: ToolTracker) -> Parser: ...
 
     def first_input(self, thread_id: str, message: str) -> Any: ...
 
-    def next_input(self, results: list[ToolResult]) -> Any: ...
+    def next_input(self, parser: Any, results: list[ToolResult]) -> Any: ...
 
     def open_round(
         self, thread_id: str, turn_input: Any
     ) -> AbstractAsyncContextManager[AsyncIterator[list[dict[str, Any]]]]: ...
 
-    def keep_undelivered(self, thread_id: str, results: list[ToolResult]) -> None: ...
+    async def abandon_round(self, thread_id: str, parser: Any, results: list[ToolResult]) -> None:
+        """The round will not go on: leave the thread so that its next message is accepted."""
 
 
 async def _run_tool(
@@ -72,7 +89,7 @@ async def _run_tool(
 
 
 def _interrupted(call: ToolCall, reason: str) -> ToolResult:
-    return ToolResult(tool_call_id=call.call_id, output=f'{{"error": "{reason}"}}', is_error=True)
+    return ToolResult(tool_call_id=call.call_id, output=orjson.dumps({"error": reason}).decode(), is_error=True)
 
 
 async def iterate_run_events(
@@ -87,6 +104,8 @@ async def iterate_run_events(
 
     Service errors (upstream down, timeouts, broken streams) are raised, not yielded. Tools run
     in `task_group`, which belongs to the caller, so no task group is open across a yield here.
+    A round that cannot go on (an error, the run stopped, too many rounds) is handed back to the
+    engine to settle, so the thread's next message is accepted upstream.
     """
     thread_id, run_id = log.thread_id, log.run_id
     yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id})
@@ -94,56 +113,60 @@ async def iterate_run_events(
     turn_input = engine.first_input(thread_id, message)
     for round_number in range(1, settings.max_tool_rounds + 2):
         parser = engine.new_parser(tracker)
-        async with engine.open_round(thread_id, turn_input) as batches:
-            log.upstream_answered.set()
-            async for batch in batches:
-                for upstream_event in batch:
-                    event = parser.parse(upstream_event)
-                    if event is not None:
-                        yield event
-                if parser.ended:
-                    break
-        if parser.failure is not None:
-            error, type, code = parser.failure
-            yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
-            return
-        if not parser.ended:
-            raise UpstreamError("the upstream stream ended before the response was complete")
-        calls = parser.tool_calls
-        if not calls:
-            yield Event(RUN_COMPLETED, {"thread_id": thread_id, "run_id": run_id})
-            return
-        if round_number > settings.max_tool_rounds:
-            # Answer the calls anyway, so the thread's next message is accepted upstream.
-            engine.keep_undelivered(thread_id, [_interrupted(c, "tool round limit reached") for c in calls])
-            limit = settings.max_tool_rounds
-            yield Event(
-                RUN_FAILED,
-                {
-                    "error": f"the model kept calling tools after {limit} rounds (MAX_TOOL_ROUNDS)",
-                    "type": "tool_rounds_exceeded",
-                    "code": None,
-                },
-            )
-            return
-
-        for call in calls:
-            yield tracker.start_call(call)
         results: dict[str, ToolResult] = {}
-        send, receive = anyio.create_memory_object_stream[ToolResult](len(calls))
-        async with send:
-            for call in calls:
-                task_group.start_soon(_run_tool, registry, call, log.correlation_id, send.clone())
+        reason = "the run was stopped"
+        settled = False
         try:
+            async with engine.open_round(thread_id, turn_input) as batches:
+                log.upstream_answered.set()
+                async for batch in batches:
+                    for upstream_event in batch:
+                        for event in parser.parse(upstream_event):
+                            yield event
+                    if parser.ended:
+                        break
+            if parser.failure is not None:
+                error, type, code = parser.failure
+                settled = True
+                yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
+                return
+            if not parser.ended:
+                raise UpstreamError("the upstream stream ended before the response was complete")
+            calls = parser.tool_calls
+            if not calls:
+                settled = True
+                yield Event(RUN_COMPLETED, {"thread_id": thread_id, "run_id": run_id})
+                return
+            if round_number > settings.max_tool_rounds:
+                limit = settings.max_tool_rounds
+                reason = "tool round limit reached"
+                yield Event(
+                    RUN_FAILED,
+                    {
+                        "error": f"the model kept calling tools after {limit} rounds (MAX_TOOL_ROUNDS)",
+                        "type": "tool_rounds_exceeded",
+                        "code": None,
+                    },
+                )
+                return
+
+            for call in calls:
+                yield tracker.start_call(call)
+            send, receive = anyio.create_memory_object_stream[ToolResult](len(calls))
+            async with send:
+                for call in calls:
+                    task_group.start_soon(_run_tool, registry, call, log.correlation_id, send.clone())
             async with receive:
                 async for result in receive:
                     results[result.tool_call_id] = result
                     yield tracker.finish_call(result)
+            turn_input = engine.next_input(parser, [results[c.call_id] for c in calls])
+            settled = True
         finally:
-            if len(results) < len(calls):  # cancelled mid-round: the calls still need answers
-                missing = [_interrupted(c, "the run was stopped") for c in calls if c.call_id not in results]
-                engine.keep_undelivered(thread_id, [*results.values(), *missing])
-        turn_input = engine.next_input([results[c.call_id] for c in calls])
+            if not settled:
+                answers = [results.get(c.call_id) or _interrupted(c, reason) for c in parser.tool_calls]
+                with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_SECONDS):
+                    await engine.abandon_round(thread_id, parser, answers)
 
 
 async def execute_run(

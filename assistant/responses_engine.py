@@ -102,12 +102,17 @@ class ResponsesEngine:
     def first_input(self, thread_id: str, message: str) -> list[dict[str, Any]]:
         return [*self._undelivered.pop(thread_id, ()), user_message_item(message)]
 
-    def next_input(self, results: list[ToolResult]) -> list[dict[str, Any]]:
+    def next_input(self, parser: MessageParser, results: list[ToolResult]) -> list[dict[str, Any]]:
         return [tool_output_item(r) for r in results]
 
-    def keep_undelivered(self, thread_id: str, results: list[ToolResult]) -> None:
-        """Hold tool outputs the upstream never got, to send them before the next message."""
-        self._hold(thread_id, [tool_output_item(r) for r in results])
+    async def abandon_round(self, thread_id: str, parser: MessageParser, results: list[ToolResult]) -> None:
+        """Hold the outputs of the round's calls, to send them before the thread's next message.
+
+        A response cut off mid-way needs nothing: it ends upstream by itself, and a call it
+        stored without output is answered by `repair_input` when the next message is refused.
+        """
+        if parser.completed:
+            self._hold(thread_id, [tool_output_item(r) for r in results])
 
     def _hold(self, thread_id: str, items: list[dict[str, Any]]) -> None:
         outputs = [i for i in items if i.get("type") == "function_call_output"]

@@ -37,6 +37,13 @@ class Round:
         return [e.data["delta"]["content"] for e in self.produced if e.name == MESSAGE_DELTA]
 
 
+def parse_one(parser: MessageParser, event: dict[str, Any]) -> Event | None:
+    """The Responses parser maps one upstream event to at most one service event."""
+    produced = parser.parse(event)
+    assert isinstance(produced, tuple) and len(produced) <= 1
+    return produced[0] if produced else None
+
+
 def load_fixture(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(fixtures_dir(), name).read_text().splitlines()]
 
@@ -51,7 +58,7 @@ def run_fixture(name: str, tracker: ToolTracker | None = None) -> tuple[list[Rou
         assert rounds, "a fixture must start with response.created"
         current = rounds[-1]
         current.upstream.append(event)
-        result = current.parser.parse(event)
+        result = parse_one(current.parser, event)
         if result is not None:
             assert isinstance(result, Event)
             current.produced.append(result)
@@ -59,7 +66,7 @@ def run_fixture(name: str, tracker: ToolTracker | None = None) -> tuple[list[Rou
 
 
 def feed(parser: MessageParser, *events: dict[str, Any]) -> list[Event | None]:
-    return [parser.parse(event) for event in events]
+    return [parse_one(parser, event) for event in events]
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +147,7 @@ def test_reasoning_events_produce_no_service_events() -> None:
     ]
     assert len(reasoning) >= 30  # the fixture really holds reasoning summaries and items
     parser = MessageParser(ToolTracker())
-    assert [parser.parse(e) for e in reasoning] == [None] * len(reasoning)
+    assert [parse_one(parser, e) for e in reasoning] == [None] * len(reasoning)
     assert parser.tool_calls == [] and parser.messages == [] and not parser.ended
 
 
@@ -193,7 +200,7 @@ def test_first_failure_wins() -> None:
 
 def test_response_incomplete() -> None:
     parser = MessageParser(ToolTracker())
-    result = parser.parse(
+    result = parse_one(parser, 
         {"type": "response.incomplete", "response": {"incomplete_details": {"reason": "max_output_tokens"}}}
     )
     assert result is None
@@ -203,13 +210,13 @@ def test_response_incomplete() -> None:
 
 def test_response_incomplete_without_reason() -> None:
     parser = MessageParser(ToolTracker())
-    parser.parse({"type": "response.incomplete", "response": {"incomplete_details": None}})
+    parse_one(parser, {"type": "response.incomplete", "response": {"incomplete_details": None}})
     assert parser.failure == ("the response was cut short (unknown)", "run_incomplete", "unknown")
 
 
 def test_response_failed_without_error_details() -> None:
     parser = MessageParser(ToolTracker())
-    parser.parse({"type": "response.failed", "response": {"error": None}})
+    parse_one(parser, {"type": "response.failed", "response": {"error": None}})
     assert parser.failure == ("the model failed to respond", "run_failed", None)
 
 
@@ -229,7 +236,7 @@ def test_response_failed_without_error_details() -> None:
 )
 def test_error_event_shapes(event: dict[str, Any], expected: tuple[str, str, str | None]) -> None:
     parser = MessageParser(ToolTracker())
-    assert parser.parse(event) is None
+    assert parse_one(parser, event) is None
     assert parser.failure == expected
 
 
@@ -271,7 +278,7 @@ def test_message_text_joins_output_text_parts_and_skips_others() -> None:
             "not a part",
         ],
     }
-    parser.parse({"type": "response.output_item.done", "item": item})
+    parse_one(parser, {"type": "response.output_item.done", "item": item})
     assert parser.messages == [MessageData(id="msg_1", content="Hello, world")]
 
 
@@ -281,7 +288,7 @@ def function_call(call_id: str, name: str = "calc", arguments: str = "{}") -> di
 
 def test_function_call_only_in_completed_output_is_collected() -> None:
     parser = MessageParser(ToolTracker())
-    result = parser.parse(
+    result = parse_one(parser, 
         {
             "type": "response.completed",
             "response": {
@@ -318,14 +325,14 @@ def test_function_call_seen_twice_is_collected_once() -> None:
 
 def test_function_call_without_call_id_is_ignored() -> None:
     parser = MessageParser(ToolTracker())
-    parser.parse({"type": "response.output_item.done", "item": {"type": "function_call", "name": "x"}})
+    parse_one(parser, {"type": "response.output_item.done", "item": {"type": "function_call", "name": "x"}})
     assert parser.tool_calls == []
 
 
 def test_function_call_added_is_not_a_step() -> None:
     tracker = ToolTracker()
     parser = MessageParser(tracker)
-    assert parser.parse({"type": "response.output_item.added", "item": function_call("call_a")}) is None
+    assert parse_one(parser, {"type": "response.output_item.added", "item": function_call("call_a")}) is None
     assert tracker.steps == {}
 
 
@@ -333,7 +340,7 @@ def test_hosted_tool_items_become_steps() -> None:
     tracker = ToolTracker()
     parser = MessageParser(tracker)
     before = time.time()
-    created = parser.parse(
+    created = parse_one(parser, 
         {
             "type": "response.output_item.added",
             "item": {"type": "web_search_call", "id": "ws_1", "status": "in_progress"},
@@ -348,7 +355,7 @@ def test_hosted_tool_items_become_steps() -> None:
     assert step["end"] is None and step["output"] is None and step["is_error"] is False
     assert before <= step["start"] <= time.time()
 
-    completed = parser.parse(
+    completed = parse_one(parser, 
         {
             "type": "response.output_item.done",
             "item": {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": "search: weather"},
@@ -371,14 +378,14 @@ def test_hosted_tool_items_become_steps() -> None:
 @pytest.mark.parametrize("kind", ["file_search_call", "code_interpreter_call", "image_generation_call", "mcp_call"])
 def test_other_hosted_tools_are_named_without_call_suffix(kind: str) -> None:
     parser = MessageParser(ToolTracker())
-    event = parser.parse({"type": "response.output_item.added", "item": {"type": kind, "id": "x_1"}})
+    event = parse_one(parser, {"type": "response.output_item.added", "item": {"type": kind, "id": "x_1"}})
     assert event is not None and event.data["step"]["name"] == kind.removesuffix("_call")
 
 
 def test_hosted_tool_done_without_added() -> None:
     tracker = ToolTracker()
     parser = MessageParser(tracker)
-    event = parser.parse({"type": "response.output_item.done", "item": {"type": "file_search_call", "id": "fs_1"}})
+    event = parse_one(parser, {"type": "response.output_item.done", "item": {"type": "file_search_call", "id": "fs_1"}})
     assert event is not None and event.name == STEP_COMPLETED
     assert event.data["step"]["id"] == "fs_1" and event.data["step"]["end"] is not None
     assert "fs_1" in tracker.steps
@@ -399,17 +406,17 @@ def test_hosted_tool_done_without_added() -> None:
 )
 def test_bookkeeping_events_produce_nothing(event: dict[str, Any]) -> None:
     parser = MessageParser(ToolTracker())
-    assert parser.parse(event) is None
+    assert parse_one(parser, event) is None
     assert not parser.ended and parser.tool_calls == [] and parser.messages == []
 
 
 def test_ended_property() -> None:
     parser = MessageParser(ToolTracker())
     assert parser.ended is False
-    parser.parse({"type": "response.created", "response": {"id": "resp_1"}})
-    parser.parse({"type": "response.output_text.delta", "delta": "x"})
+    parse_one(parser, {"type": "response.created", "response": {"id": "resp_1"}})
+    parse_one(parser, {"type": "response.output_text.delta", "delta": "x"})
     assert parser.ended is False
-    parser.parse({"type": "response.completed", "response": {"output": []}})
+    parse_one(parser, {"type": "response.completed", "response": {"output": []}})
     assert parser.ended is True and parser.completed is True and parser.failure is None
 
 
