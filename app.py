@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
+from assistant.assistants_engine import AssistantsEngine
 from assistant.config import ConfigError, Settings, load_settings
 from assistant.errors import ServiceError
 from assistant.http_api import (
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         adopt_server_loggers()
         client = create_openai_client(settings)
-        engine = ResponsesEngine(client, settings, registry)
+        engine_class = AssistantsEngine if settings.engine == "assistants" else ResponsesEngine
+        engine = engine_class(client, settings, registry)
         async with RunManager(engine, registry, settings) as runs:
             app.state.runs = runs
             logger.info(

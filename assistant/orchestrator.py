@@ -251,6 +251,6 @@ async def process_run_stream(
     log = await manager.start_run(thread_id, message, correlation_id)
     with anyio.move_on_after(first_upstream_wait):
         await log.upstream_answered.wait()
-    if log.error is not None and log.last_seq <= 2:
-        raise log.error
+    if log.error is not None and all(e.name in (RUN_CREATED, ERROR) for e in log.events()):
+        raise log.error  # nothing but the error to show: a plain HTTP error says it best
     return log

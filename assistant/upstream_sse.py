@@ -6,7 +6,7 @@ event types, so it decodes the SSE lines itself and parses each data line with o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -76,12 +76,31 @@ def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
     return events
 
 
-async def iterate_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+def decode_named_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+    """For APIs whose data objects do not name their event (Assistants): `{"type", "data"}`."""
+    events = []
+    for name, data in pairs:
+        kind = name.decode(errors="replace")
+        if kind == "done" or data == b"[DONE]":
+            continue
+        try:
+            events.append({"type": kind, "data": orjson.loads(data)})
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"the upstream sent a malformed event ({kind or 'unnamed'}): its data is not valid JSON"
+            ) from None
+    return events
+
+
+async def iterate_sse_events(
+    chunks: AsyncIterator[bytes],
+    decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]] = decode_events,
+) -> AsyncIterator[list[dict[str, Any]]]:
     """Yield the events of an upstream SSE body, in batches: one batch per network read."""
     decoder = SSEDecoder()
     try:
         async for chunk in chunks:
-            events = decode_events(decoder.feed(chunk))
+            events = decode(decoder.feed(chunk))
             if events:
                 yield events
     except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)

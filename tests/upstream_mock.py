@@ -127,3 +127,65 @@ def upstream() -> Iterator[respx.MockRouter]:
             200, json={"id": "conv_test", "object": "conversation", "created_at": 1, "metadata": {}}
         )
         yield router
+
+
+# --- the Assistants API -----------------------------------------------------------------------
+
+ASSISTANT_ID = "asst_test"
+THREAD = "thread_test"
+
+
+def assistants_sse(events: Iterable[tuple[str, dict[str, Any]]], *, done: bool = True) -> httpx.Response:
+    """A streamed Assistants answer: named events whose data is the object, then `done`."""
+    body = b"".join(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n" for name, obj in events)
+    if done:
+        body += b"event: done\ndata: [DONE]\n\n"
+    return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+
+def run_object(run_id: str, status: str, **extra: Any) -> dict[str, Any]:
+    return {"id": run_id, "object": "thread.run", "status": status, "thread_id": THREAD,
+            "assistant_id": ASSISTANT_ID, "required_action": None, "last_error": None,
+            "incomplete_details": None, "metadata": {}, "tools": [], **extra}
+
+
+def message_object(message_id: str, text: str, run_id: str) -> dict[str, Any]:
+    return {"id": message_id, "object": "thread.message", "thread_id": THREAD, "role": "assistant", "run_id": run_id,
+            "status": "completed", "content": [{"type": "text", "text": {"value": text, "annotations": []}}]}
+
+
+def assistants_text(run_id: str, text: str, *, created: bool = True, chunks: int = 3) -> list[tuple[str, dict[str, Any]]]:
+    """A run (or a run's continuation) that answers `text` and completes."""
+    message_id = f"msg_{next(_ids)}"
+    size = max(1, -(-len(text) // chunks))
+    events = [("thread.run.created", run_object(run_id, "queued"))] if created else []
+    events += [("thread.run.in_progress", run_object(run_id, "in_progress")),
+               ("thread.message.created", {**message_object(message_id, "", run_id), "status": "in_progress", "content": []})]
+    events += [
+        ("thread.message.delta", {"id": message_id, "object": "thread.message.delta",
+                                  "delta": {"content": [{"index": 0, "type": "text", "text": {"value": text[i:i + size], "annotations": []}}]}})
+        for i in range(0, len(text), size)
+    ]
+    events += [("thread.message.completed", message_object(message_id, text, run_id)),
+               ("thread.run.completed", run_object(run_id, "completed"))]
+    return events
+
+
+def assistants_calls(run_id: str, *calls: tuple[str, str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """A run that stops at requires_action for these (call id, name, arguments) calls."""
+    tool_calls = [{"id": cid, "type": "function", "function": {"name": name, "arguments": args}} for cid, name, args in calls]
+    required = {"type": "submit_tool_outputs", "submit_tool_outputs": {"tool_calls": tool_calls}}
+    return [("thread.run.created", run_object(run_id, "queued")),
+            ("thread.run.in_progress", run_object(run_id, "in_progress")),
+            ("thread.run.requires_action", run_object(run_id, "requires_action", required_action=required))]
+
+
+@pytest.fixture
+def assistants_upstream() -> Iterator[respx.MockRouter]:
+    """A respx router standing in for an Assistants API server."""
+    with respx.mock(base_url=BASE_URL, assert_all_mocked=True, assert_all_called=False) as router:
+        router.post("/threads").respond(200, json={"id": THREAD, "object": "thread", "created_at": 1, "metadata": {}})
+        router.get(f"/assistants/{ASSISTANT_ID}").respond(
+            200, json={"id": ASSISTANT_ID, "object": "assistant", "model": "gpt-4o", "tools": [{"type": "code_interpreter"}]}
+        )
+        yield router

@@ -1,0 +1,427 @@
+"""The second engine: OpenAI's Assistants API (threads, messages, runs, run steps).
+
+Every call this engine makes to OpenAI is in this module. A turn is one run: created with the
+user's message, it streams until it completes or stops at `requires_action`; then the tools'
+outputs are submitted and the same run streams on. Clients see the same events as with the
+Responses engine: `AssistantsParser` maps this API's events onto them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import openai
+
+from .config import Settings
+from .errors import ThreadBusy, UpstreamError, UpstreamTimeout
+from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, Event
+from .message_parser import MessageData, ToolTracker
+from .tool_executor import ToolCall, ToolRegistry, ToolResult
+from .upstream import call_with_retries, is_thread_busy, map_upstream_error, retry_delay
+from .upstream_sse import decode_named_events, iterate_sse_events
+
+# The SDK marks this API deprecated on every call; using it is this engine's whole point.
+warnings.filterwarnings("ignore", message="The Assistants API is deprecated", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)
+
+logger = logging.getLogger("assistant.assistants")
+
+ACTIVE = frozenset({"queued", "in_progress", "requires_action", "cancelling"})
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
+SUBMIT_ATTEMPTS = 3
+_POLL_SECONDS = 0.25
+_RUN_ID = re.compile(r"\brun_[A-Za-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutputs:
+    run_id: str
+    results: list[ToolResult]
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's (or a message delta's) content parts."""
+    return "".join(
+        (part.get("text") or {}).get("value") or ""
+        for part in content or ()
+        if isinstance(part, dict) and part.get("type") == "text"
+    )
+
+
+def _hosted_output(call: dict[str, Any]) -> str:
+    kind = call.get("type")
+    if kind == "code_interpreter":
+        details = call.get("code_interpreter") or {}
+        logs = [o.get("logs", "") for o in details.get("outputs") or () if o.get("type") == "logs"]
+        return "\n".join(logs) or "done"
+    if kind == "file_search":
+        results = (call.get("file_search") or {}).get("results")
+        return f"{len(results)} results" if isinstance(results, list) else "done"
+    return "done"
+
+
+def _hosted_input(call: dict[str, Any]) -> str:
+    if call.get("type") == "code_interpreter":
+        return str((call.get("code_interpreter") or {}).get("input") or "")
+    return ""
+
+
+class AssistantsParser:
+    """Reads the events of one stream of a run (its start, or a continuation after tool outputs)."""
+
+    def __init__(self, tracker: ToolTracker) -> None:
+        self.tracker = tracker
+        self.run_id: str | None = None
+        self.status: str | None = None
+        self.tool_calls: list[ToolCall] = []
+        self.messages: list[MessageData] = []
+        self.failure: tuple[str, str, str | None] | None = None
+        self._completed_messages: set[str] = set()
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def ended(self) -> bool:
+        """True at a terminal run status, or when the run waits for tool outputs."""
+        return self.status in TERMINAL or self.status == "requires_action" or self.failure is not None
+
+    def parse(self, event: dict[str, Any]) -> Sequence[Event]:
+        kind: str = event["type"]
+        data = event.get("data")
+        if not isinstance(data, dict):
+            return ()
+        if kind == "thread.message.delta":
+            text = _text_of((data.get("delta") or {}).get("content"))
+            return (Event(MESSAGE_DELTA, {"delta": {"content": text}}),) if text else ()
+        if kind.startswith("thread.run.step."):
+            return self._step(kind, data)
+        if kind == "thread.message.completed":
+            message_id = str(data.get("id"))
+            if message_id in self._completed_messages:
+                return ()
+            self._completed_messages.add(message_id)
+            message = MessageData(id=message_id, content=_text_of(data.get("content")))
+            self.messages.append(message)
+            return (Event(MESSAGE_COMPLETED, {"message": message.to_dict()}),)
+        if kind.startswith("thread.run."):
+            self._run(kind, data)
+            return ()
+        if kind == "error":
+            error = data.get("error") if isinstance(data.get("error"), dict) else data
+            self._fail(error.get("message") or "the upstream reported an error", "run_failed", error.get("code"))
+        return ()
+
+    def _run(self, kind: str, run: dict[str, Any]) -> None:
+        self.run_id = run.get("id") or self.run_id
+        status = run.get("status") or kind.removeprefix("thread.run.")
+        self.status = status
+        if status == "requires_action":
+            action = (run.get("required_action") or {}).get("submit_tool_outputs") or {}
+            for call in action.get("tool_calls") or ():
+                function = call.get("function") or {}
+                if call.get("type", "function") == "function" and not any(c.call_id == call["id"] for c in self.tool_calls):
+                    self.tool_calls.append(ToolCall(call["id"], str(function.get("name") or ""), function.get("arguments") or ""))
+        elif status == "failed":
+            error = run.get("last_error") or {}
+            self._fail(error.get("message") or "the run failed", "run_failed", error.get("code"))
+        elif status == "expired":
+            self._fail("the run expired before it finished", "run_expired", "expired")
+        elif status == "cancelled":
+            self._fail("the run was cancelled upstream", "run_cancelled", "cancelled")
+        elif status == "incomplete":
+            reason = (run.get("incomplete_details") or {}).get("reason") or "unknown"
+            self._fail(f"the response was cut short ({reason})", "run_incomplete", reason)
+
+    def _step(self, kind: str, step: dict[str, Any]) -> Sequence[Event]:
+        """Hosted tool calls (code interpreter, file search) become steps; they run upstream."""
+        self.run_id = step.get("run_id") or self.run_id
+        details = (step.get("delta") or {}).get("step_details") if kind == "thread.run.step.delta" else step.get("step_details")
+        if not isinstance(details, dict) or details.get("type") != "tool_calls":
+            return ()
+        events = []
+        finished = kind == "thread.run.step.completed" or kind == "thread.run.step.failed"
+        for call in details.get("tool_calls") or ():
+            call_id = call.get("id")
+            if not call_id or call.get("type") == "function":
+                continue
+            step_data = self.tracker.steps.get(call_id)
+            if step_data is None:
+                events.append(self.tracker.start(call_id, str(call.get("type")), _hosted_input(call), show_input=False))
+            if finished and (step_data is None or step_data.end is None):
+                events.append(self.tracker.finish(call_id, _hosted_output(call), is_error=kind.endswith("failed")))
+        return events
+
+    def _fail(self, message: str, type: str, code: str | None) -> None:
+        if self.failure is None:
+            self.failure = (message, type, code)
+
+
+class AssistantsEngine:
+    name = "assistants"
+
+    def __init__(self, client: openai.AsyncOpenAI, settings: Settings, registry: ToolRegistry) -> None:
+        assert settings.assistant_id is not None
+        self.client = client
+        self.settings = settings
+        self.registry = registry
+        # Marks the runs this process starts, so a conflicting run can be told apart.
+        self.instance_id = uuid.uuid4().hex
+        self._live_runs: set[str] = set()  # runs a turn of this process is driving right now
+        self._tools: list[dict[str, Any]] | None = None
+
+    @property
+    def runs(self) -> Any:
+        return self.client.beta.threads.runs
+
+    async def create_thread(self) -> str:
+        try:
+            thread = await call_with_retries(
+                self.client.beta.threads.create,
+                max_retries=self.settings.upstream_max_retries,
+                what="threads.create",
+                retry_if=_always,  # a spare empty thread harms nothing
+            )
+        except Exception as exc:
+            raise map_upstream_error(exc) from exc
+        return thread.id
+
+    def new_parser(self, tracker: ToolTracker) -> AssistantsParser:
+        return AssistantsParser(tracker)
+
+    def first_input(self, thread_id: str, message: str) -> NewMessage:
+        return NewMessage(message)
+
+    def next_input(self, parser: AssistantsParser, results: list[ToolResult]) -> ToolOutputs:
+        assert parser.run_id is not None
+        return ToolOutputs(parser.run_id, results)
+
+    async def abandon_round(self, thread_id: str, parser: AssistantsParser, results: list[ToolResult]) -> None:
+        """A run this turn gives up on is cancelled, so it does not hold the thread."""
+        if parser.run_id is not None:
+            self._live_runs.discard(parser.run_id)
+            if parser.status not in TERMINAL:
+                await self._cancel_run_safely(thread_id, parser.run_id)
+
+    # --- the rounds ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_round(
+        self, thread_id: str, turn_input: NewMessage | ToolOutputs
+    ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+        if isinstance(turn_input, NewMessage):
+            response = await self._create_run(thread_id, turn_input.text)
+            run_id = None
+        else:
+            run_id = turn_input.run_id
+            response = await self._submit_tool_outputs_with_backoff(thread_id, run_id, turn_input.results)
+        try:
+            yield self._events(thread_id, run_id, response)
+        finally:
+            await response.http_response.aclose()
+
+    async def _events(self, thread_id: str, run_id: str | None, response: Any) -> AsyncIterator[list[dict[str, Any]]]:
+        """The stream's events; when it breaks off, the run's state is read back to finish the round."""
+        status = None
+        try:
+            async for batch in iterate_sse_events(response.http_response.aiter_bytes(), decode_named_events):
+                for event in batch:
+                    if event["type"].startswith("thread.run.") and not event["type"].startswith("thread.run.step"):
+                        run_id = event["data"].get("id") or run_id
+                        status = event["data"].get("status")
+                        self._track(run_id, status)
+                yield batch
+                if status in TERMINAL or status == "requires_action":
+                    return
+        except (UpstreamError, UpstreamTimeout) as exc:
+            if run_id is None:
+                raise
+            recovered = await self._recover(thread_id, run_id, exc)
+            if recovered:
+                yield recovered
+            return
+        if run_id is not None:
+            recovered = await self._recover(thread_id, run_id, UpstreamError("the upstream stream ended early"))
+            if recovered:
+                yield recovered
+
+    def _track(self, run_id: str | None, status: str | None) -> None:
+        if run_id is None:
+            return
+        if status in TERMINAL:
+            self._live_runs.discard(run_id)
+        else:
+            self._live_runs.add(run_id)
+
+    async def _recover(self, thread_id: str, run_id: str, cause: UpstreamError | UpstreamTimeout) -> list[dict[str, Any]]:
+        """Finish a round whose stream broke off, from the run as the upstream has it now.
+
+        A run that went on to wait for tool outputs, or to its end, loses nothing: its state and
+        its messages are read back. For one still going the error stands, and the orchestrator's
+        `abandon_round` cancels it, so the thread is usable again.
+        """
+        logger.warning("run stream broke off (%s); reading the run back", cause.message)
+        try:
+            run = (await self._retrieve_run(thread_id, run_id)).model_dump()
+        except Exception:
+            raise cause from None
+        status = run.get("status")
+        if status not in TERMINAL and status != "requires_action":
+            raise cause
+        events: list[dict[str, Any]] = []
+        if status == "completed":
+            for step in await self._list_run_steps(thread_id, run_id):
+                creation = (step.get("step_details") or {}).get("message_creation") or {}
+                if creation.get("message_id"):
+                    message = await self.client.beta.threads.messages.retrieve(creation["message_id"], thread_id=thread_id)
+                    events.append({"type": "thread.message.completed", "data": message.model_dump()})
+        events.append({"type": f"thread.run.{status}", "data": run})
+        self._track(run_id, status)
+        return events
+
+    async def _create_run(self, thread_id: str, text: str) -> Any:
+        """Start a streamed run with the message; a conflicting run is dealt with first."""
+        if self._tools is None:
+            self._tools = await self._run_tools()
+        attempt_marker = uuid.uuid4().hex
+        params: dict[str, Any] = {
+            "assistant_id": self.settings.assistant_id,
+            "additional_messages": [{"role": "user", "content": text}],
+            "metadata": {"service_instance": self.instance_id, "service_attempt": attempt_marker},
+            "stream": True,
+        }
+        if self._tools:
+            params["tools"] = self._tools
+        if self.settings.instructions:
+            params["instructions"] = self.settings.instructions
+
+        async def create() -> Any:
+            return await self.runs.with_streaming_response.create(thread_id, **params).__aenter__()
+
+        async def not_applied(exc: BaseException) -> bool:
+            # After a 5xx: retry only when no run of this attempt exists upstream.
+            try:
+                page = await self.runs.list(thread_id, limit=3)
+            except Exception:
+                return False
+            return not any((run.metadata or {}).get("service_attempt") == attempt_marker for run in page.data)
+
+        deadline = anyio.current_time() + self.settings.thread_lock_timeout_seconds
+        while True:
+            try:
+                return await call_with_retries(
+                    create, max_retries=self.settings.upstream_max_retries, what="runs.create", retry_if=not_applied
+                )
+            except Exception as exc:
+                if not is_thread_busy(exc) or anyio.current_time() >= deadline:
+                    raise map_upstream_error(exc, thread_id=thread_id) from exc
+                await self._clear_active_run(thread_id, exc, deadline)
+
+    async def _clear_active_run(self, thread_id: str, exc: BaseException, deadline: float) -> None:
+        """The thread has an active run: wait for ours, cancel an orphan's."""
+        match = _RUN_ID.search(str(exc))
+        run_id = match[0] if match else None
+        if run_id is None:
+            page = await self.runs.list(thread_id, limit=1)
+            run_id = page.data[0].id if page.data else None
+        if run_id is None:
+            await anyio.sleep(_POLL_SECONDS)
+            return
+        if run_id in self._live_runs:
+            raise ThreadBusy("another message on this thread is still being answered") from exc
+        run = await self._retrieve_run(thread_id, run_id)
+        owner = (run.metadata or {}).get("service_instance")
+        if owner and owner != self.instance_id and run.status in ("queued", "in_progress"):
+            raise ThreadBusy("another instance of the service is still answering on this thread") from exc
+        # A run whose turn no longer exists (crashed, or its client left before this service
+        # kept runs going): it would hold the thread until it expires.
+        logger.warning("cancelling orphaned run %s on the thread", run_id)
+        await self._cancel_run_safely(thread_id, run_id)
+        while anyio.current_time() < deadline:
+            run = await self._retrieve_run(thread_id, run_id)
+            if run.status in TERMINAL:
+                return
+            await anyio.sleep(_POLL_SECONDS)
+        raise ThreadBusy("the thread's previous run did not end in time; retry shortly") from exc
+
+    async def _run_tools(self) -> list[dict[str, Any]]:
+        """The assistant's own hosted tools plus this service's functions, read once."""
+        try:
+            assistant = await call_with_retries(
+                lambda: self.client.beta.assistants.retrieve(self.settings.assistant_id),
+                max_retries=self.settings.upstream_max_retries,
+                what="assistants.retrieve",
+                retry_if=_always,
+            )
+        except Exception as exc:
+            raise map_upstream_error(exc) from exc
+        hosted = [tool.model_dump(exclude_none=True) for tool in assistant.tools or () if tool.type != "function"]
+        return hosted + self.registry.assistants_tools
+
+    # --- the resilient helpers ----------------------------------------------------------------
+
+    async def _retrieve_run(self, thread_id: str, run_id: str) -> Any:
+        return await call_with_retries(
+            lambda: self.runs.retrieve(run_id, thread_id=thread_id),
+            max_retries=self.settings.upstream_max_retries,
+            what="runs.retrieve",
+            retry_if=_always,
+        )
+
+    async def _list_run_steps(self, thread_id: str, run_id: str) -> list[dict[str, Any]]:
+        page = await call_with_retries(
+            lambda: self.runs.steps.list(run_id, thread_id=thread_id, order="asc"),
+            max_retries=self.settings.upstream_max_retries,
+            what="runs.steps.list",
+            retry_if=_always,
+        )
+        return [step.model_dump() for step in page.data]
+
+    async def _submit_tool_outputs_with_backoff(self, thread_id: str, run_id: str, results: list[ToolResult]) -> Any:
+        """Deliver the outputs (3 attempts); if they cannot be, cancel the run so the thread is free."""
+        outputs = [{"tool_call_id": r.tool_call_id, "output": r.output} for r in results]
+        error: BaseException | None = None
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                return await self.runs.with_streaming_response.submit_tool_outputs(
+                    run_id, thread_id=thread_id, tool_outputs=outputs, stream=True
+                ).__aenter__()
+            except (openai.APIStatusError, openai.APIConnectionError) as exc:
+                error = exc
+                if isinstance(exc, openai.APIStatusError) and exc.status_code < 500 and exc.status_code != 429:
+                    break  # the run will not take them (expired, cancelled, wrong ids): no point retrying
+                if attempt + 1 < SUBMIT_ATTEMPTS:
+                    await anyio.sleep(retry_delay(attempt, exc))
+        logger.warning("could not submit tool outputs; cancelling the run", extra={"upstream_run_id": run_id})
+        self._live_runs.discard(run_id)
+        await self._cancel_run_safely(thread_id, run_id)
+        mapped = map_upstream_error(error) if error is not None else UpstreamError("no attempt made")
+        raise UpstreamError(f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})") from error
+
+    async def _cancel_run_safely(self, thread_id: str, run_id: str) -> None:
+        """Cancel a run unless it already ended; never raises (it is itself a clean-up step)."""
+        try:
+            run = await self._retrieve_run(thread_id, run_id)
+            if run.status in TERMINAL or run.status == "cancelling":
+                return
+            await self.runs.cancel(run_id, thread_id=thread_id)
+        except Exception as exc:
+            logger.warning("could not cancel run %s: %s", run_id, type(exc).__name__)
+
+
+async def _always(exc: BaseException) -> bool:
+    return True

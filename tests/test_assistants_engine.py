@@ -1,0 +1,255 @@
+"""The Assistants engine behind the same public interface, against a respx-mocked Assistants API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+import respx
+from starlette.testclient import TestClient
+
+from app import create_app
+from assistant.config import load_settings
+from tests.test_chat_api import JSON, SSE, TOOLS, chat, events_of, parse_sse
+from tests.upstream_mock import (
+    ASSISTANT_ID,
+    BASE_URL,
+    THREAD,
+    assistants_calls,
+    assistants_sse,
+    assistants_text,
+    assistants_upstream,  # noqa: F401  (fixture)
+    openai_error,
+    request_body,
+    run_object,
+)
+
+RUNS = f"/threads/{THREAD}/runs"
+
+
+def make_client(**env: str) -> TestClient:
+    settings = load_settings({"OPENAI_API_KEY": "sk-test-secret-key", "OPENAI_BASE_URL": BASE_URL,
+                              "ASSISTANT_ENGINE": "assistants", "OPENAI_ASSISTANT_ID": ASSISTANT_ID,
+                              "SSE_HEARTBEAT_SECONDS": "0.05", "THREAD_LOCK_TIMEOUT_SECONDS": "2", **env})
+    return TestClient(create_app(settings, tool_map=TOOLS), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with make_client() as test_client:
+        yield test_client
+
+
+def text_of(events: list[dict]) -> str:
+    return "".join(e["data"]["delta"]["content"] for e in events if e["event"] == "thread.message.delta")
+
+
+def test_thread_creation(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    body = client.post("/threads").json()
+    assert body["thread_id"] == THREAD
+
+
+def test_json_reply_and_run_request(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    route = assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_text("run_1", "Hello there!")))
+    response = chat(client, "hi", thread_id=THREAD)
+    assert response.status_code == 200
+    assert response.json()["responses"] == ["Hello there!"]
+    sent = request_body(route.calls[0])
+    assert sent["assistant_id"] == ASSISTANT_ID and sent["stream"] is True
+    assert sent["additional_messages"] == [{"role": "user", "content": "hi"}]
+    # The assistant's hosted tools are kept, and this service's functions added.
+    assert sent["tools"][0] == {"type": "code_interpreter"}
+    assert {t["function"]["name"] for t in sent["tools"][1:]} == set(TOOLS)
+    assert sent["metadata"]["service_instance"]
+    assert route.calls[0].request.headers["openai-beta"] == "assistants=v2"
+
+
+def test_sse_reply_same_events_as_responses_engine(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_text("run_1", "Hello there!")))
+    response = chat(client, "hi", headers=SSE, thread_id=THREAD)
+    items = parse_sse(response.text)
+    assert items[0] == {"retry": 5000}
+    events = [i for i in items if "event" in i]
+    names = [e["event"] for e in events]
+    assert names[0] == "thread.run.created" and names[-3:] == ["thread.message.completed", "thread.run.completed", "metadata"]
+    assert set(names) <= {"thread.run.created", "thread.message.delta", "thread.message.completed", "thread.run.completed", "metadata"}
+    assert text_of(events) == "Hello there!"
+    assert events[0]["data"]["run_id"].startswith("run_") and events[0]["data"]["thread_id"] == THREAD
+
+
+def test_websocket_reply(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_text("run_1", "Over the socket")))
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"thread_id": THREAD, "message": "hi"})
+        frames = [ws.receive_json()]
+        while frames[-1]["event"] != "metadata":
+            frames.append(ws.receive_json())
+        assert "".join(f["data"]["delta"]["content"] for f in frames if f["event"] == "thread.message.delta") == "Over the socket"
+
+
+def test_requires_action_with_two_parallel_calls(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_calls(
+        "run_1", ("call_a", "slow_tool", '{"seconds": 0.2}'), ("call_b", "calculator", '{"a": 6, "b": 7, "op": "multiply"}'),
+    )))
+    submit = assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(
+        return_value=assistants_sse(assistants_text("run_1", "Slept; 42.", created=False))
+    )
+    started = time.monotonic()
+    events = events_of(chat(client, "go", headers=SSE, thread_id=THREAD).text)
+    names = [e["event"] for e in events]
+    assert names.count("thread.run.step.created") == 2 and names.count("thread.run.step.completed") == 2
+    steps = {e["data"]["step"]["id"]: e["data"]["step"] for e in events if e["event"] == "thread.run.step.completed"}
+    assert steps["call_a"]["output"] == "slept" and steps["call_b"]["output"] == "42"
+    assert text_of(events) == "Slept; 42." and names[-2] == "thread.run.completed"
+    sent = request_body(submit.calls[0])
+    assert sent["stream"] is True
+    assert sent["tool_outputs"] == [{"tool_call_id": "call_a", "output": "slept"}, {"tool_call_id": "call_b", "output": "42"}]
+    assert time.monotonic() - started < 2
+
+
+def test_submit_failure_cancels_the_run(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_calls("run_1", ("call_a", "calculator", '{"a": 1, "b": 2, "op": "add"}'))))
+    submit = assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(return_value=openai_error(500, "server error"))
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "requires_action"))
+    cancel = assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    events = events_of(chat(client, "go", headers=SSE, thread_id=THREAD).text)
+    assert events[-1]["event"] == "error"
+    assert "cancelled" in events[-1]["data"]["error"] and events[-1]["data"]["type"] == "upstream_error"
+    assert submit.call_count == 3  # _submit_tool_outputs_with_backoff: three attempts
+    assert cancel.call_count == 1
+
+
+def test_submit_refused_is_not_retried(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_calls("run_1", ("call_a", "calculator", '{"a": 1, "b": 2, "op": "add"}'))))
+    submit = assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(
+        return_value=openai_error(400, 'Runs in status "expired" do not accept tool outputs.'))
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "expired"))
+    cancel = assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    response = chat(client, "go", thread_id=THREAD)
+    assert response.status_code == 502
+    assert submit.call_count == 1 and cancel.call_count == 0  # already terminal: nothing to cancel
+
+
+def test_orphaned_active_run_is_cancelled_and_the_turn_goes_on(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    busy = openai_error(400, "Thread thread_test already has an active run run_orphan.")
+    create = assistants_upstream.post(RUNS).mock(side_effect=[busy, assistants_sse(assistants_text("run_2", "fresh"))])
+    states = iter(["requires_action", "requires_action", "cancelling", "cancelled"])
+    assistants_upstream.get(f"{RUNS}/run_orphan").mock(side_effect=lambda request: httpx.Response(200, json=run_object("run_orphan", next(states, "cancelled"))))
+    cancel = assistants_upstream.post(f"{RUNS}/run_orphan/cancel").respond(200, json=run_object("run_orphan", "cancelling"))
+    response = chat(client, "hi", thread_id=THREAD)
+    assert response.json()["responses"] == ["fresh"]
+    assert cancel.call_count == 1 and create.call_count == 2
+
+
+def test_active_run_of_another_instance_is_thread_busy(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post(RUNS).mock(return_value=openai_error(400, "Can't add messages to thread_test while a run run_other is active."))
+    assistants_upstream.get(f"{RUNS}/run_other").respond(
+        200, json=run_object("run_other", "in_progress", metadata={"service_instance": "another-process"}))
+    cancel = assistants_upstream.post(f"{RUNS}/run_other/cancel").respond(200, json=run_object("run_other", "cancelling"))
+    response = chat(client, "hi", thread_id=THREAD)
+    assert response.status_code == 409 and response.json()["type"] == "thread_busy"
+    assert cancel.call_count == 0
+
+
+def test_active_run_of_a_live_turn_here_is_thread_busy(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    engine = client.app.state.runs.engine
+    engine._live_runs.add("run_live")  # a turn of this process is driving run_live
+    assistants_upstream.post(RUNS).mock(return_value=openai_error(400, "Thread thread_test already has an active run run_live."))
+    response = chat(client, "hi", thread_id=THREAD)
+    assert response.status_code == 409 and response.json()["type"] == "thread_busy"
+
+
+@pytest.mark.parametrize(
+    ("status", "extra", "type", "code"),
+    [
+        ("failed", {"last_error": {"code": "server_error", "message": "The model failed."}}, "run_failed", "server_error"),
+        ("expired", {}, "run_expired", "expired"),
+        ("incomplete", {"incomplete_details": {"reason": "max_completion_tokens"}}, "run_incomplete", "max_completion_tokens"),
+    ],
+)
+def test_run_failed_expired_incomplete(client: TestClient, assistants_upstream: respx.MockRouter,
+                                       status: str, extra: dict, type: str, code: str) -> None:
+    events = [("thread.run.created", run_object("run_1", "queued")), (f"thread.run.{status}", run_object("run_1", status, **extra))]
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(events))
+    streamed = events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)
+    failed = next(e for e in streamed if e["event"] == "thread.run.failed")["data"]
+    assert failed["type"] == type and failed["code"] == code
+    assert streamed[-1]["event"] == "metadata"
+    response = chat(client, "hi", thread_id=THREAD)
+    assert response.status_code == 502 and response.json()["type"] == type
+
+
+def test_hosted_tool_calls_are_shown_not_run(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    step = {"id": "step_1", "object": "thread.run.step", "run_id": "run_1", "type": "tool_calls", "status": "in_progress",
+            "step_details": {"type": "tool_calls", "tool_calls": []}}
+    call = {"index": 0, "id": "ci_1", "type": "code_interpreter", "code_interpreter": {"input": "print(6*7)", "outputs": []}}
+    done_call = {**call, "code_interpreter": {"input": "print(6*7)", "outputs": [{"type": "logs", "logs": "42"}]}}
+    events = [
+        ("thread.run.created", run_object("run_1", "queued")),
+        ("thread.run.step.created", step),
+        ("thread.run.step.delta", {"id": "step_1", "object": "thread.run.step.delta", "run_id": "run_1",
+                                   "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call]}}}),
+        ("thread.run.step.completed", {**step, "status": "completed", "step_details": {"type": "tool_calls", "tool_calls": [done_call]}}),
+        *assistants_text("run_1", "It printed 42.", created=False),
+    ]
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(events))
+    streamed = events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)
+    created = [e["data"]["step"] for e in streamed if e["event"] == "thread.run.step.created"]
+    completed = [e["data"]["step"] for e in streamed if e["event"] == "thread.run.step.completed"]
+    assert [s["name"] for s in created] == ["code_interpreter"] and created[0]["show_input"] is False
+    assert completed[0]["output"] == "42"
+    assert text_of(streamed) == "It printed 42."
+
+
+def test_cut_stream_at_requires_action_is_recovered_from_the_run(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    # The stream breaks off before requires_action arrives; the run, read back, is waiting for outputs.
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_calls("run_1", ("call_a", "calculator", "{}"))[:2], done=False))
+    required = {"type": "submit_tool_outputs", "submit_tool_outputs": {"tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "calculator", "arguments": '{"a": 2, "b": 2, "op": "add"}'}}]}}
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "requires_action", required_action=required))
+    submit = assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(
+        return_value=assistants_sse(assistants_text("run_1", "Four.", created=False)))
+    assert chat(client, "2+2", thread_id=THREAD).json()["responses"] == ["Four."]
+    assert orjson.loads(submit.calls[0].request.content)["tool_outputs"] == [{"tool_call_id": "call_a", "output": "4"}]
+
+
+def test_cut_stream_of_a_finished_run_reads_its_messages(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    events = assistants_text("run_1", "Complete answer")
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(events[:3], done=False))  # cut after message.created
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "completed"))
+    assistants_upstream.get(f"{RUNS}/run_1/steps").respond(200, json={"object": "list", "data": [
+        {"id": "step_1", "object": "thread.run.step", "type": "message_creation", "status": "completed", "run_id": "run_1",
+         "step_details": {"type": "message_creation", "message_creation": {"message_id": "msg_full"}}}], "has_more": False})
+    assistants_upstream.get(f"/threads/{THREAD}/messages/msg_full").respond(
+        200, json={"id": "msg_full", "object": "thread.message", "role": "assistant", "thread_id": THREAD,
+                   "content": [{"type": "text", "text": {"value": "Complete answer", "annotations": []}}]})
+    assert chat(client, "hi", thread_id=THREAD).json()["responses"] == ["Complete answer"]
+
+
+def test_cut_stream_of_a_running_run_cancels_it(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    events = assistants_text("run_1", "never finished")
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(events[:4], done=False))
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "in_progress"))
+    cancel = assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    streamed = events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)
+    assert streamed[-1]["event"] == "error" and streamed[-1]["data"]["type"] == "upstream_error"
+    assert cancel.call_count == 1
+
+
+def test_engine_configuration_errors() -> None:
+    from assistant.config import ConfigError
+
+    with pytest.raises(ConfigError, match="OPENAI_ASSISTANT_ID"):
+        load_settings({"OPENAI_API_KEY": "k", "ASSISTANT_ENGINE": "assistants"})
+    with pytest.raises(ConfigError, match="ASSISTANT_ENGINE"):
+        load_settings({"OPENAI_API_KEY": "k", "ASSISTANT_ENGINE": "chat"})
+
+
+def test_unknown_thread_is_404(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    assistants_upstream.post("/threads/thread_nope/runs").mock(return_value=openai_error(404, "No thread found with id 'thread_nope'."))
+    for headers in (JSON, SSE):
+        response = chat(client, "hi", headers=headers, thread_id="thread_nope")
+        assert response.status_code == 404 and response.json()["type"] == "thread_not_found"
