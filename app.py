@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -31,7 +32,7 @@ from assistant.http_api import (
 from assistant.logs import adopt_server_loggers, configure_logging
 from assistant.middleware import APIKeyMiddleware, CorrelationIdMiddleware
 from assistant.responses_engine import ResponsesEngine
-from assistant.run_manager import RunManager
+from assistant.run_manager import RunManager, on_termination_signal
 from assistant.tool_executor import ToolConfigError, ToolRegistry, load_tool_map
 from assistant.upstream import create_openai_client
 from assistant.websocket_stream_handler import websocket_chat
@@ -48,12 +49,13 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        adopt_server_loggers()
         client = create_openai_client(settings)
         engine_class = AssistantsEngine if settings.engine == "assistants" else ResponsesEngine
         engine = engine_class(client, settings, registry)
-        async with RunManager(engine, registry, settings) as runs:
+        async with RunManager(engine, registry, settings) as runs, anyio.create_task_group() as task_group:
             app.state.runs = runs
+            on_termination_signal(runs.begin_shutdown)
+            task_group.start_soon(adopt_server_loggers)
             logger.info(
                 "service ready",
                 extra={"engine": engine.name, "model": settings.openai_model, "tools": list(registry.names)},
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
                 yield
             finally:
                 logger.info("shutting down")
+                task_group.cancel_scope.cancel()
         await client.close()
 
     middleware = [Middleware(CorrelationIdMiddleware)]

@@ -40,7 +40,7 @@ class Settings:
     max_message_chars: int = 32_000
     max_body_bytes: int = 256 * 1024
     slow_client_timeout_seconds: float = 30.0
-    shutdown_grace_seconds: float = 10.0
+    shutdown_grace_seconds: float = 2.0
     stream_retention_seconds: float = 300.0
     service_api_key: str | None = field(default=None, repr=False)
     cors_allow_origins: tuple[str, ...] = ()
@@ -115,7 +115,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_message_chars=int(number("MAX_MESSAGE_CHARS", 32_000, minimum=1, integer=True)),
         max_body_bytes=int(number("MAX_BODY_BYTES", 256 * 1024, minimum=64, integer=True)),
         slow_client_timeout_seconds=number("SLOW_CLIENT_TIMEOUT_SECONDS", 30.0, minimum=0.01),
-        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
+        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 2.0, minimum=0),
         stream_retention_seconds=number("STREAM_RETENTION_SECONDS", 300.0, minimum=0),
         service_api_key=text("SERVICE_API_KEY"),
         cors_allow_origins=origins,

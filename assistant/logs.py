@@ -12,6 +12,7 @@ import sys
 import time
 from contextvars import ContextVar
 
+import anyio
 import orjson
 
 correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
@@ -67,15 +68,19 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def adopt_server_loggers() -> None:
+async def adopt_server_loggers() -> None:
     """Send hypercorn's own records through the JSON handler instead of its plain-text one.
 
-    Hypercorn installs its handler when it starts serving, after the app is imported, so this
-    runs at the app's start-up.
+    Hypercorn installs its handlers when it starts listening, just after the app's start-up,
+    so this waits (briefly) for them to appear and then removes them.
     """
     if not any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
         return  # logging was not configured by the service (embedded, or under tests)
-    for name in ("hypercorn.error", "hypercorn.access"):
-        server_logger = logging.getLogger(name)
+    server_loggers = [logging.getLogger(name) for name in ("hypercorn.error", "hypercorn.access")]
+    for _ in range(100):
+        if any(server_logger.handlers for server_logger in server_loggers):
+            break
+        await anyio.sleep(0.02)
+    for server_logger in server_loggers:
         server_logger.handlers.clear()
         server_logger.propagate = True

@@ -8,11 +8,16 @@ clients can read them again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections import deque
-from types import TracebackType
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -40,16 +45,18 @@ class RunManager:
         self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
         self._busy_threads: dict[str, anyio.Event] = {}  # thread id -> set when its run ends
         self._task_group: TaskGroup | None = None
+        self._shutdown_requested = anyio.Event()
 
     async def __aenter__(self) -> RunManager:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
+        self._task_group.start_soon(self._shutdown_when_requested, name="shutdown on request")
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        await self.shutdown()
+        self.begin_shutdown()
         assert self._task_group is not None
         return await self._task_group.__aexit__(exc_type, exc, tb)
 
@@ -100,6 +107,18 @@ class RunManager:
         while self._finished and (self._finished[0].finished_at or 0) <= cutoff:
             self._runs.pop(self._finished.popleft().run_id, None)
 
+    def begin_shutdown(self) -> None:
+        """Take no new runs from now on, and end the running ones after the grace period.
+
+        A plain function, so a signal handler can call it through the event loop.
+        """
+        self.accepting = False
+        self._shutdown_requested.set()
+
+    async def _shutdown_when_requested(self) -> None:
+        await self._shutdown_requested.wait()
+        await self.shutdown()
+
     async def shutdown(self) -> None:
         """Take no new runs; give running ones the grace period, then end them with an error."""
         self.accepting = False
@@ -114,3 +133,25 @@ class RunManager:
             log.error = ShuttingDown("the service is shutting down; send the message again")
             if log.cancel_scope is not None:
                 log.cancel_scope.cancel()
+
+
+def on_termination_signal(callback: Callable[[], None]) -> None:
+    """Call `callback` (in the event loop) on SIGTERM or SIGINT, before the server's own handling.
+
+    hypercorn handles these itself and tells the app only after it stopped waiting for open
+    connections; chaining in front of its handler lets runs end cleanly within that time. (Its
+    worker sees the signal when it is sent to the whole process group, as Heroku, systemd and
+    a terminal's Ctrl+C do; a signal to hypercorn's parent process alone is not passed on.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals can only be handled there (not the case under a test client)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+
+        def handle(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(callback)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signum, handle)

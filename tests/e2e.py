@@ -96,7 +96,8 @@ class ServerProcess:
         command = [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}"]
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
-                command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, for signal_group()
             )
         deadline = time.monotonic() + timeout
         with httpx.Client(trust_env=False, timeout=1.0) as client:
@@ -135,6 +136,11 @@ class ServerProcess:
                 proc.wait()
         self._last_output = self.output()
         self._cleanup()
+
+    def signal_group(self, signum: int) -> None:
+        """Signal hypercorn and its worker at once, as Heroku, systemd or Ctrl+C do."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signum)
 
     def _cleanup(self) -> None:
         if self._log_path is not None:

@@ -34,7 +34,7 @@ NUMERIC = [
     ("MAX_MESSAGE_CHARS", "max_message_chars", True, 1, 32_000),
     ("MAX_BODY_BYTES", "max_body_bytes", True, 64, 262_144),
     ("SLOW_CLIENT_TIMEOUT_SECONDS", "slow_client_timeout_seconds", False, 0.01, 30.0),
-    ("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", False, 0, 10.0),
+    ("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", False, 0, 2.0),
     ("STREAM_RETENTION_SECONDS", "stream_retention_seconds", False, 0, 300.0),
 ]
 NUMERIC_IDS = [row[0] for row in NUMERIC]
