@@ -16,13 +16,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from assistant.assistants_engine import AssistantsEngine
 from assistant.config import ConfigError, Settings, load_settings
 from assistant.errors import ServiceError
 from assistant.http_api import (
+    STATIC_DIR,
     chat,
+    chat_page,
     create_thread,
     handle_http_exception,
     handle_service_error,
@@ -83,6 +86,8 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
 
     app = Starlette(
         routes=[
+            Route("/", chat_page, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
             Route("/health", health, methods=["GET"]),
             Route("/threads", create_thread, methods=["POST"]),
             Route("/start", create_thread, methods=["GET"]),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from .chat_request import parse_chat_request
 from .errors import (
@@ -88,6 +89,14 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON") from None
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+async def chat_page(request: Request) -> Response:
+    """The reference chat client; its URLs are relative, so it works under a path prefix."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
 
 async def health(request: Request) -> Response:

@@ -16,6 +16,9 @@ from .logs import correlation_id_var
 SAFE_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+PUBLIC_PATHS = frozenset({"/health", "/"})
+
+
 def new_correlation_id() -> str:
     return uuid.uuid4().hex
 
@@ -57,14 +60,19 @@ class CorrelationIdMiddleware:
 
 
 class APIKeyMiddleware:
-    """With SERVICE_API_KEY set, every route but /health needs `Authorization: Bearer <key>`."""
+    """With SERVICE_API_KEY set, every route but /health needs `Authorization: Bearer <key>`.
+
+    The chat page and its static files stay public: they hold no data, and a browser cannot
+    send a bearer token when it opens a page.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
+        path = scope["path"]
+        if scope["type"] not in ("http", "websocket") or path in PUBLIC_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"authorization") or b""

@@ -1,0 +1,131 @@
+"""The chat page in a real browser (Debian's Chromium, driven by Playwright) against the real server.
+
+Never a browser download: Playwright drives /usr/bin/chromium. Without it the tests skip locally
+and fail under CI (where .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import REPO, ServerProcess, fake_upstream, start_service  # noqa: F401  (fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts"
+LAUNCH_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def require_chromium() -> None:
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        message = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page_service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
+    service = start_service(fake_upstream.url, name="browser-service", ASSISTANT_INITIAL_MESSAGE="Hello from the test!")
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def page(browser: object, page_service: ServerProcess) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1000, "height": 800})  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.goto(page_service.url + "/")
+    page.wait_for_selector("#thread:has-text('thread')")
+    yield page
+    context.close()
+
+
+def send(page: object, message: str, transport: str) -> None:
+    page.select_option("#transport", transport)  # type: ignore[attr-defined]
+    page.fill("#message", message)  # type: ignore[attr-defined]
+    page.click("#send")  # type: ignore[attr-defined]
+
+
+def last_reply(page: object) -> str:
+    return page.locator(".turn.assistant .bubble").last.inner_text()  # type: ignore[attr-defined]
+
+
+def wait_idle(page: object) -> None:
+    page.wait_for_selector("#send:not([disabled])", timeout=15_000)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_text_streams_in(page: object, transport: str) -> None:
+    assert "Hello from the test!" in page.locator(".turn.assistant .bubble").first.inner_text()  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.15 12", transport)
+    started = time.monotonic()
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word0')"
+    )
+    first_words = time.monotonic() - started
+    assert "word11" not in last_reply(page)  # the first words show before the last arrived
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word11')"
+    )
+    last_words = time.monotonic() - started
+    wait_idle(page)
+    assert last_words - first_words > 1.0
+    assert last_reply(page) == " ".join(f"word{i}" for i in range(12))
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_tool_step_block(page: object, transport: str) -> None:
+    send(page, 'tool:calculator {"a": 19, "b": 3, "op": "multiply"}', transport)
+    wait_idle(page)
+    step = page.locator("details.step").last  # type: ignore[attr-defined]
+    assert "calculator" in step.locator("summary").inner_text() and " s)" in step.locator("summary").inner_text()
+    step.locator("summary").click()
+    assert "output: 57" in step.inner_text()
+    assert '"a": 19' in step.inner_text()
+    assert last_reply(page) == "Tool results: 57"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"chat-tool-turn-{transport}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_upstream_error_shows_plainly(page: object, transport: str) -> None:
+    send(page, "fault:failed", transport)
+    wait_idle(page)
+    error = page.locator(".error").last  # type: ignore[attr-defined]
+    assert "The run failed: The model failed." in error.inner_text()
+    send(page, "still there?", transport)  # the page and the thread carry on
+    wait_idle(page)
+    assert last_reply(page) == "You said: still there?"
+
+
+def test_refused_request_shows_the_service_error(page: object) -> None:
+    send(page, "x" * 40_000, "sse")  # over MAX_MESSAGE_CHARS: a plain 400 from the service
+    wait_idle(page)
+    assert "invalid_request" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
+
+
+def test_new_thread_button(page: object) -> None:
+    first = page.inner_text("#thread")  # type: ignore[attr-defined]
+    page.click("#new-thread")  # type: ignore[attr-defined]
+    page.wait_for_function(f"() => document.querySelector('#thread').textContent !== {first!r}")  # type: ignore[attr-defined]
+    assert page.locator(".turn.user").count() == 0  # type: ignore[attr-defined]
