@@ -24,6 +24,7 @@ from assistant.config import ConfigError, Settings, load_settings
 from assistant.errors import ServiceError
 from assistant.http_api import (
     STATIC_DIR,
+    cancel_run,
     chat,
     chat_page,
     create_thread,
@@ -31,6 +32,7 @@ from assistant.http_api import (
     handle_service_error,
     handle_unexpected_error,
     health,
+    stream_run,
 )
 from assistant.logs import adopt_server_loggers, configure_logging
 from assistant.middleware import APIKeyMiddleware, CorrelationIdMiddleware
@@ -92,6 +94,8 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
             Route("/threads", create_thread, methods=["POST"]),
             Route("/start", create_thread, methods=["GET"]),
             Route("/chat", chat, methods=["POST"]),
+            Route("/chat/stream/{run_id}", stream_run, methods=["GET"]),
+            Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
             WebSocketRoute("/ws/chat", websocket_chat),
         ],
         middleware=middleware,

@@ -232,7 +232,8 @@ class AssistantsEngine:
         try:
             yield self._events(thread_id, run_id, response)
         finally:
-            await response.http_response.aclose()
+            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
+                await response.http_response.aclose()
 
     async def _events(self, thread_id: str, run_id: str | None, response: Any) -> AsyncIterator[list[dict[str, Any]]]:
         """The stream's events; when it breaks off, the run's state is read back to finish the round."""

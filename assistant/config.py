@@ -42,6 +42,9 @@ class Settings:
     slow_client_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 2.0
     stream_retention_seconds: float = 300.0
+    stream_max_events_per_run: int = 20_000
+    stream_max_bytes_per_run: int = 4 * 1024 * 1024
+    stream_max_runs: int = 1000
     service_api_key: str | None = field(default=None, repr=False)
     cors_allow_origins: tuple[str, ...] = ()
 
@@ -117,6 +120,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         slow_client_timeout_seconds=number("SLOW_CLIENT_TIMEOUT_SECONDS", 30.0, minimum=0.01),
         shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 2.0, minimum=0),
         stream_retention_seconds=number("STREAM_RETENTION_SECONDS", 300.0, minimum=0),
+        stream_max_events_per_run=int(number("STREAM_MAX_EVENTS_PER_RUN", 20_000, minimum=10, integer=True)),
+        stream_max_bytes_per_run=int(
+            number("STREAM_MAX_BYTES_PER_RUN", 4 * 1024 * 1024, minimum=1024, integer=True)
+        ),
+        stream_max_runs=int(number("STREAM_MAX_RUNS", 1000, minimum=1, integer=True)),
         service_api_key=text("SERVICE_API_KEY"),
         cors_allow_origins=origins,
     )

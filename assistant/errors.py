@@ -11,11 +11,20 @@ class ServiceError(Exception):
     status_code = 500
     type = "internal_error"
 
-    def __init__(self, message: str, *, type: str | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         if type is not None:
             self.type = type
+        if status_code is not None:
+            self.status_code = status_code
         self.retry_after = retry_after
 
     def payload(self, correlation_id: str | None) -> dict[str, object]:

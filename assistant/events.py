@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+
+import orjson
 
 RUN_CREATED = "thread.run.created"
 STEP_CREATED = "thread.run.step.created"
@@ -12,6 +14,7 @@ MESSAGE_COMPLETED = "thread.message.completed"
 RUN_COMPLETED = "thread.run.completed"
 RUN_FAILED = "thread.run.failed"
 RUN_CANCELLED = "thread.run.cancelled"
+RUN_RESUMED = "thread.run.resumed"
 METADATA = "metadata"
 ERROR = "error"
 
@@ -20,6 +23,32 @@ RUN_OUTCOMES = frozenset({RUN_COMPLETED, RUN_FAILED, RUN_CANCELLED})
 STREAM_END = frozenset({METADATA, ERROR})
 
 
-class Event(NamedTuple):
-    name: str
-    data: dict[str, Any]
+def stream_path(run_id: str) -> str:
+    """Where a client reads (or, with Last-Event-ID, resumes) a run's events, relative to the service."""
+    return f"chat/stream/{run_id}"
+
+
+class Event:
+    """One event: its name, and its data, JSON-encoded once however many clients it goes to."""
+
+    __slots__ = ("name", "data", "_encoded")
+
+    def __init__(self, name: str, data: dict[str, Any]) -> None:
+        self.name = name
+        self.data = data
+        self._encoded: bytes | None = None
+
+    @property
+    def encoded(self) -> bytes:
+        """The data as one line of JSON (orjson escapes CR and LF inside strings)."""
+        if self._encoded is None:
+            self._encoded = orjson.dumps(self.data)
+        return self._encoded
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and (self.name, self.data) == (other.name, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Event({self.name!r}, {self.data!r})"

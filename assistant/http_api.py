@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from .chat_request import parse_chat_request
+from .chat_request import THREAD_ID, parse_chat_request
 from .errors import (
     BadRequest,
     MethodNotAllowed,
@@ -19,7 +19,8 @@ from .errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from .orchestrator import process_run, process_run_stream
+from .orchestrator import process_run, process_run_stream, run_answer
+from .run_log import RunLog
 from .sse_stream_handler import SSEResponse
 
 logger = logging.getLogger("assistant.http")
@@ -57,8 +58,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
-        error = ServiceError(str(exc.detail), type="http_error")
-        error.status_code = exc.status_code
+        error = ServiceError(str(exc.detail), type="http_error", status_code=exc.status_code)
     return error_response(error, request)
 
 
@@ -119,19 +119,87 @@ def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
+def parse_event_id(value: str) -> tuple[str, int]:
+    """`<run_id>:<n>`, as the service's event ids are written."""
+    run_id, _, position = value.strip().rpartition(":")
+    if not THREAD_ID.fullmatch(run_id) or not position.isdigit():
+        raise BadRequest(f"{value!r} is not an event id of this service (they look like 'run_...:12')")
+    return run_id, int(position)
+
+
+def event_stream(request: Request, log: RunLog, after: int = 0) -> SSEResponse:
+    settings = request.app.state.settings
+    return SSEResponse(
+        log,
+        after=after,
+        heartbeat_seconds=settings.sse_heartbeat_seconds,
+        retry_ms=settings.sse_retry_ms,
+        slow_client_timeout_seconds=settings.slow_client_timeout_seconds,
+    )
+
+
 async def chat(request: Request) -> Response:
     state = request.app.state
     settings = state.settings
     data = await read_json_body(request, settings.max_body_bytes)
     thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id:
+        return await resume_chat(request, thread_id, last_event_id)
     if wants_event_stream(request):
         log = await process_run_stream(
             state.runs, thread_id, message, correlation_id(request), first_upstream_wait=settings.sse_heartbeat_seconds
         )
-        return SSEResponse(  # type: ignore[return-value]
-            log,
-            heartbeat_seconds=settings.sse_heartbeat_seconds,
-            retry_ms=settings.sse_retry_ms,
-            slow_client_timeout_seconds=settings.slow_client_timeout_seconds,
-        )
+        return event_stream(request, log)  # type: ignore[return-value]
     return JSONResponse(await process_run(state.runs, thread_id, message, correlation_id(request)))
+
+
+async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> Response:
+    """The same POST sent again with Last-Event-ID: the run it started, not a new one."""
+    run_id, after = parse_event_id(last_event_id)
+    log = request.app.state.runs.lookup(run_id)
+    if log.thread_id != thread_id:
+        raise BadRequest(f"run {run_id!r} belongs to another thread")
+    if wants_event_stream(request):
+        return resumed_stream(request, log, after)
+    return JSONResponse(await run_answer(log, correlation_id(request)))
+
+
+def resumed_stream(request: Request, log: RunLog, after: int) -> Response:
+    if after < log.first_seq - 1:
+        raise NotFound(
+            f"events after {after} of run {log.run_id!r} are no longer kept (STREAM_MAX_EVENTS_PER_RUN, "
+            "STREAM_MAX_BYTES_PER_RUN)",
+            type="events_dropped",
+        )
+    if log.finished and after >= log.last_seq:
+        return Response(status_code=204)  # all delivered: this also stops EventSource reconnecting
+    return event_stream(request, log, after)  # type: ignore[return-value]
+
+
+async def stream_run(request: Request) -> Response:
+    """GET /chat/stream/{run_id}: a run's events, from the start or after Last-Event-ID (EventSource)."""
+    run_id = request.path_params["run_id"]
+    if not THREAD_ID.fullmatch(run_id):
+        raise BadRequest("not a valid run id")
+    log = request.app.state.runs.lookup(run_id)
+    after = 0
+    last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if last_event_id:
+        resumed_run, after = parse_event_id(last_event_id)
+        if resumed_run != run_id:
+            raise BadRequest(f"Last-Event-ID {last_event_id!r} is not an event of run {run_id!r}")
+    return resumed_stream(request, log, after)
+
+
+async def cancel_run(request: Request) -> Response:
+    """POST /runs/{run_id}/cancel: stop generating; listeners get thread.run.cancelled, then metadata."""
+    run_id = request.path_params["run_id"]
+    runs = request.app.state.runs
+    log = runs.lookup(run_id)
+    if not runs.cancel(run_id, "cancelled by the client"):
+        raise ServiceError(f"run {run_id!r} has already ended", type="run_finished", status_code=409)
+    return JSONResponse(
+        {"run_id": run_id, "thread_id": log.thread_id, "status": "cancelling", "correlation_id": correlation_id(request)},
+        status_code=202,
+    )

@@ -28,6 +28,7 @@ from .events import (
     RUN_CREATED,
     RUN_FAILED,
     Event,
+    stream_path,
 )
 from .logs import run_id_var, thread_id_var
 from .message_parser import ToolTracker
@@ -108,7 +109,7 @@ async def iterate_run_events(
     engine to settle, so the thread's next message is accepted upstream.
     """
     thread_id, run_id = log.thread_id, log.run_id
-    yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id})
+    yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id, "stream_url": stream_path(run_id)})
     tracker = ToolTracker()
     turn_input = engine.first_input(thread_id, message)
     for round_number in range(1, settings.max_tool_rounds + 2):
@@ -218,13 +219,18 @@ def metadata_event(log: RunLog) -> Event:
             "run_id": log.run_id,
             "event_count": log.last_seq + 1,
             "elapsed_time_seconds": _elapsed(log),
+            "stream_url": stream_path(log.run_id),
         },
     )
 
 
 async def process_run(manager: RunManager, thread_id: str, message: str, correlation_id: str) -> dict[str, Any]:
     """Run one message to the end and give the JSON answer; failures raise `ServiceError`."""
-    log = await manager.start_run(thread_id, message, correlation_id)
+    return await run_answer(await manager.start_run(thread_id, message, correlation_id), correlation_id)
+
+
+async def run_answer(log: RunLog, correlation_id: str) -> dict[str, Any]:
+    """The JSON answer of a run, once it has ended (also for a client asking again)."""
     await log.wait_finished()
     if log.error is not None:
         raise log.error
@@ -236,7 +242,7 @@ async def process_run(manager: RunManager, thread_id: str, message: str, correla
             raise UpstreamError(event.data["error"], type=event.data["type"])
         elif event.name == RUN_CANCELLED:
             raise RunCancelled(event.data["reason"])
-    return {"responses": responses, "thread_id": thread_id, "run_id": log.run_id, "correlation_id": correlation_id}
+    return {"responses": responses, "thread_id": log.thread_id, "run_id": log.run_id, "correlation_id": correlation_id}
 
 
 async def process_run_stream(

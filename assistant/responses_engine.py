@@ -163,7 +163,8 @@ class ResponsesEngine:
         try:
             yield iterate_sse_events(response.http_response.aiter_bytes())
         finally:
-            await response.http_response.aclose()
+            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
+                await response.http_response.aclose()
 
     async def _input_not_applied(self, thread_id: str, items: list[dict[str, Any]]) -> bool:
         """After a 5xx: make sure the conversation did not take our input before retrying."""

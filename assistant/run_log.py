@@ -21,13 +21,23 @@ class EventsDropped(Exception):
 
 
 class RunLog:
-    def __init__(self, run_id: str, thread_id: str, correlation_id: str, *, max_events: int = 100_000) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        thread_id: str,
+        correlation_id: str,
+        *,
+        max_events: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
         self.correlation_id = correlation_id
         self.started = time.monotonic()
         self.finished_at: float | None = None
         self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.size_bytes = 0  # the encoded data of the events kept
         self._events: list[Event] = []
         self._first_seq = 1  # sequence number of self._events[0]; grows when old events are dropped
         self._waiter: anyio.Event | None = None
@@ -51,15 +61,27 @@ class RunLog:
         if self.finished:
             raise RuntimeError(f"run {self.run_id} has already ended")
         self._events.append(event)
-        if len(self._events) > self.max_events:
-            drop = len(self._events) - self.max_events
-            del self._events[:drop]
-            self._first_seq += drop
+        self.size_bytes += len(event.encoded)
+        if len(self._events) > self.max_events or self.size_bytes > self.max_bytes:
+            self._drop_oldest()
         if event.name in STREAM_END:
             self.finished_at = time.monotonic()
             self.upstream_answered.set()
         self._wake()
         return self.last_seq
+
+    def _drop_oldest(self) -> None:
+        """Keep memory bounded: the oldest events go (readers that still need them are told)."""
+        drop = 0
+        size = self.size_bytes
+        while len(self._events) - drop > 1 and (
+            len(self._events) - drop > self.max_events or size > self.max_bytes
+        ):
+            size -= len(self._events[drop].encoded)
+            drop += 1
+        del self._events[:drop]
+        self._first_seq += drop
+        self.size_bytes = size
 
     def _wake(self) -> None:
         if self._waiter is not None:
@@ -96,6 +118,11 @@ class RunLog:
                 return
             else:
                 await self.wait_beyond(seq)
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest event still kept."""
+        return self._first_seq
 
     def events(self) -> list[Event]:
         return list(self._events)

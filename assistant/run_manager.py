@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
@@ -23,12 +23,14 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Settings
-from .errors import ShuttingDown, ThreadBusy
+from .errors import NotFound, ShuttingDown, ThreadBusy
 from .orchestrator import Engine, execute_run
 from .run_log import RunLog
 from .tool_executor import ToolRegistry
 
 logger = logging.getLogger("assistant.runs")
+
+_FORGOTTEN_IDS = 10_000  # how many dropped run ids are remembered, for a clearer 404
 
 
 def new_run_id() -> str:
@@ -43,6 +45,7 @@ class RunManager:
         self.accepting = True
         self._runs: dict[str, RunLog] = {}
         self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
+        self._forgotten: OrderedDict[str, None] = OrderedDict()  # recently dropped run ids
         self._busy_threads: dict[str, anyio.Event] = {}  # thread id -> set when its run ends
         self._task_group: TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
@@ -68,6 +71,19 @@ class RunManager:
         self._expire()
         return self._runs.get(run_id)
 
+    def lookup(self, run_id: str) -> RunLog:
+        """The run's log, or `NotFound` saying whether it never existed or is no longer kept."""
+        log = self.get(run_id)
+        if log is not None:
+            return log
+        if run_id in self._forgotten:
+            raise NotFound(
+                f"run {run_id!r} ended too long ago: its events are no longer kept "
+                "(STREAM_RETENTION_SECONDS, STREAM_MAX_RUNS)",
+                type="run_expired",
+            )
+        raise NotFound(f"no run {run_id!r} is known here", type="run_not_found")
+
     async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
         """Start a run on the thread once the thread is free (or raise `ThreadBusy`)."""
         if not self.accepting or self._task_group is None:
@@ -81,7 +97,13 @@ class RunManager:
             raise ShuttingDown("the service is shutting down; retry on another instance")
         self._busy_threads[thread_id] = anyio.Event()
         self._expire()
-        log = RunLog(new_run_id(), thread_id, correlation_id)
+        log = RunLog(
+            new_run_id(),
+            thread_id,
+            correlation_id,
+            max_events=self.settings.stream_max_events_per_run,
+            max_bytes=self.settings.stream_max_bytes_per_run,
+        )
         self._runs[log.run_id] = log
         self._task_group.start_soon(self._run, log, message, name=f"run {log.run_id}")
         return log
@@ -92,6 +114,7 @@ class RunManager:
         finally:
             self._busy_threads.pop(log.thread_id).set()
             self._finished.append(log)
+            self._expire()
 
     def cancel(self, run_id: str, reason: str) -> bool:
         """Stop a run that is still going; False when it is unknown or already over."""
@@ -103,9 +126,16 @@ class RunManager:
         return True
 
     def _expire(self) -> None:
+        """Drop finished runs past their retention time, and the oldest beyond STREAM_MAX_RUNS."""
         cutoff = time.monotonic() - self.settings.stream_retention_seconds
-        while self._finished and (self._finished[0].finished_at or 0) <= cutoff:
-            self._runs.pop(self._finished.popleft().run_id, None)
+        while self._finished and (
+            (self._finished[0].finished_at or 0) <= cutoff or len(self._finished) > self.settings.stream_max_runs
+        ):
+            run_id = self._finished.popleft().run_id
+            self._runs.pop(run_id, None)
+            self._forgotten[run_id] = None
+            if len(self._forgotten) > _FORGOTTEN_IDS:
+                self._forgotten.popitem(last=False)
 
     def begin_shutdown(self) -> None:
         """Take no new runs from now on, and end the running ones after the grace period.

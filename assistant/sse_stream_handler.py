@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 
 import anyio
-import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from .events import Event
+from .events import RUN_RESUMED, Event, stream_path
 from .run_log import EventsDropped, RunLog
 
 logger = logging.getLogger("assistant.sse")
@@ -32,23 +31,22 @@ def event_id(run_id: str, seq: int) -> str:
 
 
 def frame_event(run_id: str, seq: int, event: Event) -> bytes:
-    """One SSE event. orjson escapes CR and LF inside strings, so the data is always one line."""
+    """One SSE event; the data is the event's single-line JSON."""
     return b"".join(
-        (
-            b"event: ",
-            event.name.encode(),
-            b"\nid: ",
-            event_id(run_id, seq).encode(),
-            b"\ndata: ",
-            orjson.dumps(event.data),
-            b"\n\n",
-        )
+        (b"event: ", event.name.encode(), b"\nid: ", event_id(run_id, seq).encode(), b"\ndata: ", event.encoded, b"\n\n")
     )
 
 
 def frame_batch(log: RunLog, batch: list[tuple[int, Event]]) -> bytes:
     run_id = log.run_id
     return b"".join(frame_event(run_id, seq, event) for seq, event in batch)
+
+
+def frame_resumed(log: RunLog, after: int) -> bytes:
+    """The first event of a resumed stream. It has no id, so it leaves Last-Event-ID as it was."""
+    data = {"thread_id": log.thread_id, "run_id": log.run_id, "stream_url": stream_path(log.run_id),
+            "after": event_id(log.run_id, after)}
+    return b"event: " + RUN_RESUMED.encode() + b"\ndata: " + Event(RUN_RESUMED, data).encoded + b"\n\n"
 
 
 class SSEResponse:
@@ -104,6 +102,8 @@ class SSEResponse:
         log = self.log
         seq = self.after
         pending = f"retry: {self.retry_ms}\n\n".encode()
+        if self.after:
+            pending += frame_resumed(log, self.after)
         while True:
             try:
                 batch = log.events_after(seq)
@@ -128,4 +128,4 @@ class SSEResponse:
                 continue
             if not await self._send_body(send, KEEPALIVE):
                 return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": pending, "more_body": False})

@@ -16,10 +16,12 @@ import orjson
 from anyio.abc import ObjectSendStream, TaskGroup
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .chat_request import parse_chat_request
+from .chat_request import THREAD_ID, ChatRequest, parse_chat_request
 from .config import Settings
-from .errors import BadRequest, ServiceError
-from .run_log import EventsDropped
+from .errors import BadRequest, NotFound, ServiceError
+from .events import Event
+from .http_api import parse_event_id
+from .run_log import EventsDropped, RunLog
 from .run_manager import RunManager
 from .sse_stream_handler import event_id
 
@@ -34,6 +36,11 @@ def error_frame(error: ServiceError, correlation_id: str) -> str:
     """An error the client caused or should know of; the connection stays open."""
     payload = error.payload(correlation_id)
     return orjson.dumps({"event": "error", "id": None, "data": payload, **payload}).decode()
+
+
+def websocket_frame(run_id: str, seq: int, event: Event) -> str:
+    """`{"event", "id", "data"}`, reusing the event's encoded data (names and ids need no escaping)."""
+    return f'{{"event":"{event.name}","id":"{event_id(run_id, seq)}","data":{event.encoded.decode()}}}'
 
 
 class ChatConnection:
@@ -86,30 +93,61 @@ class ChatConnection:
             await self._handle_frame(frame, outbox, task_group)
 
     async def _handle_frame(self, frame: Any, outbox: ObjectSendStream[str], task_group: TaskGroup) -> None:
+        """A chat message, `{"resume": run_id, "last_event_id": id}` or `{"cancel": run_id}`."""
         try:
-            request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
+            if isinstance(frame, dict) and "cancel" in frame:
+                self._cancel(frame["cancel"])
+                return
             if self.turn_running:
                 raise BadRequest("a turn is already running on this connection; wait for its metadata event",
                                  type="turn_in_progress")
+            if isinstance(frame, dict) and "resume" in frame:
+                log, after = self._resumable(frame)
+                start = None
+            else:
+                request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
+                log, after = None, 0
+                start = request
         except ServiceError as exc:
             await outbox.send(error_frame(exc, self.correlation_id))
             return
         self.turn_running = True
-        task_group.start_soon(self._turn, request.thread_id, request.message, outbox.clone())
+        task_group.start_soon(self._turn, start, log, after, outbox.clone())
 
-    async def _turn(self, thread_id: str, message: str, outbox: ObjectSendStream[str]) -> None:
+    def _cancel(self, run_id: Any) -> None:
+        if not isinstance(run_id, str) or not THREAD_ID.fullmatch(run_id):
+            raise BadRequest("'cancel' must be a run id")
+        self.manager.lookup(run_id)
+        if not self.manager.cancel(run_id, "cancelled by the client"):
+            raise ServiceError(f"run {run_id!r} has already ended", type="run_finished", status_code=409)
+
+    def _resumable(self, frame: dict[str, Any]) -> tuple[RunLog, int]:
+        run_id = frame["resume"]
+        if not isinstance(run_id, str) or not THREAD_ID.fullmatch(run_id):
+            raise BadRequest("'resume' must be a run id")
+        log = self.manager.lookup(run_id)
+        after = 0
+        if frame.get("last_event_id"):
+            resumed_run, after = parse_event_id(str(frame["last_event_id"]))
+            if resumed_run != run_id:
+                raise BadRequest("'last_event_id' is not an event of that run")
+        if after < log.first_seq - 1:
+            raise NotFound(f"events after {after} of run {run_id!r} are no longer kept", type="events_dropped")
+        return log, after
+
+    async def _turn(
+        self, request: ChatRequest | None, log: RunLog | None, after: int, outbox: ObjectSendStream[str]
+    ) -> None:
         async with outbox:
             try:
-                log = await self.manager.start_run(thread_id, message, self.correlation_id)
+                if log is None:
+                    assert request is not None
+                    log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id)
+                async for batch in log.follow(after):
+                    for seq, event in batch:
+                        await outbox.send(websocket_frame(log.run_id, seq, event))
             except ServiceError as exc:
                 await outbox.send(error_frame(exc, self.correlation_id))
-                self.turn_running = False
-                return
-            try:
-                async for batch in log.follow():
-                    for seq, event in batch:
-                        frame = {"event": event.name, "id": event_id(log.run_id, seq), "data": event.data}
-                        await outbox.send(orjson.dumps(frame).decode())
             except EventsDropped as exc:
                 await outbox.send(error_frame(ServiceError(str(exc), type="events_dropped"), self.correlation_id))
             finally:

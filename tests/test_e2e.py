@@ -425,7 +425,7 @@ async def test_sse_reply_framing_and_order(service: ServerProcess) -> None:
     assert names[-3:] == [MESSAGE_COMPLETED, RUN_COMPLETED, METADATA]
     middle = names[1:-3]
     assert middle and set(middle) == {DELTA}, names
-    assert result.one(RUN_CREATED) == {"thread_id": thread_id, "run_id": run_id}
+    assert result.one(RUN_CREATED) == {"thread_id": thread_id, "run_id": run_id, "stream_url": f"chat/stream/{run_id}"}
     assert result.one(RUN_COMPLETED) == {"thread_id": thread_id, "run_id": run_id}
     expected = f"You said: {MULTILINE}"
     assert result.text == expected
