@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import REPO, ServerProcess, fake_upstream, start_service  # noqa: F401  (fixture)
+from tests.nginx_proxy import NginxProxy, nginx_binary, nginx_proxy, nginx_service  # noqa: F401  (fixtures)
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"
@@ -129,3 +130,26 @@ def test_new_thread_button(page: object) -> None:
     page.click("#new-thread")  # type: ignore[attr-defined]
     page.wait_for_function(f"() => document.querySelector('#thread').textContent !== {first!r}")  # type: ignore[attr-defined]
     assert page.locator(".turn.user").count() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_page_behind_nginx_under_a_prefix(browser: object, nginx_proxy: NginxProxy, transport: str) -> None:
+    context = browser.new_context()  # type: ignore[attr-defined]
+    page = context.new_page()
+    try:
+        page.goto(nginx_proxy.prefixed_url + "/")
+        page.wait_for_selector("#thread:has-text('thread')")
+        send(page, "fault:slow 0.15 8", transport)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word0')"
+        )
+        assert "word7" not in last_reply(page)  # streamed through nginx, not delivered in one lump
+        wait_idle(page)
+        assert last_reply(page) == " ".join(f"word{i}" for i in range(8))
+        send(page, 'tool:calculator {"a": 2, "b": 5, "op": "power"}', transport)
+        wait_idle(page)
+        step = page.locator("details.step").last
+        step.locator("summary").click()
+        assert "output: 32" in step.inner_text()
+    finally:
+        context.close()
