@@ -17,12 +17,15 @@ from .upstream import map_upstream_error
 
 
 class SSEDecoder:
-    """Incremental SSE parser (WHATWG rules): bytes in, complete (event, data) pairs out."""
+    """Incremental SSE parser (WHATWG rules): bytes in, complete (event, data) pairs out.
+
+    It keeps the raw text of the event still arriving and splits complete events at blank
+    lines; an event of exactly one `event:` and one `data:` line (what OpenAI sends) takes a
+    short path, anything else the general one.
+    """
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._event = b""
-        self._data: list[bytes] = []
         self._skip_lf = False  # the last chunk ended with CR: an LF opening the next one ends nothing
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
@@ -33,26 +36,39 @@ class SSEDecoder:
         if b"\r" in chunk:
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = (self._buffer + chunk).split(b"\n")
-        self._buffer = lines.pop()
+        buffer = self._buffer + chunk
+        if b"\n\n" not in buffer:
+            self._buffer = buffer
+            return []
+        *blocks, self._buffer = buffer.split(b"\n\n")
         out: list[tuple[bytes, bytes]] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    out.append((self._event, b"\n".join(self._data)))
-                self._event = b""
-                self._data = []
-                continue
-            if line[0] == 0x3A:  # ":" comment, e.g. a keepalive
-                continue
-            name, sep, value = line.partition(b":")
-            if sep and value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                self._data.append(value)
-            elif name == b"event":
-                self._event = value
+        for block in blocks:
+            if block[:7] == b"event: ":
+                name, _, data = block.partition(b"\n")
+                if data[:6] == b"data: " and b"\n" not in data:
+                    out.append((name[7:], data[6:]))
+                    continue
+            event = _parse_block(block)
+            if event is not None:
+                out.append(event)
         return out
+
+
+def _parse_block(block: bytes) -> tuple[bytes, bytes] | None:
+    """The general case of one event's lines: comments, several data lines, fields without a space."""
+    name = b""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line[0] == 0x3A:  # blank (from extra newlines) or a ":" comment, e.g. a keepalive
+            continue
+        field, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+    return (name, b"\n".join(data)) if data else None
 
 
 def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
