@@ -38,7 +38,7 @@ ACTIVE = frozenset({"queued", "in_progress", "requires_action", "cancelling"})
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
 SUBMIT_ATTEMPTS = 3
 _POLL_SECONDS = 0.25
-_RUN_ID = re.compile(r"\brun_[A-Za-z0-9]+")
+_RUN_ID = re.compile(r"\brun_[A-Za-z0-9_-]*[A-Za-z0-9]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,15 +330,20 @@ class AssistantsEngine:
             except Exception as exc:
                 if not is_thread_busy(exc) or anyio.current_time() >= deadline:
                     raise map_upstream_error(exc, thread_id=thread_id) from exc
-                await self._clear_active_run(thread_id, exc, deadline)
+                try:
+                    await self._clear_active_run(thread_id, exc, deadline)
+                except ThreadBusy:
+                    raise
+                except Exception as clear_exc:  # a failed look-up is an upstream error, not a crash
+                    raise map_upstream_error(clear_exc, thread_id=thread_id) from clear_exc
 
     async def _clear_active_run(self, thread_id: str, exc: BaseException, deadline: float) -> None:
         """The thread has an active run: wait for ours, cancel an orphan's."""
         match = _RUN_ID.search(str(exc))
         run_id = match[0] if match else None
         if run_id is None:
-            page = await self.runs.list(thread_id, limit=1)
-            run_id = page.data[0].id if page.data else None
+            page = await self.runs.list(thread_id, limit=20)
+            run_id = next((run.id for run in page.data if run.status in ACTIVE), None)
         if run_id is None:
             await anyio.sleep(_POLL_SECONDS)
             return
@@ -346,7 +351,13 @@ class AssistantsEngine:
             raise ThreadBusy("another message on this thread is still being answered") from exc
         run = await self._retrieve_run(thread_id, run_id)
         owner = (run.metadata or {}).get("service_instance")
-        if owner and owner != self.instance_id and run.status in ("queued", "in_progress"):
+        if owner and owner != self.instance_id:
+            # Another instance's turn (streaming, or running its tools): wait for it, never cancel it.
+            while anyio.current_time() < deadline:
+                if run.status in TERMINAL:
+                    return
+                await anyio.sleep(_POLL_SECONDS)
+                run = await self._retrieve_run(thread_id, run_id)
             raise ThreadBusy("another instance of the service is still answering on this thread") from exc
         # A run whose turn no longer exists (crashed, or its client left before this service
         # kept runs going): it would hold the thread until it expires.
