@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import orjson
@@ -119,10 +120,13 @@ def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
+EVENT_POSITION = re.compile(r"[0-9]{1,18}")
+
+
 def parse_event_id(value: str) -> tuple[str, int]:
     """`<run_id>:<n>`, as the service's event ids are written."""
     run_id, _, position = value.strip().rpartition(":")
-    if not THREAD_ID.fullmatch(run_id) or not position.isdigit():
+    if not THREAD_ID.fullmatch(run_id) or not EVENT_POSITION.fullmatch(position):
         raise BadRequest(f"{value!r} is not an event id of this service (they look like 'run_...:12')")
     return run_id, int(position)
 

@@ -115,7 +115,7 @@ async def iterate_run_events(
     for round_number in range(1, settings.max_tool_rounds + 2):
         parser = engine.new_parser(tracker)
         results: dict[str, ToolResult] = {}
-        reason = "the run was stopped"
+        reason = ""
         settled = False
         try:
             async with engine.open_round(thread_id, turn_input) as batches:
@@ -165,6 +165,7 @@ async def iterate_run_events(
             settled = True
         finally:
             if not settled:
+                reason = reason or log.cancel_reason or "the run was stopped"
                 answers = [results.get(c.call_id) or _interrupted(c, reason) for c in parser.tool_calls]
                 with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_SECONDS):
                     await engine.abandon_round(thread_id, parser, answers)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from .errors import ServiceError
-from .events import STREAM_END, Event
+from .events import RUN_OUTCOMES, STREAM_END, Event
 
 
 class EventsDropped(Exception):
@@ -47,6 +47,7 @@ class RunLog:
         self.cancel_scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
         self.error: ServiceError | None = None
+        self.outcome: str | None = None  # completed, failed or cancelled, once the run has one
 
     @property
     def finished(self) -> bool:
@@ -62,6 +63,8 @@ class RunLog:
             raise RuntimeError(f"run {self.run_id} has already ended")
         self._events.append(event)
         self.size_bytes += len(event.encoded)
+        if event.name in RUN_OUTCOMES:
+            self.outcome = event.name
         if len(self._events) > self.max_events or self.size_bytes > self.max_bytes:
             self._drop_oldest()
         if event.name in STREAM_END:

@@ -119,7 +119,7 @@ class RunManager:
     def cancel(self, run_id: str, reason: str) -> bool:
         """Stop a run that is still going; False when it is unknown or already over."""
         log = self._runs.get(run_id)
-        if log is None or log.finished or log.cancel_scope is None:
+        if log is None or log.finished or log.outcome is not None or log.cancel_scope is None:
             return False
         log.cancel_reason = reason
         log.cancel_scope.cancel()

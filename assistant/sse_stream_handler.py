@@ -12,7 +12,8 @@ import logging
 import anyio
 from starlette.types import Message, Receive, Scope, Send
 
-from .events import RUN_RESUMED, Event, stream_path
+from .errors import ServiceError
+from .events import ERROR, RUN_RESUMED, Event, stream_path
 from .run_log import EventsDropped, RunLog
 
 logger = logging.getLogger("assistant.sse")
@@ -108,8 +109,11 @@ class SSEResponse:
             try:
                 batch = log.events_after(seq)
             except EventsDropped as exc:
-                # The client fell further behind than the log keeps: it cannot be made whole.
+                # The client fell further behind than the log keeps: it cannot be made whole. The
+                # error has no id, so the client's Last-Event-ID stays where it was.
                 logger.warning(str(exc))
+                error = ServiceError(str(exc), type="events_dropped")
+                pending += b"event: error\ndata: " + Event(ERROR, error.payload(log.correlation_id)).encoded + b"\n\n"
                 break
             if batch:
                 seq = batch[-1][0]

@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .chat_request import THREAD_ID, ChatRequest, parse_chat_request
 from .config import Settings
 from .errors import BadRequest, NotFound, ServiceError
-from .events import Event
+from .events import RUN_RESUMED, Event, stream_path
 from .http_api import parse_event_id
 from .run_log import EventsDropped, RunLog
 from .run_manager import RunManager
@@ -143,6 +143,10 @@ class ChatConnection:
                 if log is None:
                     assert request is not None
                     log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id)
+                else:  # a resume: say so first, and whether anything is left to come
+                    data = {"thread_id": log.thread_id, "run_id": log.run_id, "stream_url": stream_path(log.run_id),
+                            "after": event_id(log.run_id, after), "complete": log.finished and after >= log.last_seq}
+                    await outbox.send(orjson.dumps({"event": RUN_RESUMED, "id": None, "data": data}).decode())
                 async for batch in log.follow(after):
                     for seq, event in batch:
                         await outbox.send(websocket_frame(log.run_id, seq, event))
