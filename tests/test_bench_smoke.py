@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark (bench/run.py): its quick run goes through every scenario.
+
+`--quick` starts the fast fake upstream and the service as the Procfile does, and drives each
+scenario (full rate, concurrent streams, sustained, idle streams) over SSE and WebSocket at a tiny
+size. This test checks that the benchmark still works end to end and that no stream failed. It
+never asserts on a timing, CPU or memory figure: CI machines are too noisy, and that is what the
+full run (`python bench/run.py --pin`) is for.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = ("A full rate", "B ", "C ", "D idle")
+
+
+@pytest.mark.timeout(180)  # above the subprocess's own limit, so a hang reports its output
+def test_quick_benchmark_runs_every_scenario_without_errors() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    output = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, output
+
+    rows = [[cell.strip() for cell in line.split("|")] for line in proc.stdout.splitlines() if line.count("|") >= 5]
+    rows = [r for r in rows if r[0] != "scenario"]
+    for scenario in SCENARIOS:
+        for transport in ("sse", "ws"):
+            assert any(r[0].startswith(scenario) and r[1] == transport for r in rows), (
+                f"no {scenario.strip()!r} rows for {transport}\n{output}")
+
+    error_rows = [r for r in rows if r[2].startswith("errors")]
+    # every scenario reports its errors, per transport (B twice: its 1-delta turns too)
+    for scenario in SCENARIOS:
+        assert sum(r[0].startswith(scenario) for r in error_rows) >= 2, output
+    assert all(r[3] == "0" for r in error_rows), output
+    assert "errors counted: 0" in proc.stdout, output
