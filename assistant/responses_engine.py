@@ -74,7 +74,7 @@ class ResponsesEngine:
         self.client = client
         self.settings = settings
         # Everything but the conversation and the input is the same for every response.
-        self._base_params: dict[str, Any] = {"model": settings.openai_model, "stream": True}
+        self._base_params: dict[str, Any] = {"model": settings.openai_model}
         if settings.instructions:
             self._base_params["instructions"] = settings.instructions
         if registry.responses_tools:
@@ -132,7 +132,9 @@ class ResponsesEngine:
         repairs = 0
 
         async def create() -> Any:
-            return await self.client.responses.with_streaming_response.create(**params).__aenter__()
+            # The body goes as `extra_body`: the SDK sends it as it is, instead of walking it
+            # against its typed parameters first (2.4 ms of CPU per response, for nothing here).
+            return await self.client.responses.with_streaming_response.create(stream=True, extra_body=params).__aenter__()
 
         async def not_applied(exc: BaseException) -> bool:
             return await self._input_not_applied(thread_id, sent)

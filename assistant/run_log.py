@@ -40,7 +40,7 @@ class RunLog:
         self.size_bytes = 0  # the encoded data of the events kept
         self._events: list[Event] = []
         self._first_seq = 1  # sequence number of self._events[0]; grows when old events are dropped
-        self._waiter: anyio.Event | None = None
+        self._waiters: list[anyio.Event] = []  # set, and forgotten, at the next append
         # Set once the upstream accepted the run's first request (or the run ended without it).
         self.upstream_answered = anyio.Event()
         # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
@@ -87,9 +87,15 @@ class RunLog:
         self.size_bytes = size
 
     def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
+        if self._waiters:
+            for waiter in self._waiters:
+                waiter.set()
+            self._waiters.clear()
+
+    def add_waiter(self, waiter: anyio.Event) -> None:
+        """Have `waiter` set at the next event. A reader that may also be woken by something
+        else (a heartbeat timer) waits on an event of its own this way."""
+        self._waiters.append(waiter)
 
     def events_after(self, seq: int) -> list[tuple[int, Event]]:
         """Every event after `seq` that is here now, with its sequence number."""
@@ -101,9 +107,9 @@ class RunLog:
     async def wait_beyond(self, seq: int) -> None:
         """Return once there is an event after `seq` or the run has ended."""
         while self.last_seq <= seq and not self.finished:
-            if self._waiter is None:
-                self._waiter = anyio.Event()
-            await self._waiter.wait()
+            waiter = anyio.Event()
+            self._waiters.append(waiter)
+            await waiter.wait()
 
     async def wait_finished(self) -> None:
         while not self.finished:

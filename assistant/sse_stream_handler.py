@@ -8,6 +8,7 @@ flow while a tool runs for minutes). A second task watches for the client going 
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
@@ -51,7 +52,14 @@ def frame_resumed(log: RunLog, after: int) -> bytes:
 
 
 class SSEResponse:
-    """An ASGI response streaming one run's log from position `after`."""
+    """An ASGI response streaming one run's log from position `after`.
+
+    Three tasks: the sender (the only one that sends), a timer that asks it for a keepalive
+    comment when nothing was sent for the heartbeat interval and drops the client when one send
+    has waited longer than the slow-client timeout, and a watcher for the client going away.
+    The sender waits on one event per wait, with no timeout of its own: that keeps the path of
+    each delta free of timers.
+    """
 
     def __init__(
         self,
@@ -70,11 +78,16 @@ class SSEResponse:
         self.after = after
         self.status_code = status_code
         self.done = False  # set once the stream's last byte is sent: a disconnect after it is normal
+        self._last_sent = time.monotonic()
+        self._sending_since: float | None = None
+        self._keepalive_due = False
+        self._wakeup: anyio.Event | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._watch_disconnect, receive, task_group.cancel_scope)
+            task_group.start_soon(self._time_keepalives, task_group.cancel_scope)
             await self._stream(send)
             self.done = True
             task_group.cancel_scope.cancel()
@@ -88,16 +101,34 @@ class SSEResponse:
                 scope.cancel()
                 return
 
-    async def _send_body(self, send: Send, body: bytes) -> bool:
-        """Send one chunk; False when the client has not taken it in time (it is dropped)."""
-        with anyio.move_on_after(self.slow_client_timeout_seconds):
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            return True
-        logger.warning(
-            "dropping a client that stopped reading",
-            extra={"run_id": self.log.run_id, "timeout_seconds": self.slow_client_timeout_seconds},
-        )
-        return False
+    async def _time_keepalives(self, scope: anyio.CancelScope) -> None:
+        """The heartbeat timer, and the watchdog of a client that stopped reading."""
+        while True:
+            now = time.monotonic()
+            if self._sending_since is not None:
+                waited = now - self._sending_since
+                if waited >= self.slow_client_timeout_seconds:
+                    logger.warning(
+                        "dropping a client that stopped reading",
+                        extra={"run_id": self.log.run_id, "timeout_seconds": self.slow_client_timeout_seconds},
+                    )
+                    scope.cancel()
+                    return
+                await anyio.sleep(min(self.slow_client_timeout_seconds - waited, self.heartbeat_seconds))
+                continue
+            due = self._last_sent + self.heartbeat_seconds
+            if now >= due:
+                self._keepalive_due = True
+                if self._wakeup is not None:
+                    self._wakeup.set()
+                due = now + self.heartbeat_seconds
+            await anyio.sleep(due - now)
+
+    async def _send_body(self, send: Send, body: bytes) -> None:
+        self._sending_since = time.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        self._last_sent = time.monotonic()
+        self._sending_since = None
 
     async def _stream(self, send: Send) -> None:
         log = self.log
@@ -117,19 +148,17 @@ class SSEResponse:
                 break
             if batch:
                 seq = batch[-1][0]
-                if not await self._send_body(send, pending + frame_batch(log, batch)):
-                    return
+                await self._send_body(send, pending + frame_batch(log, batch))
                 pending = b""
                 continue
             if log.finished:
                 break
-            if pending:
-                if not await self._send_body(send, pending):
-                    return
+            if pending or self._keepalive_due:
+                self._keepalive_due = False
+                await self._send_body(send, pending or KEEPALIVE)
                 pending = b""
-            with anyio.move_on_after(self.heartbeat_seconds):
-                await log.wait_beyond(seq)
                 continue
-            if not await self._send_body(send, KEEPALIVE):
-                return
+            self._wakeup = anyio.Event()
+            log.add_waiter(self._wakeup)
+            await self._wakeup.wait()
         await send({"type": "http.response.body", "body": pending, "more_body": False})

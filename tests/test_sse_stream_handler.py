@@ -1,0 +1,65 @@
+"""The SSE response's timer: keepalives when idle, and dropping a client that stopped reading."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from assistant.events import METADATA, RUN_CREATED, Event
+from assistant.run_log import RunLog
+from assistant.sse_stream_handler import KEEPALIVE, SSEResponse
+
+
+async def never_disconnects() -> dict[str, Any]:
+    await anyio.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+def new_log() -> RunLog:
+    log = RunLog("run_t", "conv_t", "corr")
+    log.append(Event(RUN_CREATED, {}))
+    return log
+
+
+@pytest.mark.anyio
+async def test_keepalives_while_idle_and_after_a_slow_send() -> None:
+    log = new_log()
+    bodies: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body", b"").startswith(b"retry"):
+            await anyio.sleep(0.3)  # the first send is slow: the timer must not lose track
+        bodies.append((time.monotonic() - started, message.get("body", b"")))
+
+    async def end_later() -> None:
+        await anyio.sleep(0.8)
+        log.append(Event(METADATA, {}))
+
+    response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(end_later)
+        await response(None, never_disconnects, send)  # type: ignore[arg-type]
+    keepalives = [at for at, body in bodies if body == KEEPALIVE]
+    assert len(keepalives) >= 6  # about one per 0.05 s in the 0.5 s after the slow send
+    assert all(b - a < 0.15 for a, b in zip(keepalives, keepalives[1:]))
+    assert bodies[-2][1].startswith(b"event: metadata") and bodies[-1] == (bodies[-1][0], b"")
+
+
+@pytest.mark.anyio
+async def test_a_client_that_stops_reading_is_dropped() -> None:
+    log = new_log()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(3600)  # the client never takes the bytes
+
+    response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=0.3)
+    started = time.monotonic()
+    with anyio.fail_after(3):
+        await response(None, never_disconnects, send)  # type: ignore[arg-type]
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert not response.done
