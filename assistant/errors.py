@@ -71,6 +71,13 @@ class UnsupportedMediaType(ServiceError):
     type = "unsupported_media_type"
 
 
+class ClientGone(ServiceError):
+    """The client hung up before its request was read: nobody is left to answer."""
+
+    status_code = 499
+    type = "client_disconnected"
+
+
 class UpstreamError(ServiceError):
     """OpenAI answered with an error, broke the stream, or the run failed there."""
 

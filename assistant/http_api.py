@@ -8,12 +8,13 @@ from pathlib import Path
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 
 from .chat_request import THREAD_ID, parse_chat_request
 from .errors import (
     BadRequest,
+    ClientGone,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -47,7 +48,9 @@ def error_response(error: ServiceError, request: Request) -> JSONResponse:
 
 async def handle_service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    if exc.status_code >= 500:
+    if isinstance(exc, ClientGone):
+        logger.info(exc.message)
+    elif exc.status_code >= 500:
         logger.warning("request failed with %s: %s", exc.type, exc.message)
     return error_response(exc, request)
 
@@ -78,11 +81,14 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("the client hung up while sending its request") from None
     body = b"".join(chunks)
     if not body.strip():
         raise BadRequest("the body is empty; send a JSON object")

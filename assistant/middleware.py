@@ -71,8 +71,11 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):  # lifespan has no path
+            await self.app(scope, receive, send)
+            return
         path = scope["path"]
-        if scope["type"] not in ("http", "websocket") or path in PUBLIC_PATHS or path.startswith("/static/"):
+        if path in PUBLIC_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"authorization") or b""

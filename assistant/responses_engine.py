@@ -24,6 +24,8 @@ from .upstream_sse import iterate_sse_events
 
 logger = logging.getLogger("assistant.responses")
 
+DRAIN_SECONDS = 0.5  # how long to wait for the end of a body whose last event came
+
 
 def user_message_item(text: str) -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
@@ -162,8 +164,16 @@ class ResponsesEngine:
                     continue
                 self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc
+        chunks = response.http_response.aiter_bytes()
+        events = iterate_sse_events(chunks)
         try:
-            yield iterate_sse_events(response.http_response.aiter_bytes())
+            yield events
+            await events.aclose()
+            # Read the body's end (the upstream closes it right after the last event), so the
+            # connection goes back to the pool instead of being dropped: no new TLS handshake.
+            with anyio.move_on_after(DRAIN_SECONDS):
+                async for _ in chunks:
+                    pass
         finally:
             with anyio.CancelScope(shield=True):  # also when the run is being cancelled
                 await response.http_response.aclose()

@@ -161,4 +161,6 @@ class SSEResponse:
             self._wakeup = anyio.Event()
             log.add_waiter(self._wakeup)
             await self._wakeup.wait()
+        self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})
+        self._sending_since = None
