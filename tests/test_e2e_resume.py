@@ -10,16 +10,13 @@ in Chromium whose connection a proxy cuts mid-run.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
-import shutil
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +26,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.test_browser import CHROMIUM, LAUNCH_ARGS, require_chromium
 from tests.e2e import ServerProcess, start_service
 from tests.e2e import dump_server_logs_on_failure, fake_upstream  # noqa: F401  (fixtures, used by name)
 from tests.test_chat_api import parse_sse
@@ -683,20 +681,6 @@ async def test_cancel_during_a_tool_call_leaves_the_thread_usable(
 # ---------------------------------------------------------------------------------------------
 # A real EventSource, through a proxy that cuts its first stream mid-run
 
-
-CHROMIUM = "/usr/bin/chromium"
-LAUNCH_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-def require_chromium() -> None:
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        message = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 STREAM_REQUEST = re.compile(rb"GET /chat/stream/\S+ HTTP/1\.1\r\n(?:.*?\r\n)*?\r\n", re.S)
