@@ -65,8 +65,17 @@ class ServerProcess:
 
     running: list[ServerProcess] = []  # every started, not yet stopped server (for log dumps)
 
-    def __init__(self, app: str, env: Mapping[str, str], *, health_path: str, name: str | None = None) -> None:
+    def __init__(
+        self,
+        app: str,
+        env: Mapping[str, str],
+        *,
+        health_path: str,
+        name: str | None = None,
+        hypercorn_args: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
+        self.hypercorn_args = hypercorn_args
         self.env = dict(env)
         self.health_path = health_path
         self.name = name or app
@@ -93,7 +102,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         fd, log_path = tempfile.mkstemp(prefix=f"e2e-{self.name.replace(':', '-')}-", suffix=".log")
         self._log_path = Path(log_path)
-        command = [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}"]
+        command = [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}", *self.hypercorn_args]
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -191,9 +200,11 @@ def service_environment(upstream_url: str, **overrides: str) -> dict[str, str]:
     return clean_environment(**settings)
 
 
-def start_service(upstream_url: str, name: str = "service", **overrides: str) -> ServerProcess:
+def start_service(
+    upstream_url: str, name: str = "service", hypercorn_args: tuple[str, ...] = (), **overrides: str
+) -> ServerProcess:
     env = service_environment(upstream_url, **overrides)
-    return ServerProcess("app:app", env, health_path="/health", name=name).start()
+    return ServerProcess("app:app", env, health_path="/health", name=name, hypercorn_args=hypercorn_args).start()
 
 
 @pytest.fixture(scope="module")

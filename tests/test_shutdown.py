@@ -68,3 +68,21 @@ async def test_no_new_turns_after_sigterm(fake_upstream: ServerProcess) -> None:
             await read_all(long)
     finally:
         service.stop()
+
+
+@pytest.mark.anyio
+async def test_sigterm_to_a_single_process_server(fake_upstream: ServerProcess) -> None:
+    """`hypercorn --workers 0` (one process, as in a container): a SIGTERM to it alone is enough."""
+    service = start_service(fake_upstream.url, name="single-process", hypercorn_args=("--workers", "0"),
+                            SHUTDOWN_GRACE_SECONDS="1")
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as client:
+            long, _ = await open_stream(client, service.url, "fault:slow 0.2 100")
+            await anyio.sleep(0.3)
+            assert service.proc is not None
+            service.proc.send_signal(signal.SIGTERM)  # the process only, not its group
+            events = await read_all(long)
+        assert events[-1]["event"] == "error" and events[-1]["data"]["type"] == "shutting_down"
+        assert service.proc.wait(10) == 0
+    finally:
+        service.stop()
