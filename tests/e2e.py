@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -200,6 +201,16 @@ def service_environment(upstream_url: str, **overrides: str) -> dict[str, str]:
     return clean_environment(**settings)
 
 
+@contextmanager
+def running_service(upstream_url: str, name: str = "service", **overrides: str) -> Iterator[ServerProcess]:
+    """`start_service` for a `with` block: the service is stopped when the block ends."""
+    server = start_service(upstream_url, name, **overrides)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def start_service(
     upstream_url: str, name: str = "service", hypercorn_args: tuple[str, ...] = (), **overrides: str
 ) -> ServerProcess:
@@ -218,27 +229,21 @@ def fake_upstream() -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
     """The service in front of the fake: e2e tools, 1 s tool timeout, 0.2 s heartbeats."""
-    server = start_service(fake_upstream.url)
-    try:
+    with running_service(fake_upstream.url) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def impatient_service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
     """A second service that gives up fast: one upstream retry, 0.5 s upstream idle timeout, one tool round."""
-    server = start_service(
+    with running_service(
         fake_upstream.url,
         name="impatient-service",
         UPSTREAM_MAX_RETRIES="1",
         UPSTREAM_IDLE_TIMEOUT_SECONDS="0.5",
         MAX_TOOL_ROUNDS="1",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e import REPO, ServerProcess, free_port, start_service
+from tests.e2e import REPO, ServerProcess, free_port, running_service
 
 DEPLOY_CONF = REPO / "deploy" / "nginx.conf"
 SHIPPED_UPSTREAM = "127.0.0.1:8000"  # the service's address as deploy/nginx.conf has it
@@ -278,11 +278,8 @@ def nginx_binary() -> str:
 @pytest.fixture(scope="module")
 def nginx_service(nginx_binary: str, fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
     """The service behind nginx: in front of the fake, `: keepalive` every 0.5 s."""
-    server = start_service(fake_upstream.url, name="nginx-service", SSE_HEARTBEAT_SECONDS=SERVICE_HEARTBEAT_SECONDS)
-    try:
+    with running_service(fake_upstream.url, name="nginx-service", SSE_HEARTBEAT_SECONDS=SERVICE_HEARTBEAT_SECONDS) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from tests.conftest import fixtures_dir
-from tests.e2e import ServerProcess, clean_environment, start_service
+from tests.e2e import ServerProcess, clean_environment, running_service
 # pytest finds fixtures among the module's names: this one is used by name (autouse), not referenced.
 from tests.e2e import dump_server_logs_on_failure  # noqa: F401
 from tests.test_e2e import (
@@ -143,22 +143,16 @@ def fake_assistants_api() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def assistants_service(fake_assistants_api: ServerProcess) -> Iterator[ServerProcess]:
-    server = start_service(fake_assistants_api.url, name="assistants-service", **ENGINE)
-    try:
+    with running_service(fake_assistants_api.url, name="assistants-service", **ENGINE) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def impatient_assistants_service(fake_assistants_api: ServerProcess) -> Iterator[ServerProcess]:
-    server = start_service(
+    with running_service(
         fake_assistants_api.url, name="impatient-assistants-service", THREAD_LOCK_TIMEOUT_SECONDS="0.5", **ENGINE
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.test_browser import CHROMIUM, LAUNCH_ARGS, require_chromium
-from tests.e2e import ServerProcess, start_service
+from tests.e2e import ServerProcess, running_service
 from tests.e2e import dump_server_logs_on_failure, fake_upstream  # noqa: F401  (fixtures, used by name)
 from tests.test_chat_api import parse_sse
 
@@ -53,12 +53,9 @@ STILL_THERE = "are you still there?"
 
 @pytest.fixture(scope="module")
 def service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:  # noqa: F811
-    server = start_service(fake_upstream.url, name="resume-service", SSE_RETRY_MS=str(RETRY_MS),
-                           TOOL_TIMEOUT_SECONDS="5", SSE_HEARTBEAT_SECONDS="0.2")
-    try:
+    with running_service(fake_upstream.url, name="resume-service", SSE_RETRY_MS=str(RETRY_MS),
+                           TOOL_TIMEOUT_SECONDS="5", SSE_HEARTBEAT_SECONDS="0.2") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def http_client() -> httpx.AsyncClient:

@@ -41,7 +41,7 @@ from websockets.exceptions import InvalidStatus
 
 from app import create_app
 from assistant.config import load_settings
-from tests.e2e import ServerProcess, free_port, start_service
+from tests.e2e import ServerProcess, free_port, running_service
 # pytest finds fixtures among the module's names: these are used by name, not referenced.
 from tests.e2e import dump_server_logs_on_failure, fake_upstream  # noqa: F401
 from tests.test_e2e import (
@@ -81,32 +81,23 @@ EVENT_LINE = re.compile(rb"^event: ([\w.]+)\n", re.M)  # in a raw (chunked) HTTP
 
 @pytest.fixture(scope="module")
 def service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
-    server = start_service(fake_upstream.url, name="fault-service", TOOL_TIMEOUT_SECONDS="5",
-                           SLOW_CLIENT_TIMEOUT_SECONDS="1")
-    try:
+    with running_service(fake_upstream.url, name="fault-service", TOOL_TIMEOUT_SECONDS="5",
+                           SLOW_CLIENT_TIMEOUT_SECONDS="1") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def impatient(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
-    server = start_service(fake_upstream.url, name="fault-impatient", THREAD_LOCK_TIMEOUT_SECONDS="0.5",
-                           UPSTREAM_IDLE_TIMEOUT_SECONDS="1")
-    try:
+    with running_service(fake_upstream.url, name="fault-impatient", THREAD_LOCK_TIMEOUT_SECONDS="0.5",
+                           UPSTREAM_IDLE_TIMEOUT_SECONDS="1") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def guarded(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
-    server = start_service(fake_upstream.url, name="fault-guarded", SERVICE_API_KEY=SERVICE_KEY,
-                           CORS_ALLOW_ORIGINS=ALLOWED_ORIGIN)
-    try:
+    with running_service(fake_upstream.url, name="fault-guarded", SERVICE_API_KEY=SERVICE_KEY,
+                           CORS_ALLOW_ORIGINS=ALLOWED_ORIGIN) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
