@@ -107,7 +107,6 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.registry = registry
     return app
 
 

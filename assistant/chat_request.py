@@ -25,6 +25,12 @@ def check_thread_id(value: Any) -> str:
     return value
 
 
+def check_run_id(value: Any, field: str = "run id") -> str:
+    if not isinstance(value, str) or not THREAD_ID.fullmatch(value):
+        raise BadRequest(f"{field} is not a valid run id (run_...)")
+    return value
+
+
 def parse_chat_request(data: Any, *, max_message_chars: int) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest(f"the body must be a JSON object, got {_json_type(data)}")

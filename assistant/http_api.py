@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 
-from .chat_request import THREAD_ID, parse_chat_request
+from .chat_request import THREAD_ID, check_run_id, parse_chat_request
 from .errors import (
     BadRequest,
     ClientGone,
@@ -167,7 +167,7 @@ async def chat(request: Request) -> Response:
 async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> Response:
     """The same POST sent again with Last-Event-ID: the run it started, not a new one."""
     run_id, after = parse_event_id(last_event_id)
-    log = request.app.state.runs.lookup(run_id)
+    log = request.app.state.runs.resumable(run_id, after)
     if log.thread_id != thread_id:
         raise BadRequest(f"run {run_id!r} belongs to another thread")
     if wants_event_stream(request):
@@ -176,12 +176,6 @@ async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> R
 
 
 def resumed_stream(request: Request, log: RunLog, after: int) -> Response:
-    if after < log.first_seq - 1:
-        raise NotFound(
-            f"events after {after} of run {log.run_id!r} are no longer kept (STREAM_MAX_EVENTS_PER_RUN, "
-            "STREAM_MAX_BYTES_PER_RUN)",
-            type="events_dropped",
-        )
     if log.finished and after >= log.last_seq:
         return Response(status_code=204)  # all delivered: this also stops EventSource reconnecting
     return event_stream(request, log, after)  # type: ignore[return-value]
@@ -189,26 +183,20 @@ def resumed_stream(request: Request, log: RunLog, after: int) -> Response:
 
 async def stream_run(request: Request) -> Response:
     """GET /chat/stream/{run_id}: a run's events, from the start or after Last-Event-ID (EventSource)."""
-    run_id = request.path_params["run_id"]
-    if not THREAD_ID.fullmatch(run_id):
-        raise BadRequest("not a valid run id")
-    log = request.app.state.runs.lookup(run_id)
+    run_id = check_run_id(request.path_params["run_id"])
     after = 0
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if last_event_id:
         resumed_run, after = parse_event_id(last_event_id)
         if resumed_run != run_id:
             raise BadRequest(f"Last-Event-ID {last_event_id!r} is not an event of run {run_id!r}")
-    return resumed_stream(request, log, after)
+    return resumed_stream(request, request.app.state.runs.resumable(run_id, after), after)
 
 
 async def cancel_run(request: Request) -> Response:
     """POST /runs/{run_id}/cancel: stop generating; listeners get thread.run.cancelled, then metadata."""
-    run_id = request.path_params["run_id"]
-    runs = request.app.state.runs
-    log = runs.lookup(run_id)
-    if not runs.cancel(run_id, "cancelled by the client"):
-        raise ServiceError(f"run {run_id!r} has already ended", type="run_finished", status_code=409)
+    run_id = check_run_id(request.path_params["run_id"])
+    log = request.app.state.runs.stop(run_id, "cancelled by the client")
     return JSONResponse(
         {"run_id": run_id, "thread_id": log.thread_id, "status": "cancelling", "correlation_id": correlation_id(request)},
         status_code=202,

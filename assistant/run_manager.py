@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Settings
-from .errors import NotFound, ShuttingDown, ThreadBusy
+from .errors import NotFound, ServiceError, ShuttingDown, ThreadBusy
 from .orchestrator import Engine, execute_run
 from .run_log import RunLog
 from .tool_executor import ToolRegistry
@@ -115,6 +115,24 @@ class RunManager:
             self._busy_threads.pop(log.thread_id).set()
             self._finished.append(log)
             self._expire()
+
+    def resumable(self, run_id: str, after: int) -> RunLog:
+        """The run's log, if every event after position `after` is still kept."""
+        log = self.lookup(run_id)
+        if after < log.first_seq - 1:
+            raise NotFound(
+                f"events after {after} of run {run_id!r} are no longer kept (STREAM_MAX_EVENTS_PER_RUN, "
+                "STREAM_MAX_BYTES_PER_RUN)",
+                type="events_dropped",
+            )
+        return log
+
+    def stop(self, run_id: str, reason: str) -> RunLog:
+        """A client's "stop generating": `cancel`, or the error saying why it cannot be."""
+        log = self.lookup(run_id)
+        if not self.cancel(run_id, reason):
+            raise ServiceError(f"run {run_id!r} has already ended", type="run_finished", status_code=409)
+        return log
 
     def cancel(self, run_id: str, reason: str) -> bool:
         """Stop a run that is still going; False when it is unknown or already over."""

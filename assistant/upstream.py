@@ -96,7 +96,9 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
         if status in (401, 403):
             return UpstreamError(f"the upstream refused the service's credentials ({status})")
         if status == 429:
-            return UpstreamError(f"the upstream is rate limiting: {message}", type="upstream_rate_limited")
+            return UpstreamError(
+                f"the upstream is rate limiting: {message}", type="upstream_rate_limited", retry_after=retry_after(exc)
+            )
         return UpstreamError(f"the upstream answered {status}: {message}")
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
         return UpstreamError("the upstream connection failed")
@@ -105,18 +107,27 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
     return UpstreamError("the upstream call failed unexpectedly")
 
 
+def retry_after(exc: BaseException) -> float | None:
+    """The upstream's Retry-After (seconds or an HTTP date), capped; None when absent or unreadable."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    header = exc.response.headers.get("retry-after")
+    if not header:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(header).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), _MAX_BACKOFF_SECONDS)
+
+
 def retry_delay(attempt: int, exc: BaseException | None = None) -> float:
     """Exponential backoff with full jitter, or the upstream's Retry-After when it gave one."""
-    if isinstance(exc, openai.APIStatusError):
-        header = exc.response.headers.get("retry-after")
-        if header:
-            try:
-                return min(max(float(header), 0.0), _MAX_BACKOFF_SECONDS)
-            except ValueError:
-                parsed = email.utils.parsedate_to_datetime(header) if header else None
-                if parsed is not None:
-                    return min(max(parsed.timestamp() - time.time(), 0.0), _MAX_BACKOFF_SECONDS)
-    return random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
+    delay = retry_after(exc) if exc is not None else None
+    return delay if delay is not None else random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
 
 
 def may_have_taken_effect(exc: BaseException) -> bool:

@@ -71,19 +71,22 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes] | None:
     return (name, b"\n".join(data)) if data else None
 
 
+def _load(kind: str, data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            f"the upstream sent a malformed event ({kind or 'unnamed'}): its data is not valid JSON"
+        ) from None
+
+
 def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
     """JSON-decode each event's data; the event name falls back into `type` when data lacks it."""
     events = []
     for name, data in pairs:
         if data == b"[DONE]":
             continue
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"the upstream sent a malformed event ({name.decode(errors='replace') or 'unnamed'}): "
-                "its data is not valid JSON"
-            ) from None
+        event = _load(name.decode(errors="replace"), data)
         if not isinstance(event, dict):
             raise UpstreamError("the upstream sent an event whose data is not a JSON object")
         if "type" not in event and name:
@@ -99,12 +102,7 @@ def decode_named_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]
         kind = name.decode(errors="replace")
         if kind == "done" or data == b"[DONE]":
             continue
-        try:
-            events.append({"type": kind, "data": orjson.loads(data)})
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"the upstream sent a malformed event ({kind or 'unnamed'}): its data is not valid JSON"
-            ) from None
+        events.append({"type": kind, "data": _load(kind, data)})
     return events
 
 

@@ -16,9 +16,9 @@ import orjson
 from anyio.abc import ObjectSendStream, TaskGroup
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .chat_request import THREAD_ID, ChatRequest, parse_chat_request
+from .chat_request import ChatRequest, check_run_id, parse_chat_request
 from .config import Settings
-from .errors import BadRequest, NotFound, ServiceError
+from .errors import BadRequest, ServiceError
 from .events import RUN_RESUMED, Event, stream_path
 from .http_api import parse_event_id
 from .run_log import EventsDropped, RunLog
@@ -115,25 +115,16 @@ class ChatConnection:
         task_group.start_soon(self._turn, start, log, after, outbox.clone())
 
     def _cancel(self, run_id: Any) -> None:
-        if not isinstance(run_id, str) or not THREAD_ID.fullmatch(run_id):
-            raise BadRequest("'cancel' must be a run id")
-        self.manager.lookup(run_id)
-        if not self.manager.cancel(run_id, "cancelled by the client"):
-            raise ServiceError(f"run {run_id!r} has already ended", type="run_finished", status_code=409)
+        self.manager.stop(check_run_id(run_id, "'cancel'"), "cancelled by the client")
 
     def _resumable(self, frame: dict[str, Any]) -> tuple[RunLog, int]:
-        run_id = frame["resume"]
-        if not isinstance(run_id, str) or not THREAD_ID.fullmatch(run_id):
-            raise BadRequest("'resume' must be a run id")
-        log = self.manager.lookup(run_id)
+        run_id = check_run_id(frame["resume"], "'resume'")
         after = 0
         if frame.get("last_event_id"):
             resumed_run, after = parse_event_id(str(frame["last_event_id"]))
             if resumed_run != run_id:
                 raise BadRequest("'last_event_id' is not an event of that run")
-        if after < log.first_seq - 1:
-            raise NotFound(f"events after {after} of run {run_id!r} are no longer kept", type="events_dropped")
-        return log, after
+        return self.manager.resumable(run_id, after), after
 
     async def _turn(
         self, request: ChatRequest | None, log: RunLog | None, after: int, outbox: ObjectSendStream[str]

@@ -535,3 +535,18 @@ def test_unknown_accept_gets_json(client: TestClient, upstream: respx.MockRouter
 def test_openai_errors_are_the_sdk_types() -> None:
     # The mapping relies on the SDK raising its typed errors for statuses; keep that honest.
     assert issubclass(openai.BadRequestError, openai.APIStatusError)
+
+
+def test_rate_limited_answer_passes_on_retry_after(upstream: respx.MockRouter) -> None:
+    upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": "7"}))
+    with make_client(UPSTREAM_MAX_RETRIES="0") as client:
+        response = chat(client, "hi")
+        assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
+        assert response.headers["retry-after"] == "7"
+
+
+def test_unreadable_retry_after_falls_back_to_backoff(client: TestClient, upstream: respx.MockRouter) -> None:
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(429, "slow down", headers={"retry-after": "soon, maybe"}), sse_response(text_events("ok")),
+    ])
+    assert chat(client, "hi").json()["responses"] == ["ok"] and route.call_count == 2
