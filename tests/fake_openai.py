@@ -960,6 +960,18 @@ class FakeOpenAI:
             self.new_message(thread["id"], **message)
         return _json(thread)
 
+    async def get_assistant(self, request: Request) -> Response:
+        """Any `asst_...` exists, with a code interpreter as its own (hosted) tool."""
+        await self.receive_beta(request)
+        assistant_id = request.path_params["assistant_id"]
+        if not assistant_id.startswith("asst_"):
+            raise APIError(404, f"No assistant found with id '{assistant_id}'.")
+        return _json({
+            "id": assistant_id, "object": "assistant", "created_at": int(time.time()), "name": "fake",
+            "description": None, "model": "gpt-4o", "instructions": None, "tools": [{"type": "code_interpreter"}],
+            "tool_resources": {}, "metadata": {}, "temperature": 1.0, "top_p": 1.0, "response_format": "auto",
+        })
+
     async def get_thread(self, request: Request) -> Response:
         await self.receive_beta(request)
         return _json(self.thread(request.path_params["thread_id"]))
@@ -1210,6 +1222,7 @@ def create_app(fixtures_dir: str | Path | None = None, delta_delay: float | None
         Route("/v1/conversations/{id}/items", fake.list_items, methods=["GET"]),
         Route("/v1/conversations/{id}/items", fake.add_items, methods=["POST"]),
         Route("/v1/responses", fake.create_response, methods=["POST"]),
+        Route("/v1/assistants/{assistant_id}", fake.get_assistant, methods=["GET"]),
         Route("/v1/threads", fake.create_thread, methods=["POST"]),
         Route("/v1/threads/{thread_id}", fake.get_thread, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", fake.create_message, methods=["POST"]),

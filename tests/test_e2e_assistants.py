@@ -7,10 +7,8 @@ they see with the default engine (same endpoints, events, JSON answers); on top 
 tests check, through the fake's `/_fake/threads/{id}` and `/_fake/requests`, what the service
 did upstream: which runs it created, which tool outputs it submitted, which runs it cancelled.
 
-The fake (tests/fake_openai.py) has no `GET /v1/assistants/{id}`, which the engine calls once to
-keep the assistant's hosted tools when it sends its own function tools with each run; without it
-every message fails with 502. `FakeOpenAIWithAssistant` below serves that one route in front of
-the unchanged fake (hypercorn imports it from this module).
+The fake's assistants (`GET /v1/assistants/{id}`) have a code interpreter as their own hosted
+tool, which the engine keeps beside the service's functions in every run.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from typing import Any
 
 import anyio
 import httpx
-import orjson
 import pytest
 
 from tests.conftest import fixtures_dir
@@ -57,7 +54,7 @@ from tests.test_e2e import (
 pytestmark = pytest.mark.timeout(30)
 
 ASSISTANT_ID = "asst_e2e"
-ASSISTANT_TOOLS = [{"type": "code_interpreter"}]  # the assistant's own (hosted) tools, as the fake store has them
+ASSISTANT_TOOLS = [{"type": "code_interpreter"}]  # the fake assistant's own (hosted) tools
 E2E_TOOLS = {"calculator", "get_weather", "slow_tool", "failing_tool", "sync_sleep"}  # tests.e2e_tools
 API_KEY = "sk-e2e-not-a-real-key"  # what start_service gives the service
 BETA = {"Authorization": f"Bearer {API_KEY}", "OpenAI-Beta": "assistants=v2"}
@@ -67,55 +64,6 @@ SLOW_TURN = "fault:slow 0.2 20"  # twenty deltas 0.2 s apart: a turn of about 4 
 SLOW_TURN_REPLY = " ".join(f"word{n}" for n in range(20))
 SHORT_SLOW_TURN = "fault:slow 0.1 20"  # about 2 s
 TWO_CALLS = 'tool:calculator {"a": 6, "b": 7, "op": "multiply"}\ntool:get_weather {"city": "Paris"}'
-
-
-# ---------------------------------------------------------------------------------------------
-# The fake upstream, with the one Assistants route it lacks
-
-
-class FakeOpenAIWithAssistant:
-    """tests/fake_openai.py's app, plus `GET /v1/assistants/{id}` answering for `asst_e2e`."""
-
-    def __init__(self) -> None:
-        self._inner: Any = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self._inner is None:
-            from tests import fake_openai  # built from this process's environment (FAKE_*)
-
-            self._inner = fake_openai.app
-        path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] == "GET" and path.startswith("/v1/assistants/"):
-            await self._assistant(scope, send, path[len("/v1/assistants/") :])
-            return
-        await self._inner(scope, receive, send)
-
-    async def _assistant(self, scope: Any, send: Any, assistant_id: str) -> None:
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self._inner.state.fake.requests.append({  # visible at /_fake/requests like every other call
-            "method": "GET", "path": scope["path"], "query": scope.get("query_string", b"").decode(),
-            "headers": {k: v for k, v in headers.items() if k != "authorization"}, "body": None,
-        })
-        status, error = 200, None
-        if not headers.get("authorization", "").startswith("Bearer "):
-            status, error = 401, "You didn't provide an API key."
-        elif "assistants=v2" not in headers.get("openai-beta", ""):
-            status, error = 400, "You must provide the 'OpenAI-Beta' header to access the Assistants API."
-        elif assistant_id != ASSISTANT_ID:
-            status, error = 404, f"No assistant found with id '{assistant_id}'."
-        if error is not None:
-            body: dict[str, Any] = {"error": {"message": error, "type": "invalid_request_error", "param": None, "code": None}}
-        else:
-            body = {
-                "id": ASSISTANT_ID, "object": "assistant", "created_at": int(time.time()), "name": "e2e",
-                "description": None, "model": "gpt-4o", "instructions": None, "tools": ASSISTANT_TOOLS,
-                "tool_resources": {}, "metadata": {}, "temperature": 1.0, "top_p": 1.0, "response_format": "auto",
-            }
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": orjson.dumps(body)})
-
-
-fake_openai_app = FakeOpenAIWithAssistant()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +84,7 @@ def fake_assistants_api() -> Iterator[ServerProcess]:
         FAKE_ABANDONED_RUN_SECONDS="300",  # a run left in_progress stays active for the whole module
         FAKE_CANCEL_DELAY=str(CANCEL_DELAY),
     )
-    app = f"{__name__}:fake_openai_app"
-    with ServerProcess(app, env, health_path="/_fake/health", name="fake-openai-assistants") as fake:
+    with ServerProcess("tests.fake_openai:app", env, health_path="/_fake/health", name="fake-openai-assistants") as fake:
         yield fake
 
 

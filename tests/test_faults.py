@@ -75,6 +75,16 @@ DROPPED = "dropping a client that stopped reading"
 EVENT_LINE = re.compile(rb"^event: ([\w.]+)\n", re.M)  # in a raw (chunked) HTTP response
 
 
+
+def assert_replies(result: Any, transport: str, expected: list[str]) -> None:
+    """A turn that ended well: the JSON answer, or a validly framed stream, holds these replies."""
+    if transport == "json":
+        assert result.status_code == 200, result.text
+        assert result.json()["responses"] == expected
+    else:
+        check_framing(result)
+        assert result.replies == expected
+
 # ---------------------------------------------------------------------------------------------
 # Services
 
@@ -607,12 +617,7 @@ async def test_a_throttled_upstream_is_retried_after_retry_after(
         started = time.monotonic()
         result = await turn(client, service.url, thread_id, "fault:status 429 0.2 x2", transport)
         elapsed = time.monotonic() - started
-        if transport == "json":
-            assert result.status_code == 200, result.text
-            assert result.json()["responses"] == ["recovered"]
-        else:
-            check_framing(result)
-            assert result.replies == ["recovered"]
+        assert_replies(result, transport, ["recovered"])
         assert elapsed >= 0.4, f"Retry-After: 0.2 (twice) was not honoured ({elapsed:.2f}s)"
         assert len(await fake_requests(client, fake_upstream.url, thread_id)) == 3
         await assert_thread_usable(client, service.url, thread_id)
@@ -624,12 +629,7 @@ async def test_a_failing_upstream_is_retried(service: ServerProcess, fake_upstre
     async with http_client() as client:
         thread_id = await new_thread(client, service.url)
         result = await turn(client, service.url, thread_id, "fault:status 500 x1", transport)
-        if transport == "json":
-            assert result.status_code == 200, result.text
-            assert result.json()["responses"] == ["recovered"]
-        else:
-            check_framing(result)
-            assert result.replies == ["recovered"]
+        assert_replies(result, transport, ["recovered"])
         assert len(await fake_requests(client, fake_upstream.url, thread_id)) == 2
         await assert_thread_usable(client, service.url, thread_id)
 
@@ -698,12 +698,7 @@ async def test_a_conversation_the_upstream_still_holds_is_waited_for(service: Se
         started = time.monotonic()
         result = await turn(client, service.url, thread_id, "right away", transport)
         waited = time.monotonic() - started
-        if transport == "json":
-            assert result.status_code == 200, result.text
-            assert result.json()["responses"] == ["You said: right away"]
-        else:
-            check_framing(result)
-            assert result.replies == ["You said: right away"]
+        assert_replies(result, transport, ["You said: right away"])
         assert 1.5 <= waited < 5, f"waited {waited:.2f}s for a thread locked for 2 s"
         await assert_thread_usable(client, service.url, thread_id)
 
