@@ -6,6 +6,7 @@ import email.utils
 import logging
 import random
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,21 +17,29 @@ import openai
 from .config import Settings
 from .errors import NotFound, ServiceError, ThreadBusy, UpstreamError, UpstreamTimeout
 from .logs import redact
+from .upstream_transport import UpstreamTransport
 
 logger = logging.getLogger("assistant.upstream")
 
 T = TypeVar("T")
 
+MAX_CONNECTIONS = 1000  # to the upstream, at once: one per streaming run
 # Statuses that say "not processed, try later"; anything else is answered at once.
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_BACKOFF_SECONDS = 20.0
 
 
+def uses_proxy() -> bool:
+    """Whether the environment names an HTTP proxy (the variables httpx reads)."""
+    return any(key in ("http", "https", "all") for key in urllib.request.getproxies())
+
+
 def create_openai_client(settings: Settings) -> openai.AsyncOpenAI:
     """One client, one connection pool, for the life of the process.
 
-    It sends through an `httpx.AsyncClient` (the legacy client openai 3.x still accepts), so
-    the read timeout doubles as the idle timeout between upstream events at no cost per event.
+    It sends through an `httpx.AsyncClient` (the legacy client openai 3.x still accepts) over
+    the lean `UpstreamTransport`, whose read timeout doubles as the idle timeout between
+    upstream events at no cost per event.
     The SDK's own retries are off: the engines retry where they know it is safe.
     """
     timeout = httpx.Timeout(
@@ -39,10 +48,12 @@ def create_openai_client(settings: Settings) -> openai.AsyncOpenAI:
         write=30.0,
         pool=settings.upstream_connect_timeout_seconds,
     )
-    http_client = httpx.AsyncClient(
-        timeout=timeout,
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-    )
+    if uses_proxy():
+        # httpx's own transport honours HTTPS_PROXY and the like; the lean one does not.
+        logger.info("an HTTP proxy is configured: the upstream is reached through httpx's own transport")
+        http_client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=MAX_CONNECTIONS))
+    else:
+        http_client = httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport(max_connections=MAX_CONNECTIONS))
     return openai.AsyncOpenAI(
         api_key=settings.openai_api_key,
         base_url=settings.openai_base_url,

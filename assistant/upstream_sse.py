@@ -114,7 +114,20 @@ async def iterate_sse_events(
     decoder = SSEDecoder()
     try:
         async for chunk in chunks:
-            events = decode(decoder.feed(chunk))
+            pairs = decoder.feed(chunk)
+            try:
+                events = decode(pairs)
+            except UpstreamError:
+                # The events before the broken one still count: deliver them, then fail.
+                events = []
+                for pair in pairs:
+                    try:
+                        events += decode([pair])
+                    except UpstreamError:
+                        break
+                if events:
+                    yield events
+                raise
             if events:
                 yield events
     except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)

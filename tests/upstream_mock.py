@@ -122,7 +122,7 @@ def request_body(call: Any) -> dict[str, Any]:
 @pytest.fixture
 def upstream() -> Iterator[respx.MockRouter]:
     """A respx router standing in for OpenAI; any request it has no route for fails the test."""
-    with respx.mock(base_url=BASE_URL, assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(base_url=BASE_URL, using="httpx", assert_all_mocked=True, assert_all_called=False) as router:
         router.post("/conversations").respond(
             200, json={"id": "conv_test", "object": "conversation", "created_at": 1, "metadata": {}}
         )
@@ -183,7 +183,7 @@ def assistants_calls(run_id: str, *calls: tuple[str, str, str]) -> list[tuple[st
 @pytest.fixture
 def assistants_upstream() -> Iterator[respx.MockRouter]:
     """A respx router standing in for an Assistants API server."""
-    with respx.mock(base_url=BASE_URL, assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(base_url=BASE_URL, using="httpx", assert_all_mocked=True, assert_all_called=False) as router:
         router.post("/threads").respond(200, json={"id": THREAD, "object": "thread", "created_at": 1, "metadata": {}})
         router.get(f"/assistants/{ASSISTANT_ID}").respond(
             200, json={"id": ASSISTANT_ID, "object": "assistant", "model": "gpt-4o", "tools": [{"type": "code_interpreter"}]}
