@@ -5,7 +5,6 @@ Run it with `hypercorn app:app` (see Procfile). Bad configuration stops start-up
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -111,22 +110,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
     return app
 
 
-def use_uvloop() -> None:
-    """Run hypercorn's worker on uvloop: its event loop costs about half of asyncio's per event.
-
-    hypercorn imports the application first and then creates the worker's loop from the loop
-    policy, so setting the policy here is what its `--worker-class uvloop` does, with the
-    Procfile's command line as it is.
-    """
-    try:
-        import uvloop
-    except ImportError:  # not on this platform (Windows): plain asyncio works too
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def _app_from_environment() -> Starlette:
-    use_uvloop()
     try:
         settings = load_settings()
         configure_logging(settings.log_level)

@@ -30,6 +30,11 @@ PAUSE_READING_BYTES = 1024 * 1024  # a body not read this far ahead stops readin
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def _seconds(timeout: float | None) -> str:
+    return "the time the system allows" if timeout is None else f"{timeout:g} s"
 
 
 class _Body:
@@ -64,10 +69,16 @@ class Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._read_timeout: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
         self._reset()
 
     def _reset(self) -> None:
         """Ready for the next response."""
+        if self._timer is not None:  # armed for the previous response's read timeout
+            self._timer.cancel()
+            self._timer = None
+        if self._reading_paused and self.transport is not None:
+            self.transport.resume_reading()
         self.in_response = False  # a request was sent and its response is not fully read
         self.head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
         self.keep_alive = True
@@ -141,9 +152,9 @@ class Connection(asyncio.Protocol):
         """Take the status line and headers off `data`; what follows them is returned."""
         while True:
             end = data.find(b"\r\n\r\n")
+            if end > MAX_HEAD_BYTES or (end < 0 and len(data) > MAX_HEAD_BYTES):
+                raise httpx.RemoteProtocolError("the upstream's response headers are too large")
             if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise httpx.RemoteProtocolError("the upstream's response headers are too large")
                 self._buffer = data
                 return b""
             lines = data[:end].split(b"\r\n")
@@ -230,12 +241,9 @@ class Connection(asyncio.Protocol):
             pos = line_end + 2
             if state == _Chunk.SIZE:
                 size = line.split(b";", 1)[0].strip()
-                try:
-                    self._remaining = int(size, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"the upstream sent a malformed chunk size: {size[:20]!r}") from None
-                if self._remaining < 0 or size[:1] in (b"-", b"+"):
-                    raise httpx.RemoteProtocolError("the upstream sent a malformed chunk size")
+                if not size or size.translate(None, _HEX_DIGITS):
+                    raise httpx.RemoteProtocolError(f"the upstream sent a malformed chunk size: {size[:20]!r}")
+                self._remaining = int(size, 16)
                 self._chunk_state = _Chunk.DATA if self._remaining else _Chunk.TRAILER
             elif state == _Chunk.DATA_END:
                 if line:
@@ -259,8 +267,7 @@ class Connection(asyncio.Protocol):
         if self._error is None:
             self._error = exc
         self.keep_alive = False
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
         self._wake()
 
     def _wake(self) -> None:
@@ -318,6 +325,7 @@ class Connection(asyncio.Protocol):
         if chunked:
             self.transport.write(b"0\r\n\r\n")
         await self._drain(write_timeout)
+        self.last_activity = self.loop.time()  # the read timeout counts from the end of the request
 
     async def _drain(self, timeout: float | None) -> None:
         self._raise_error()
@@ -330,7 +338,7 @@ class Connection(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 await self._drained
         except TimeoutError:
-            raise httpx.WriteTimeout(f"the upstream did not take the request for {timeout:g} s") from None
+            raise httpx.WriteTimeout(f"the upstream did not take the request for {_seconds(timeout)}") from None
         finally:
             self._drained = None
 
@@ -362,8 +370,9 @@ class Connection(asyncio.Protocol):
         return not self.closed and self.keep_alive and self._error is None and (self.body_done or not self.in_response)
 
     def close(self) -> None:
+        """Drop the connection now, with whatever it still had to send (nothing to wait for)."""
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            self.transport.abort()
 
 
 class ResponseBody(httpx.AsyncByteStream):
@@ -453,6 +462,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 connection.close()
             if self._open < self.max_connections:
                 return await self._connect(origin, timeouts.get("connect"))
+            self._close_an_idle_connection()  # of another origin: its slot comes free when it is gone
             await self._wait_for_slot(timeouts.get("pool"))
 
     async def _wait_for_slot(self, timeout: float | None) -> None:
@@ -461,8 +471,12 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 await waiter
-        except TimeoutError:
-            raise httpx.PoolTimeout(f"no upstream connection became free in {timeout:g} s") from None
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_slot_waiter()  # woken but not going to use it: pass the wakeup on
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout(f"no upstream connection became free in {_seconds(timeout)}") from None
+            raise
         finally:
             if waiter in self._slot_waiters:
                 self._slot_waiters.remove(waiter)
@@ -505,7 +519,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             else:
                 self._free_slot()
             if isinstance(exc, TimeoutError):
-                raise httpx.ConnectTimeout(f"could not connect to {host}:{port} in {timeout:g} s") from None
+                raise httpx.ConnectTimeout(f"could not connect to {host}:{port} in {_seconds(timeout)}") from None
             if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
                 raise httpx.ConnectError(f"could not connect to {host}:{port}: {exc}") from exc
             raise
@@ -513,6 +527,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"{host}:{port} closed the connection as soon as it was made")
         self.connections.add(made[0])
         return made[0]
+
+    def _close_an_idle_connection(self) -> None:
+        for idle in self._idle.values():
+            if idle:
+                oldest = idle.popleft()
+                oldest.idle = False
+                oldest.close()
+                return
 
     def _release(self, connection: Connection) -> None:
         """A response is done with its connection: keep it for the next request, or close it."""
@@ -522,10 +544,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             idle = self._idle.setdefault(connection.origin, deque())
             if len(idle) < self.max_idle_connections:
                 now = time.monotonic()
+                connection._reset()  # reading again if it was paused, no timer left
                 connection.idle_since = now
                 connection.idle = True
                 idle.append(connection)
-                while now - idle[0].idle_since >= self.keepalive_seconds:
+                while idle and now - idle[0].idle_since >= self.keepalive_seconds:
                     oldest = idle.popleft()  # kept too long
                     oldest.idle = False
                     oldest.close()

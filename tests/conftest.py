@@ -7,7 +7,6 @@ range fails the test at once.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import socket
@@ -71,16 +70,6 @@ def _guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
         except ValueError:
             raise RealNetworkBlocked(f"a test tried to resolve a host name: {name!r}") from None
     return _real_getaddrinfo(host, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def asyncio_own_loop() -> None:
-    """In-process tests run on asyncio's own event loop, whose sockets the guard below sees.
-
-    Importing app installs uvloop's loop policy (as in production); uvloop connects and
-    resolves in C, past `socket.socket.connect` and `socket.getaddrinfo`.
-    """
-    asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture(autouse=True)
