@@ -1139,3 +1139,27 @@ async def test_chunk_size_must_be_plain_hex(size_line: bytes) -> None:
         async with make_client(server, transport) as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/")
+
+
+# --------------------------------------------------------------------------------------------
+# the service's OpenAI client
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("proxy", "lean"), [(None, True), ("http://proxy.invalid:3128", False)])
+async def test_the_openai_client_uses_this_transport_unless_a_proxy_is_configured(
+    monkeypatch: pytest.MonkeyPatch, proxy: str | None, lean: bool
+) -> None:
+    """HTTPS_PROXY and the like are only understood by httpx's own transport, so they switch to it."""
+    from assistant.config import load_settings
+    from assistant.upstream import create_openai_client
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy is not None:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+    client = create_openai_client(load_settings())
+    try:
+        assert isinstance(client._client._transport, UpstreamTransport) is lean
+    finally:
+        await client.close()
