@@ -303,8 +303,7 @@ class Connection(asyncio.Protocol):
     # -- what the transport calls
 
     async def send_request(self, request: httpx.Request, write_timeout: float | None) -> None:
-        assert self.transport is not None
-        self._reset()
+        assert self.transport is not None  # new, or reset when it went back to the pool
         self.requests += 1
         self.in_response = True
         self.no_body = request.method == "HEAD"
@@ -393,7 +392,6 @@ class ResponseBody(httpx.AsyncByteStream):
                 break
             else:
                 await connection.wait_body()
-        connection.in_response = False
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -538,9 +536,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def _release(self, connection: Connection) -> None:
         """A response is done with its connection: keep it for the next request, or close it."""
-        if connection.in_response and connection.body_done:
-            connection.in_response = False
-        if connection.reusable and not connection.in_response and not self._closed:
+        if connection.reusable and not self._closed:  # reusable: its response was read to the end
             idle = self._idle.setdefault(connection.origin, deque())
             if len(idle) < self.max_idle_connections:
                 now = time.monotonic()
