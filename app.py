@@ -5,6 +5,7 @@ Run it with `hypercorn app:app` (see Procfile). Bad configuration stops start-up
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
                 "service ready",
                 extra={"engine": engine.name, "model": settings.openai_model, "tools": list(registry.names)},
             )
+            # What start-up built (modules, the SDK's models, the tool schemas) lives as long as
+            # the process: keep the collector from walking it again in every full collection
+            # (up to 60 ms each, all other streams stalled).
+            gc.freeze()
             try:
                 yield
             finally:

@@ -153,7 +153,9 @@ def test_json_reply_and_upstream_request(client: TestClient, upstream: respx.Moc
     assert sent["conversation"] == "conv_test" and sent["instructions"] == "Be brief."
     assert sent["input"] == [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}]
     assert {t["name"] for t in sent["tools"]} == set(TOOLS)
-    assert route.calls[0].request.headers["authorization"] == "Bearer sk-test-secret-key"
+    headers = route.calls[0].request.headers
+    assert headers["authorization"] == "Bearer sk-test-secret-key"
+    assert headers["content-type"] == "application/json" and headers["user-agent"].startswith("AsyncOpenAI/Python")
 
 
 def test_sse_reply(client: TestClient, upstream: respx.MockRouter) -> None:
