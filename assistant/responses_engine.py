@@ -83,15 +83,17 @@ class ResponsesEngine:
             self._base_params["instructions"] = settings.instructions
         if registry.responses_tools:
             self._base_params["tools"] = registry.responses_tools
-        # The streaming create is the one upstream call of every turn: it goes straight to the
-        # HTTP client with the SDK's headers (the SDK's request building costs ~1 ms per turn).
+        # The streaming create is the one upstream call of every turn: it is built once here and
+        # goes straight to the connection pool (the SDK's and httpx's request building, cookie
+        # jar and hooks cost ~1 ms per turn). The SDK still gives its headers and error types.
         self._http: httpx.AsyncClient = client._client
-        self._responses_url = f"{client.base_url}responses"
-        self._headers = {
+        self._responses_url = httpx.URL(f"{client.base_url}responses")
+        self._timeout = self._http.timeout.as_dict()
+        self._headers = httpx.Headers({
             name: value
-            for name, value in {**client.auth_headers, **client.default_headers}.items()
+            for name, value in {**client.auth_headers, **client.default_headers, "Accept": "text/event-stream"}.items()
             if isinstance(value, str)
-        }
+        })
         # Outputs of function calls that could not be delivered (the follow-up failed): they are
         # sent with the thread's next message, since the upstream refuses new input until then.
         self._undelivered: dict[str, list[dict[str, Any]]] = {}
@@ -189,15 +191,19 @@ class ResponsesEngine:
 
     async def _create_streaming_response(self, params: dict[str, Any]) -> httpx.Response:
         """POST /responses with `stream: true`; failures raise the SDK's own exceptions."""
-        request = self._http.build_request(
-            "POST", self._responses_url, content=orjson.dumps({**params, "stream": True}), headers=self._headers
+        request = httpx.Request(
+            "POST", self._responses_url, headers=self._headers, content=orjson.dumps({**params, "stream": True}),
+            extensions={"timeout": self._timeout},
         )
         try:
-            response = await self._http.send(request, stream=True)
+            # The client's transport for the URL: the proxy's when one is set (and respx's in tests).
+            transport = self._http._transport_for_url(self._responses_url)
+            response = await transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
             raise openai.APITimeoutError(request=request) from exc  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise openai.APIConnectionError(request=request) from exc  # type: ignore[arg-type]
+        response.request = request
         if response.status_code >= 400:
             try:
                 await response.aread()
