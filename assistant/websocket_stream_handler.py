@@ -1,19 +1,22 @@
 """Chat over a WebSocket: many turns per connection, one at a time.
 
-Three tasks joined by one bounded stream of outgoing frames: the reader takes the client's
-frames (so a bad frame or a second turn is answered at once, even mid-turn), the turn task
-copies the run's log into the outbox, and the writer is the only one that sends, so a slow
-client fills the outbox and then is dropped, and never holds up the run.
+Three tasks: the reader takes the client's frames (so a bad frame or a second turn is answered
+at once, even mid-turn); the writer is the only one that sends: the connection's notices (error
+frames, a resume's first frame), then whatever the current turn's log holds past what was sent;
+and a watchdog drops a client whose one send has waited longer than the slow-client timeout.
+The writer reads the run's log directly, as the SSE handler does: a slow client holds up only
+its own writer, never the run, and a delta costs no queue hop.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import anyio
 import orjson
-from anyio.abc import ObjectSendStream, TaskGroup
+from anyio.abc import TaskGroup
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .chat_request import ChatRequest, check_run_id, parse_chat_request
@@ -27,7 +30,7 @@ from .sse_stream_handler import event_id
 
 logger = logging.getLogger("assistant.websocket")
 
-OUTBOX_FRAMES = 256
+MAX_NOTICES = 256  # error frames waiting to be sent: more, and the client is not reading
 CLOSE_TOO_BIG = 1009
 CLOSE_POLICY = 1008
 
@@ -49,28 +52,81 @@ class ChatConnection:
         self.manager = manager
         self.settings = settings
         self.correlation_id = correlation_id
-        self.turn_running = False
+        self.turn_running = False  # from a chat frame until the turn's last event is on its way
+        self._notices: deque[str] = deque()  # frames to send before any more of the turn's events
+        self._following: tuple[RunLog, int] | None = None  # the turn's log, and the last event sent
+        self._wakeup: anyio.Event | None = None
+        self._sending_since: float | None = None
 
     async def serve(self) -> None:
         await self.websocket.accept()
-        outbox, outgoing = anyio.create_memory_object_stream[str](OUTBOX_FRAMES)
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._write_frames, outgoing, task_group.cancel_scope)
-            async with outbox:
-                await self._read_frames(outbox, task_group)
+            task_group.start_soon(self._write_frames)
+            task_group.start_soon(self._drop_if_stuck, task_group.cancel_scope)
+            await self._read_frames(task_group)
             task_group.cancel_scope.cancel()
 
-    async def _write_frames(self, outgoing: Any, scope: anyio.CancelScope) -> None:
-        async with outgoing:
-            async for frame in outgoing:
-                with anyio.move_on_after(self.settings.slow_client_timeout_seconds):
-                    await self.websocket.send_text(frame)
+    def _notify(self, frame: str) -> None:
+        self._notices.append(frame)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _write_frames(self) -> None:
+        """The only task that sends: notices first, then the turn's events past the last sent."""
+        while True:
+            if self._notices:
+                await self._send(self._notices.popleft())
+                continue
+            if self._following is not None:
+                log, seq = self._following
+                try:
+                    batch = log.events_after(seq)
+                except EventsDropped as exc:
+                    self._end_turn()
+                    self._notify(error_frame(ServiceError(str(exc), type="events_dropped"), self.correlation_id))
                     continue
+                if batch:
+                    last = batch[-1][0]
+                    if log.finished and last == log.last_seq:
+                        self._end_turn()  # before the last event goes out: the client may answer it at once
+                    else:
+                        self._following = (log, last)
+                    for seq, event in batch:
+                        await self._send(websocket_frame(log.run_id, seq, event))
+                    continue
+                if log.finished:
+                    self._end_turn()
+                    continue
+            self._wakeup = anyio.Event()
+            if self._following is not None:
+                self._following[0].add_waiter(self._wakeup)
+            await self._wakeup.wait()
+
+    def _end_turn(self) -> None:
+        self._following = None
+        self.turn_running = False
+
+    async def _send(self, frame: str) -> None:
+        self._sending_since = anyio.current_time()
+        await self.websocket.send_text(frame)
+        self._sending_since = None
+
+    async def _drop_if_stuck(self, scope: anyio.CancelScope) -> None:
+        """Close a connection whose client stopped reading: one send waited past the timeout."""
+        timeout = self.settings.slow_client_timeout_seconds
+        while True:
+            since = self._sending_since
+            waited = 0.0 if since is None else anyio.current_time() - since
+            if waited >= timeout:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 scope.cancel()
                 return
+            await anyio.sleep(timeout - waited)
 
-    async def _read_frames(self, outbox: ObjectSendStream[str], task_group: TaskGroup) -> None:
+    async def _read_frames(self, task_group: TaskGroup) -> None:
         while True:
             try:
                 message = await self.websocket.receive()
@@ -78,9 +134,13 @@ class ChatConnection:
                 return
             if message["type"] == "websocket.disconnect":
                 return
+            if len(self._notices) >= MAX_NOTICES:
+                logger.warning("closing a WebSocket whose client sends bad frames and reads no answers")
+                await self.websocket.close(CLOSE_POLICY, "too many unanswered bad frames")
+                return
             text = message.get("text")
             if text is None:
-                await outbox.send(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
+                self._notify(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
                 continue
             if len(text) > self.settings.max_body_bytes:
                 await self.websocket.close(CLOSE_TOO_BIG, "frame too large")
@@ -88,11 +148,11 @@ class ChatConnection:
             try:
                 frame = orjson.loads(text)
             except orjson.JSONDecodeError:
-                await outbox.send(error_frame(BadRequest("the frame is not valid JSON"), self.correlation_id))
+                self._notify(error_frame(BadRequest("the frame is not valid JSON"), self.correlation_id))
                 continue
-            await self._handle_frame(frame, outbox, task_group)
+            self._handle_frame(frame, task_group)
 
-    async def _handle_frame(self, frame: Any, outbox: ObjectSendStream[str], task_group: TaskGroup) -> None:
+    def _handle_frame(self, frame: Any, task_group: TaskGroup) -> None:
         """A chat message, `{"resume": run_id, "last_event_id": id}` or `{"cancel": run_id}`."""
         try:
             if isinstance(frame, dict) and "cancel" in frame:
@@ -103,16 +163,15 @@ class ChatConnection:
                                  type="turn_in_progress")
             if isinstance(frame, dict) and "resume" in frame:
                 log, after = self._resumable(frame)
-                start = None
-            else:
-                request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
-                log, after = None, 0
-                start = request
+                self.turn_running = True
+                self._resume(log, after)
+                return
+            request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
         except ServiceError as exc:
-            await outbox.send(error_frame(exc, self.correlation_id))
+            self._notify(error_frame(exc, self.correlation_id))
             return
         self.turn_running = True
-        task_group.start_soon(self._turn, start, log, after, outbox.clone())
+        task_group.start_soon(self._start_turn, request)
 
     def _cancel(self, run_id: Any) -> None:
         self.manager.stop(check_run_id(run_id, "'cancel'"), "cancelled by the client")
@@ -126,27 +185,22 @@ class ChatConnection:
                 raise BadRequest("'last_event_id' is not an event of that run")
         return self.manager.resumable(run_id, after), after
 
-    async def _turn(
-        self, request: ChatRequest | None, log: RunLog | None, after: int, outbox: ObjectSendStream[str]
-    ) -> None:
-        async with outbox:
-            try:
-                if log is None:
-                    assert request is not None
-                    log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id)
-                else:  # a resume: say so first, and whether anything is left to come
-                    data = {"thread_id": log.thread_id, "run_id": log.run_id, "stream_url": stream_path(log.run_id),
-                            "after": event_id(log.run_id, after), "complete": log.finished and after >= log.last_seq}
-                    await outbox.send(orjson.dumps({"event": RUN_RESUMED, "id": None, "data": data}).decode())
-                async for batch in log.follow(after):
-                    for seq, event in batch:
-                        await outbox.send(websocket_frame(log.run_id, seq, event))
-            except ServiceError as exc:
-                await outbox.send(error_frame(exc, self.correlation_id))
-            except EventsDropped as exc:
-                await outbox.send(error_frame(ServiceError(str(exc), type="events_dropped"), self.correlation_id))
-            finally:
-                self.turn_running = False
+    def _resume(self, log: RunLog, after: int) -> None:
+        """Say so first, and whether anything is left to come; then follow the log from `after`."""
+        data = {"thread_id": log.thread_id, "run_id": log.run_id, "stream_url": stream_path(log.run_id),
+                "after": event_id(log.run_id, after), "complete": log.finished and after >= log.last_seq}
+        self._following = (log, after)
+        self._notify(orjson.dumps({"event": RUN_RESUMED, "id": None, "data": data}).decode())
+
+    async def _start_turn(self, request: ChatRequest) -> None:
+        try:
+            log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id)
+        except ServiceError as exc:
+            self.turn_running = False
+            self._notify(error_frame(exc, self.correlation_id))
+            return
+        self._following = (log, 0)
+        self._wake_writer()
 
 
 async def websocket_chat(websocket: WebSocket) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import signal
@@ -72,6 +73,7 @@ ALLOWED_ORIGIN = "http://app.example"
 UPSTREAM_KEY = "sk-e2e-not-a-real-key"  # what tests.e2e.service_environment gives the service
 DISCONNECTED = "client disconnected from the stream"
 DROPPED = "dropping a client that stopped reading"
+WS_DROPPED = "dropping a WebSocket client that stopped reading"
 EVENT_LINE = re.compile(rb"^event: ([\w.]+)\n", re.M)  # in a raw (chunked) HTTP response
 
 
@@ -595,6 +597,58 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_run_completes(
         await assert_thread_usable(client, service.url, thread_id)
         texts = await assistant_texts(client, fake_upstream.url, thread_id)
     assert texts[0].startswith("word0 word1 ") and texts[0].endswith(" word39999")  # the run completed
+
+
+def stuck_websocket_reader(service: ServerProcess, thread_id: str, message: str, correlation_id: str) -> socket.socket:
+    """A raw WebSocket client (no compression offered) that sends one chat frame and never reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", service.port))
+    sock.sendall(
+        f"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"X-Correlation-ID: {correlation_id}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    payload = json.dumps({"thread_id": thread_id, "message": message}).encode()
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return sock
+
+
+@pytest.mark.anyio
+async def test_a_websocket_client_that_stops_reading_is_dropped_and_the_run_completes(
+    service: ServerProcess, fake_upstream: ServerProcess
+) -> None:
+    """The WebSocket twin of the SSE case: the writer's send blocks, the watchdog closes the
+    connection after SLOW_CLIENT_TIMEOUT_SECONDS (1 s), and the run goes on to its end."""
+    correlation_id = f"stuck-ws-{random.randrange(10**9)}"
+    async with http_client() as client:
+        thread_id = await new_thread(client, service.url)
+        offset = service.output_size()
+        sock = await anyio.to_thread.run_sync(
+            stuck_websocket_reader, service, thread_id, "fault:slow 0 40000", correlation_id
+        )
+        try:
+            latencies: list[float] = []
+            with anyio.fail_after(8):
+                while await wait_for_log(service, offset, WS_DROPPED, correlation_id, timeout=0) is None:
+                    latencies += await health_latencies(client, service.url, 0.1)
+            data, ending = await anyio.to_thread.run_sync(read_to_the_end, sock, 10.0)
+        finally:
+            sock.close()
+        assert_prompt(latencies)
+        assert ending in ("eof", "reset"), f"the connection was not closed ({len(data)} bytes read)"
+        assert b'"event":"metadata"' not in data, "the stream was not cut short"
+        await assert_thread_usable(client, service.url, thread_id)
+        texts = await assistant_texts(client, fake_upstream.url, thread_id)
+    assert texts[0].startswith("word0 word1 ") and texts[0].endswith(" word39999")
 
 
 # ---------------------------------------------------------------------------------------------
