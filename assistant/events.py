@@ -42,7 +42,9 @@ class Event:
     def encoded(self) -> bytes:
         """The data as one line of JSON (orjson escapes CR and LF inside strings)."""
         if self._encoded is None:
-            self._encoded = orjson.dumps(self.data)
+            # A copy: orjson's own result keeps a 4 KiB allocation however short the JSON, and a
+            # run's log keeps every event (for resumes).
+            self._encoded = memoryview(orjson.dumps(self.data)).tobytes()
         return self._encoded
 
     def __eq__(self, other: object) -> bool:

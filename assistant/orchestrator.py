@@ -124,6 +124,7 @@ async def iterate_run_events(
                     for upstream_event in batch:
                         for event in parser.parse(upstream_event):
                             yield event
+                    del batch, upstream_event  # not held while waiting for the next one
                     if parser.ended:
                         break
             if parser.failure is not None:

@@ -203,8 +203,8 @@ class ResponsesEngine:
             raise openai.APITimeoutError(request=request) from exc  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise openai.APIConnectionError(request=request) from exc  # type: ignore[arg-type]
-        response.request = request
         if response.status_code >= 400:
+            response.request = request  # for the SDK's error (a stream does not keep the body it sent)
             try:
                 await response.aread()
             finally:

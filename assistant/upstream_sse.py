@@ -130,5 +130,7 @@ async def iterate_sse_events(
                 raise
             if events:
                 yield events
+            # An idle stream holds no batch: a `response.created` echoes the whole request.
+            del chunk, pairs, events
     except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)
         raise map_upstream_error(exc) from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import anyio
 import pytest
 
@@ -330,3 +332,15 @@ async def test_wait_beyond() -> None:
         # A finished log never blocks, even when asked about a position beyond its end.
         log.append(Event(METADATA, {}))
         await log.wait_beyond(100)
+
+
+def test_a_kept_event_costs_its_size_not_a_serializer_buffer() -> None:
+    """orjson's result keeps a 4 KiB allocation however short the JSON; a log keeps every event."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [Event("thread.message.delta", {"delta": {"content": f"word{i} "}}).encoded for i in range(200)]
+        per_event = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_event < 512, f"{per_event:.0f} bytes per encoded event"
