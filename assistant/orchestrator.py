@@ -121,10 +121,9 @@ async def iterate_run_events(
             async with engine.open_round(thread_id, turn_input) as batches:
                 log.upstream_answered.set()
                 async for batch in batches:
-                    for upstream_event in batch:
-                        for event in parser.parse(upstream_event):
-                            yield event
-                    del batch, upstream_event  # not held while waiting for the next one
+                    for event in [e for upstream_event in batch for e in parser.parse(upstream_event)]:
+                        yield event
+                    del batch  # an idle stream holds no upstream batch (`response.created` echoes the request)
                     if parser.ended:
                         break
             if parser.failure is not None:
