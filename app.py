@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
             # What start-up built (modules, the SDK's models, the tool schemas) lives as long as
             # the process: keep the collector from walking it again in every full collection
             # (up to 60 ms each, all other streams stalled).
+            gc.collect()  # what start-up left as garbage is freed, not frozen
             gc.freeze()
             try:
                 yield

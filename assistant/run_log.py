@@ -97,6 +97,11 @@ class RunLog:
         else (a heartbeat timer) waits on an event of its own this way."""
         self._waiters.append(waiter)
 
+    def discard_waiter(self, waiter: anyio.Event) -> None:
+        """Forget `waiter` if it is still here: its reader woke for something else."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
     def events_after(self, seq: int) -> list[tuple[int, Event]]:
         """Every event after `seq` that is here now, with its sequence number."""
         if seq + 1 < self._first_seq:

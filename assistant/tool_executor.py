@@ -265,6 +265,7 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
             **fields,
         )
         schema = model.model_json_schema()
+        orjson.dumps(schema)  # sent with every turn: fail here, not on each request (e.g. 2**70)
     except Exception as exc:
         raise ToolConfigError(
             f"tool {name!r}: cannot build an argument schema from its type hints: {exc}"

@@ -100,10 +100,13 @@ class ChatConnection:
                 if log.finished:
                     self._end_turn()
                     continue
-            self._wakeup = anyio.Event()
-            if self._following is not None:
-                self._following[0].add_waiter(self._wakeup)
-            await self._wakeup.wait()
+            wakeup = self._wakeup = anyio.Event()
+            waiting_on = self._following[0] if self._following is not None else None
+            if waiting_on is not None:
+                waiting_on.add_waiter(wakeup)
+            await wakeup.wait()
+            if waiting_on is not None:
+                waiting_on.discard_waiter(wakeup)  # woken by a notice: a quiet turn keeps one waiter
 
     def _end_turn(self) -> None:
         self._following = None
@@ -136,6 +139,8 @@ class ChatConnection:
                 return
             if len(self._notices) >= MAX_NOTICES:
                 logger.warning("closing a WebSocket whose client sends bad frames and reads no answers")
+                # The close frame waits behind the unread frames; if it never goes, the watchdog
+                # (the writer's send is stuck too) ends the connection at the slow-client timeout.
                 await self.websocket.close(CLOSE_POLICY, "too many unanswered bad frames")
                 return
             text = message.get("text")

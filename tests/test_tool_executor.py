@@ -276,6 +276,14 @@ def test_registry_rejects_types_pydantic_cannot_handle() -> None:
         ToolRegistry({"uses_opaque": uses_opaque}, timeout=1)
 
 
+def test_registry_rejects_a_schema_that_cannot_be_sent_as_json() -> None:
+    def huge_default(count: int = 2**70) -> int:
+        return count
+
+    with pytest.raises(ToolConfigError, match="'huge_default': cannot build an argument schema.*64-bit"):
+        ToolRegistry({"huge_default": huge_default}, timeout=1)
+
+
 def test_registry_rejects_unresolvable_annotation() -> None:
     def forward(thing: NotDefinedAnywhere) -> str:  # type: ignore[name-defined]  # noqa: F821
         return ""

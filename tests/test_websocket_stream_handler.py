@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from assistant.config import Settings
+from assistant.run_log import RunLog
 from assistant.websocket_stream_handler import CLOSE_POLICY, MAX_NOTICES, ChatConnection
 
 
@@ -65,3 +66,37 @@ async def test_a_send_stuck_past_the_slow_client_timeout_ends_the_connection() -
         await connection.serve()
     assert 0.2 <= anyio.current_time() - started < 1.0
     assert websocket.sends_started == 1 and websocket.closed is None
+
+
+class ReadingWebSocket(UnreadWebSocket):
+    """A client that sends its next frame once the last was answered, then hangs up."""
+
+    def __init__(self, frames: list[str]) -> None:
+        super().__init__(frames)
+        self.sent: list[str] = []
+        self.received = 0
+
+    async def receive(self) -> dict[str, Any]:
+        while len(self.sent) < self.received:
+            await anyio.sleep(0)
+        if not self.frames:
+            return {"type": "websocket.disconnect"}
+        self.received += 1
+        return await super().receive()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        await anyio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_bad_frames_during_a_quiet_turn_leave_one_waiter_on_its_log() -> None:
+    """Each error frame wakes the writer; it must not leave a waiter on the turn's log each time."""
+    websocket = ReadingWebSocket(["not json"] * 2000)
+    connection = ChatConnection(websocket, manager=None, settings=settings(), correlation_id="cid")  # type: ignore[arg-type]
+    log = RunLog("run_quiet", "conv_quiet", "cid")  # a turn whose upstream sends nothing for now
+    connection._following, connection.turn_running = (log, 0), True
+    with anyio.fail_after(10):
+        await connection.serve()
+    assert len(websocket.sent) == 2000 and all('"type":"invalid_request"' in frame for frame in websocket.sent)
+    assert len(log._waiters) <= 1
