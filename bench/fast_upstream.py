@@ -12,8 +12,10 @@ The "model" is driven by the user message text, e.g. `bench n=50 rate=20 stall=0
          ends every current stall at once (default 0)
 Each delta's text is `"<time.time() when sent, 6 decimals>|"`: the client subtracts it from its
 receive time (same machine, same clock) to get the end-to-end latency through the service.
-The first delta is written right after the response's opening events, with no wait, so the
-fake's own time to first delta is ~0 and a client's TTFD is all service (plus network) overhead.
+The first delta is written right after the response's opening events, with no wait, and its text
+also says when the request had been read: `"<sent>/<request read>|"`. The client takes that
+upstream time out of its time to first delta: what is left is the service's (and the network's)
+overhead. It is small but not nil: the fake shares its core with the load generator.
 
 Endpoints: POST /v1/conversations, POST /v1/responses (stream), GET /health,
 POST /_bench/release, GET /_bench/stats.
@@ -116,7 +118,7 @@ class FastUpstream:
                 else:
                     body = b""
                 keep_alive = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
-                await self.route(method, target.split(b"?", 1)[0], body, writer)
+                await self.route(method, target.split(b"?", 1)[0], body, writer, time.time())
                 if not keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -135,9 +137,10 @@ class FastUpstream:
                 return b"".join(parts)
             parts.append((await reader.readexactly(size + 2))[:-2])
 
-    async def route(self, method: bytes, path: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    async def route(self, method: bytes, path: bytes, body: bytes, writer: asyncio.StreamWriter,
+                    received: float) -> None:
         if method == b"POST" and path == b"/v1/responses":
-            await self.stream_response(orjson.loads(body), writer)
+            await self.stream_response(orjson.loads(body), writer, received)
         elif method == b"POST" and path == b"/v1/conversations":
             self.conversations += 1
             writer.write(json_response(200, {"id": f"conv_bench{self.conversations}", "object": "conversation",
@@ -163,7 +166,7 @@ class FastUpstream:
 
     # -- a streamed response
 
-    async def stream_response(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def stream_response(self, body: dict[str, Any], writer: asyncio.StreamWriter, received: float) -> None:
         n, rate, stall = parse_params(last_user_text(body))
         self.responses += 1
         number = self.responses
@@ -224,7 +227,7 @@ class FastUpstream:
                     delay = start + k / rate - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                text = b"%.6f|" % time.time()
+                text = b"%.6f|" % time.time() if k else b"%.6f/%.6f|" % (time.time(), received)
                 texts.append(text)
                 writer.write(sse(b"response.output_text.delta", delta_template % (text, seq)))
                 seq += 1

@@ -17,7 +17,8 @@ Protocol with bench/run.py (stdout lines, stdin lines), so that it can measure o
   -> OPEN            (--hold only) every stream has received its first event: idle streams
                      are open; the upstream's stall is released by run.py, not by this process
   -> {...}           the raw results, one JSON line: per-delta [send time, latency], per-turn
-                     start/TTFD/end/error, error counts, this process's own CPU time
+                     [start, TTFD, end, the upstream's own share of the TTFD], error counts,
+                     this process's own CPU time
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ class TurnError(Exception):
 class Turn:
     """What one client saw of its turn."""
 
-    __slots__ = ("start", "first", "end", "deltas", "error", "opened")
+    __slots__ = ("start", "first", "upstream_first", "end", "deltas", "error", "opened")
 
     def __init__(self) -> None:
         self.start = 0.0  # time.time() before connecting
         self.first: float | None = None  # first delta received
+        self.upstream_first = 0.0  # of which the upstream's own time: request read -> first delta sent
         self.end: float | None = None
         self.deltas = 0
         self.error: str | None = None
@@ -131,8 +133,11 @@ class Load:
     def _record_delta(self, turn: Turn, content: str, received: float) -> None:
         for piece in content.split("|"):
             if piece:
-                self.samples.append((float(piece), received - float(piece)))
+                sent, _, request_read = piece.partition("/")  # "/" on the first delta only
+                self.samples.append((float(sent), received - float(sent)))
                 turn.deltas += 1
+                if request_read:
+                    turn.upstream_first = float(sent) - float(request_read)
         if turn.first is None:
             turn.first = received
 
@@ -269,7 +274,8 @@ class Load:
             "error_count": sum(errors.values()),
             "errors": dict(errors),
             "turns": [[round(t.start, 6), None if t.first is None else round(t.first - t.start, 6),
-                       None if t.end is None else round(t.end, 6)] for t in self.turns],
+                       None if t.end is None else round(t.end, 6), round(t.upstream_first, 6)]
+                      for t in self.turns],
             "samples": [[round(s, 6), round(latency, 6)] for s, latency in self.samples],
             "load_cpu_seconds": round(cpu_seconds() - cpu0, 4),
             "load_max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
