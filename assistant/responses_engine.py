@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -175,7 +175,7 @@ class ResponsesEngine:
                     continue
                 self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc
-        chunks = response.aiter_bytes()
+        chunks = _body_chunks(response)
         events = iterate_sse_events(chunks)
         try:
             yield events
@@ -220,6 +220,15 @@ class ResponsesEngine:
             return False  # cannot tell, so do not risk sending the input twice
         newest = [item.model_dump() for item in page.data]
         return not (newest and _item_matches(newest[0], items[-1]))
+
+
+def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as the transport hands it over. No content coding is asked for, so none is
+    expected; httpx's `aiter_bytes()` would add two generators, which keep the last chunk alive
+    while they wait (an idle stream's `response.created`, echoing the request: ~2 KiB each)."""
+    if "content-encoding" in response.headers:
+        return response.aiter_bytes()
+    return aiter(cast(httpx.AsyncByteStream, response.stream))
 
 
 async def _always(exc: BaseException) -> bool:

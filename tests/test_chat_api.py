@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from tests.upstream_mock import (
     fixture_responses,
     openai_error,
     request_body,
+    sse,
     sse_response,
     text_events,
     upstream,  # noqa: F401  (fixture)
@@ -156,6 +158,15 @@ def test_json_reply_and_upstream_request(client: TestClient, upstream: respx.Moc
     headers = route.calls[0].request.headers
     assert headers["authorization"] == "Bearer sk-test-secret-key"
     assert headers["content-type"] == "application/json" and headers["user-agent"].startswith("AsyncOpenAI/Python")
+
+
+def test_a_compressed_upstream_stream_is_decoded(client: TestClient, upstream: respx.MockRouter) -> None:
+    """No content coding is asked for, but an upstream (or a proxy) may still send one."""
+    body = gzip.compress(sse(text_events("Hello, gzip!")))
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    upstream.post("/responses").mock(return_value=httpx.Response(200, content=body, headers=headers))
+    response = chat(client, "hello")
+    assert response.status_code == 200 and response.json()["responses"] == ["Hello, gzip!"]
 
 
 def test_sse_reply(client: TestClient, upstream: respx.MockRouter) -> None:
