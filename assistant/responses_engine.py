@@ -183,8 +183,11 @@ class ResponsesEngine:
             # Read the body's end (the upstream closes it right after the last event), so the
             # connection goes back to the pool instead of being dropped: no new TLS handshake.
             with anyio.move_on_after(DRAIN_SECONDS):
-                async for _ in chunks:
-                    pass
+                try:
+                    async for _ in chunks:
+                        pass
+                except httpx.HTTPError:
+                    pass  # the response is complete; the connection is just not reused
         finally:
             with anyio.CancelScope(shield=True):  # also when the run is being cancelled
                 await response.aclose()
@@ -223,9 +226,12 @@ class ResponsesEngine:
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as the transport hands it over. No content coding is asked for, so none is
-    expected; httpx's `aiter_bytes()` would add two generators, which keep the last chunk alive
-    while they wait (an idle stream's `response.created`, echoing the request: ~2 KiB each)."""
+    """One iterator over the body as the transport hands it over (the events, then the drain).
+
+    No content coding is asked for, so none is expected; httpx's `aiter_bytes()` would add two
+    generators that keep the last chunk alive while they wait: an idle stream's
+    `response.created`, echoing the request, ~2 KiB each (the service's own transport keeps
+    nothing; httpx's, used behind a proxy, still does)."""
     if "content-encoding" in response.headers:
         return response.aiter_bytes()
     return aiter(cast(httpx.AsyncByteStream, response.stream))

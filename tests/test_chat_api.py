@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -167,6 +167,33 @@ def test_a_compressed_upstream_stream_is_decoded(client: TestClient, upstream: r
     upstream.post("/responses").mock(return_value=httpx.Response(200, content=body, headers=headers))
     response = chat(client, "hello")
     assert response.status_code == 200 and response.json()["responses"] == ["Hello, gzip!"]
+
+
+class CutAfterTheLastEvent(httpx.AsyncByteStream):
+    """Every event of a complete response, then the connection drops before the body's end."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@pytest.mark.parametrize("headers", [JSON, SSE])
+def test_a_connection_dropped_after_the_last_event_still_answers(
+    client: TestClient, upstream: respx.MockRouter, headers: dict[str, str]
+) -> None:
+    """The reply is complete; only the connection cannot be reused."""
+    stream = CutAfterTheLastEvent(sse(text_events("All here.")))
+    upstream.post("/responses").mock(return_value=httpx.Response(200, stream=stream))
+    response = chat(client, "hello", headers=headers)
+    assert response.status_code == 200
+    if headers is JSON:
+        assert response.json()["responses"] == ["All here."]
+    else:
+        names = [e["event"] for e in events_of(response.text)]
+        assert names[-3:] == ["thread.message.completed", "thread.run.completed", "metadata"]
 
 
 def test_sse_reply(client: TestClient, upstream: respx.MockRouter) -> None:
