@@ -94,7 +94,8 @@ class RunLog:
 
     def add_waiter(self, waiter: anyio.Event) -> None:
         """Have `waiter` set at the next event. A reader that may also be woken by something
-        else (a heartbeat timer) waits on an event of its own this way."""
+        else (a heartbeat timer) waits on an event of its own this way, and discards it after
+        the wait (`discard_waiter`), so that a quiet run does not collect one per wake-up."""
         self._waiters.append(waiter)
 
     def discard_waiter(self, waiter: anyio.Event) -> None:

@@ -160,7 +160,10 @@ class SSEResponse:
                 continue
             self._wakeup = anyio.Event()
             log.add_waiter(self._wakeup)
-            await self._wakeup.wait()
+            try:
+                await self._wakeup.wait()
+            finally:
+                log.discard_waiter(self._wakeup)
         self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})
         self._sending_since = None

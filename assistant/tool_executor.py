@@ -265,11 +265,14 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
             **fields,
         )
         schema = model.model_json_schema()
-        orjson.dumps(schema)  # sent with every turn: fail here, not on each request (e.g. 2**70)
     except Exception as exc:
         raise ToolConfigError(
             f"tool {name!r}: cannot build an argument schema from its type hints: {exc}"
         ) from exc
+    try:
+        orjson.dumps(schema)  # sent with every turn: fail at start-up, not on each request
+    except TypeError as exc:
+        raise ToolConfigError(f"tool {name!r}: its argument schema cannot be sent as JSON: {exc}") from exc
 
     is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)

@@ -104,9 +104,11 @@ class ChatConnection:
             waiting_on = self._following[0] if self._following is not None else None
             if waiting_on is not None:
                 waiting_on.add_waiter(wakeup)
-            await wakeup.wait()
-            if waiting_on is not None:
-                waiting_on.discard_waiter(wakeup)  # woken by a notice: a quiet turn keeps one waiter
+            try:
+                await wakeup.wait()
+            finally:
+                if waiting_on is not None:
+                    waiting_on.discard_waiter(wakeup)
 
     def _end_turn(self) -> None:
         self._following = None

@@ -63,3 +63,21 @@ async def test_a_client_that_stops_reading_is_dropped() -> None:
         await response(None, never_disconnects, send)  # type: ignore[arg-type]
     assert 0.25 < time.monotonic() - started < 1.0
     assert not response.done
+
+
+@pytest.mark.anyio
+async def test_heartbeats_on_a_quiet_run_leave_no_waiters_on_its_log() -> None:
+    """Each heartbeat wakes the sender; it must not leave its used event on the log each time."""
+    log = new_log()
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def disconnects_later() -> dict[str, Any]:
+        await anyio.sleep(0.5)
+        return {"type": "http.disconnect"}
+
+    response = SSEResponse(log, heartbeat_seconds=0.01, retry_ms=1, slow_client_timeout_seconds=5)
+    with anyio.fail_after(3):
+        await response(None, disconnects_later, send)  # type: ignore[arg-type]
+    assert log._waiters == []

@@ -280,7 +280,7 @@ def test_registry_rejects_a_schema_that_cannot_be_sent_as_json() -> None:
     def huge_default(count: int = 2**70) -> int:
         return count
 
-    with pytest.raises(ToolConfigError, match="'huge_default': cannot build an argument schema.*64-bit"):
+    with pytest.raises(ToolConfigError, match="'huge_default': its argument schema cannot be sent as JSON: .*64-bit"):
         ToolRegistry({"huge_default": huge_default}, timeout=1)
 
 

@@ -100,3 +100,25 @@ async def test_bad_frames_during_a_quiet_turn_leave_one_waiter_on_its_log() -> N
         await connection.serve()
     assert len(websocket.sent) == 2000 and all('"type":"invalid_request"' in frame for frame in websocket.sent)
     assert len(log._waiters) <= 1
+
+
+class QuietClient(UnreadWebSocket):
+    """Reads whatever comes (nothing does), sends nothing, hangs up soon."""
+
+    async def receive(self) -> dict[str, Any]:
+        await anyio.sleep(0.001)
+        return {"type": "websocket.disconnect"}
+
+    async def send_text(self, text: str) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_clients_leaving_a_quiet_turn_leave_no_waiters_on_its_log() -> None:
+    log = RunLog("run_quiet", "conv_quiet", "cid")
+    for _ in range(20):  # clients following the same quiet run hang up mid-wait
+        connection = ChatConnection(QuietClient([]), manager=None, settings=settings(), correlation_id="cid")  # type: ignore[arg-type]
+        connection._following, connection.turn_running = (log, 0), True
+        with anyio.fail_after(5):
+            await connection.serve()
+    assert log._waiters == []
