@@ -92,16 +92,16 @@ class RunLog:
                 waiter.set()
             self._waiters.clear()
 
-    def add_waiter(self, waiter: anyio.Event) -> None:
-        """Have `waiter` set at the next event. A reader that may also be woken by something
-        else (a heartbeat timer) waits on an event of its own this way, and discards it after
-        the wait (`discard_waiter`), so that a quiet run does not collect one per wake-up."""
-        self._waiters.append(waiter)
-
-    def discard_waiter(self, waiter: anyio.Event) -> None:
-        """Forget `waiter` if it is still here: its reader woke for something else."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+    async def wait_next_or(self, wakeup: anyio.Event) -> None:
+        """Return at the next event, or once someone else sets `wakeup` (a heartbeat timer, an
+        error frame to send). `wakeup` is forgotten either way: a quiet run does not collect
+        one per wake-up of its readers."""
+        self._waiters.append(wakeup)
+        try:
+            await wakeup.wait()
+        finally:
+            if wakeup in self._waiters:  # not woken by an event: the list still holds it
+                self._waiters.remove(wakeup)
 
     def events_after(self, seq: int) -> list[tuple[int, Event]]:
         """Every event after `seq` that is here now, with its sequence number."""

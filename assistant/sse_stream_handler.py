@@ -159,11 +159,7 @@ class SSEResponse:
                 pending = b""
                 continue
             self._wakeup = anyio.Event()
-            log.add_waiter(self._wakeup)
-            try:
-                await self._wakeup.wait()
-            finally:
-                log.discard_waiter(self._wakeup)
+            await log.wait_next_or(self._wakeup)
         self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})
         self._sending_since = None

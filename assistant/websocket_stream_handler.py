@@ -100,15 +100,11 @@ class ChatConnection:
                 if log.finished:
                     self._end_turn()
                     continue
-            wakeup = self._wakeup = anyio.Event()
-            waiting_on = self._following[0] if self._following is not None else None
-            if waiting_on is not None:
-                waiting_on.add_waiter(wakeup)
-            try:
-                await wakeup.wait()
-            finally:
-                if waiting_on is not None:
-                    waiting_on.discard_waiter(wakeup)
+            self._wakeup = anyio.Event()
+            if self._following is not None:
+                await self._following[0].wait_next_or(self._wakeup)
+            else:
+                await self._wakeup.wait()
 
     def _end_turn(self) -> None:
         self._following = None
