@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 
 import anyio
@@ -344,3 +345,31 @@ def test_a_kept_event_costs_its_size_not_a_serializer_buffer() -> None:
     finally:
         tracemalloc.stop()
     assert per_event < 512, f"{per_event:.0f} bytes per encoded event"
+
+
+def test_kept_events_are_not_walked_by_the_garbage_collector() -> None:
+    """A full collection walks every tracked object and stalls every stream meanwhile: the events
+    that open and retained runs keep (hundreds of thousands) must not be among them."""
+    log = new_log()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2000):
+        log.append(delta(i))
+    gc.collect()  # untracks what it can; tracked objects stay listed
+    added = len(gc.get_objects()) - before
+    assert added < 20, f"{added} more objects for the collector to walk after 2,000 events"
+    assert log.events_after(1998) == [(1999, delta(1998)), (2000, delta(1999))]
+
+
+def test_a_logged_event_costs_its_json_not_its_data() -> None:
+    log = new_log()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(500):
+            log.append(Event(MESSAGE_DELTA, {"delta": {"content": f"word{i} "}}))
+        per_event = (tracemalloc.get_traced_memory()[0] - before) / 500
+    finally:
+        tracemalloc.stop()
+    # The JSON is ~35 bytes (+33 for the bytes object); the data's two dicts would add ~400.
+    assert per_event < 160, f"{per_event:.0f} bytes per logged event"
