@@ -11,7 +11,7 @@ send time) and the service exactly as the Procfile does (`hypercorn app:app --bi
   B  --streams x --deltas at --rate (200 x 50 at 20/s) CPU per delta all-in, per turn, latency, TTFD
      B1 is the same clients with 1-delta turns: it prices a turn alone, to split B's CPU into
         per-turn and per-delta (two equations, two unknowns)
-  C  1,000 streams x 10 deltas/s for 10 s              errors and latency, sustained
+  C  1,000 streams x 10 deltas/s for 60 s              errors and latency, sustained
   D  --idle-streams held open on a stalled upstream    RSS per open idle stream (heartbeats on)
 
 CPU is the service's (hypercorn parent + its spawned worker), from /proc/<pid>/stat utime+stime,
@@ -545,7 +545,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="B: deltas/s per stream (default 20)")
     parser.add_argument("--idle-streams", type=int, help="D: idle streams held open (default 1000)")
     parser.add_argument("--sustained-streams", type=int, help="C: concurrent streams (default 1000)")
-    parser.add_argument("--sustained-seconds", type=float, help="C: length of each stream at 10 deltas/s (default 10)")
+    parser.add_argument("--sustained-seconds", type=float, help="C: length of each stream at 10 deltas/s (default 60: long enough to include full garbage collections)")
     parser.add_argument("--full-rate-deltas", type=int, help="A: deltas of the one full-rate stream (default 5000)")
     parser.add_argument("--ramp", type=float, help="B and C: seconds over which clients start "
                         "(default: half a stream's length, at most 5 s)")
@@ -561,7 +561,7 @@ def main() -> int:
     b_deltas = args.deltas or (5 if quick else 50)
     b_rate = args.rate or 20.0
     c_streams = args.sustained_streams or (10 if quick else 1000)
-    c_deltas = max(1, round(10 * (args.sustained_seconds or (0.5 if quick else 10.0))))
+    c_deltas = max(1, round(10 * (args.sustained_seconds or (0.5 if quick else 60.0))))
     d_streams = args.idle_streams or (20 if quick else 1000)
     a_deltas = args.full_rate_deltas or (100 if quick else 5000)
     hold = 0.2 if quick else 3.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -590,3 +591,13 @@ def test_unreadable_retry_after_falls_back_to_backoff(client: TestClient, upstre
         openai_error(429, "slow down", headers={"retry-after": "soon, maybe"}), sse_response(text_events("ok")),
     ])
     assert chat(client, "hi").json()["responses"] == ["ok"] and route.call_count == 2
+
+
+def test_the_service_makes_full_garbage_collections_rarer_and_skips_what_start_up_built() -> None:
+    """Each full collection stalls every stream (app.tune_garbage_collector says why)."""
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)  # Python's default
+    with make_client() as test_client:
+        assert test_client.get("/health").status_code == 200
+        assert gc.get_threshold() == (700, 10, 100)
+        assert gc.get_freeze_count() > 10_000
