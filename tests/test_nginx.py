@@ -204,6 +204,9 @@ async def test_websocket_turn_through_nginx(nginx_proxy: NginxProxy, location: s
     frames = []
     async with connect(url, proxy=None, open_timeout=5, additional_headers={"X-Correlation-ID": correlation_id}) as ws:
         assert ws.response is not None and ws.response.headers["x-correlation-id"] == correlation_id
+        # The client offered permessage-deflate (websockets does, as browsers do); nginx drops the offer.
+        assert "permessage-deflate" in ws.request.headers["sec-websocket-extensions"]
+        assert "sec-websocket-extensions" not in ws.response.headers
         await ws.send(json.dumps({"thread_id": thread_id, "message": message}))
         with anyio.fail_after(15):
             while not frames or frames[-1]["event"] != METADATA:
