@@ -118,9 +118,7 @@ class RunLog:
     async def wait_beyond(self, seq: int) -> None:
         """Return once there is an event after `seq` or the run has ended."""
         while self.last_seq <= seq and not self.finished:
-            waiter = anyio.Event()
-            self._waiters.append(waiter)
-            await waiter.wait()
+            await self.wait_next_or(anyio.Event())
 
     async def wait_finished(self) -> None:
         while not self.finished:

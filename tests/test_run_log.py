@@ -373,3 +373,14 @@ def test_a_logged_event_costs_its_json_not_its_data() -> None:
         tracemalloc.stop()
     # The JSON is ~35 bytes (+33 for the bytes object); the data's two dicts would add ~400.
     assert per_event < 160, f"{per_event:.0f} bytes per logged event"
+
+
+@pytest.mark.anyio
+async def test_readers_cancelled_while_waiting_leave_no_waiters() -> None:
+    """JSON clients waiting for a long run and leaving (a timeout, a disconnect) cost it nothing."""
+    log = new_log()
+    log.append(delta(1))
+    for _ in range(50):
+        with anyio.move_on_after(0.001):
+            await log.wait_finished()
+    assert log._waiters == []
