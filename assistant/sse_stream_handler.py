@@ -2,7 +2,8 @@
 
 One task sends: whatever the run's log holds past what was sent, framed together into one body
 message, or a keepalive comment when nothing was sent for the heartbeat interval (so comments
-flow while a tool runs for minutes). A second task watches for the client going away.
+flow while a tool runs for minutes). A second task watches the client: gone away, due a
+keepalive, or no longer reading.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def frame_resumed(log: RunLog, after: int) -> bytes:
 class SSEResponse:
     """An ASGI response streaming one run's log from position `after`.
 
-    Three tasks: the sender (the only one that sends), a timer that asks it for a keepalive
-    comment when nothing was sent for the heartbeat interval and drops the client when one send
-    has waited longer than the slow-client timeout, and a watcher for the client going away.
+    Two tasks: the sender (the only one that sends), and a watcher that waits for the client's
+    disconnect until a timer is due: it asks the sender for a keepalive comment when nothing was
+    sent for the heartbeat interval, and drops the client when one send has waited longer than
+    the slow-client timeout.
     The sender waits on one event per wait, with no timeout of its own: that keeps the path of
     each delta free of timers.
     """
@@ -86,23 +88,15 @@ class SSEResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._watch_disconnect, receive, task_group.cancel_scope)
-            task_group.start_soon(self._time_keepalives, task_group.cancel_scope)
+            task_group.start_soon(self._watch_client, receive, task_group.cancel_scope)
             await self._stream(send)
             self.done = True
             task_group.cancel_scope.cancel()
 
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                if not self.done:
-                    logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
-                scope.cancel()
-                return
-
-    async def _time_keepalives(self, scope: anyio.CancelScope) -> None:
-        """The heartbeat timer, and the watchdog of a client that stopped reading."""
+    async def _watch_client(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        """The watcher of the client going away, the heartbeat timer, and the watchdog of a
+        client that stopped reading, in one task (each task costs ~4 KiB per open stream): it
+        waits for the client's next message until the next timer is due."""
         while True:
             now = time.monotonic()
             if self._sending_since is not None:
@@ -114,15 +108,21 @@ class SSEResponse:
                     )
                     scope.cancel()
                     return
-                await anyio.sleep(min(self.slow_client_timeout_seconds - waited, self.heartbeat_seconds))
-                continue
-            due = self._last_sent + self.heartbeat_seconds
-            if now >= due:
-                self._keepalive_due = True
-                if self._wakeup is not None:
-                    self._wakeup.set()
-                due = now + self.heartbeat_seconds
-            await anyio.sleep(due - now)
+                delay = min(self.slow_client_timeout_seconds - waited, self.heartbeat_seconds)
+            else:
+                delay = self._last_sent + self.heartbeat_seconds - now
+                if delay <= 0:
+                    self._keepalive_due = True
+                    if self._wakeup is not None:
+                        self._wakeup.set()
+                    delay = self.heartbeat_seconds
+            with anyio.move_on_after(delay):
+                message: Message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not self.done:
+                        logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
+                    scope.cancel()
+                    return
 
     async def _send_body(self, send: Send, body: bytes) -> None:
         self._sending_since = time.monotonic()

@@ -1,9 +1,10 @@
 """Chat over a WebSocket: many turns per connection, one at a time.
 
-Three tasks: the reader takes the client's frames (so a bad frame or a second turn is answered
-at once, even mid-turn); the writer is the only one that sends: the connection's notices (error
-frames, a resume's first frame), then whatever the current turn's log holds past what was sent;
-and a watchdog drops a client whose one send has waited longer than the slow-client timeout.
+Two tasks: the reader takes the client's frames (so a bad frame or a second turn is answered
+at once, even mid-turn) and, while it waits for them, drops a client whose one send has waited
+longer than the slow-client timeout; the writer is the only one that sends: the connection's
+notices (error frames, a resume's first frame), then whatever the current turn's log holds past
+what was sent.
 The writer reads the run's log directly, as the SSE handler does: a slow client holds up only
 its own writer, never the run, and a delta costs no queue hop.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import anyio
 import orjson
 from anyio.abc import TaskGroup
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .chat_request import ChatRequest, check_run_id, parse_chat_request
@@ -62,7 +64,6 @@ class ChatConnection:
         await self.websocket.accept()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._write_frames)
-            task_group.start_soon(self._drop_if_stuck, task_group.cancel_scope)
             await self._read_frames(task_group)
             task_group.cancel_scope.cancel()
 
@@ -115,38 +116,45 @@ class ChatConnection:
         await self.websocket.send_text(frame)
         self._sending_since = None
 
-    async def _drop_if_stuck(self, scope: anyio.CancelScope) -> None:
-        """Close a connection whose client stopped reading: one send waited past the timeout."""
+    async def _receive(self) -> Message | None:
+        """The client's next message; None once one send waited past the slow-client timeout.
+
+        The watchdog lives here rather than in a task of its own (~4 KiB per open socket): the
+        wait for the client is cut short whenever a send may have been stuck for that long.
+        """
         timeout = self.settings.slow_client_timeout_seconds
         while True:
             since = self._sending_since
             waited = 0.0 if since is None else anyio.current_time() - since
             if waited >= timeout:
                 logger.warning("dropping a WebSocket client that stopped reading")
-                scope.cancel()
-                return
-            await anyio.sleep(timeout - waited)
+                return None
+            with anyio.move_on_after(timeout - waited):
+                return await self.websocket.receive()
+
+    async def _close(self, code: int, reason: str) -> None:
+        """The close frame waits behind the frames the client has not read: not for ever."""
+        with anyio.move_on_after(self.settings.slow_client_timeout_seconds):
+            await self.websocket.close(code, reason)
 
     async def _read_frames(self, task_group: TaskGroup) -> None:
         while True:
             try:
-                message = await self.websocket.receive()
+                message = await self._receive()
             except WebSocketDisconnect:
                 return
-            if message["type"] == "websocket.disconnect":
+            if message is None or message["type"] == "websocket.disconnect":
                 return
             if len(self._notices) >= MAX_NOTICES:
                 logger.warning("closing a WebSocket whose client sends bad frames and reads no answers")
-                # The close frame waits behind the unread frames; if it never goes, the watchdog
-                # (the writer's send is stuck too) ends the connection at the slow-client timeout.
-                await self.websocket.close(CLOSE_POLICY, "too many unanswered bad frames")
+                await self._close(CLOSE_POLICY, "too many unanswered bad frames")
                 return
             text = message.get("text")
             if text is None:
                 self._notify(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
                 continue
             if len(text) > self.settings.max_body_bytes:
-                await self.websocket.close(CLOSE_TOO_BIG, "frame too large")
+                await self._close(CLOSE_TOO_BIG, "frame too large")
                 return
             try:
                 frame = orjson.loads(text)

@@ -73,11 +73,38 @@ async def test_heartbeats_on_a_quiet_run_leave_no_waiters_on_its_log() -> None:
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    async def disconnects_later() -> dict[str, Any]:
-        await anyio.sleep(0.5)
-        return {"type": "http.disconnect"}
-
     response = SSEResponse(log, heartbeat_seconds=0.01, retry_ms=1, slow_client_timeout_seconds=5)
     with anyio.fail_after(3):
-        await response(None, disconnects_later, send)  # type: ignore[arg-type]
+        await response(None, disconnects_after(0.5), send)  # type: ignore[arg-type]
     assert log._waiters == []
+
+
+def disconnects_after(seconds: float) -> Any:
+    """A server's receive: a queue (waits on it can be cancelled) that holds the disconnect from
+    `seconds` on."""
+    deadline = time.monotonic() + seconds
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep(deadline - time.monotonic())
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+@pytest.mark.anyio
+async def test_the_disconnect_ends_the_stream_at_once_between_heartbeats() -> None:
+    """The watcher's wait for the client is cut short by each timer; the disconnect still ends
+    the stream when it comes, not at the next heartbeat."""
+    log = new_log()
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message.get("body", b""))
+
+    response = SSEResponse(log, heartbeat_seconds=0.2, retry_ms=1, slow_client_timeout_seconds=5)
+    started = time.monotonic()
+    with anyio.fail_after(3):
+        await response(None, disconnects_after(0.5), send)  # type: ignore[arg-type]
+    assert 0.45 < time.monotonic() - started < 0.6
+    assert sent.count(KEEPALIVE) == 2  # at 0.2 and 0.4 s
+    assert not response.done

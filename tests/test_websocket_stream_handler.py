@@ -45,6 +45,18 @@ def settings(**overrides: Any) -> Settings:
     return Settings(openai_api_key="sk-test", **{"slow_client_timeout_seconds": 60.0, **overrides})
 
 
+async def seconds_served(websocket: UnreadWebSocket, *, slow_client_timeout_seconds: float) -> float:
+    """How long the connection lasted (at most 5 s)."""
+    connection = ChatConnection(
+        websocket, manager=None, settings=settings(slow_client_timeout_seconds=slow_client_timeout_seconds),  # type: ignore[arg-type]
+        correlation_id="cid",
+    )
+    started = anyio.current_time()
+    with anyio.fail_after(5):
+        await connection.serve()
+    return anyio.current_time() - started
+
+
 @pytest.mark.anyio
 async def test_a_client_flooding_bad_frames_without_reading_is_closed_1008() -> None:
     websocket = UnreadWebSocket(["not json"] * (MAX_NOTICES + 50))
@@ -58,14 +70,21 @@ async def test_a_client_flooding_bad_frames_without_reading_is_closed_1008() -> 
 @pytest.mark.anyio
 async def test_a_send_stuck_past_the_slow_client_timeout_ends_the_connection() -> None:
     websocket = UnreadWebSocket(["not json"])
-    connection = ChatConnection(
-        websocket, manager=None, settings=settings(slow_client_timeout_seconds=0.2), correlation_id="cid"  # type: ignore[arg-type]
-    )
-    started = anyio.current_time()
-    with anyio.fail_after(5):
-        await connection.serve()
-    assert 0.2 <= anyio.current_time() - started < 1.0
+    assert 0.2 <= await seconds_served(websocket, slow_client_timeout_seconds=0.2) < 1.0
     assert websocket.sends_started == 1 and websocket.closed is None
+
+
+class UnreadWebSocketStuckOnClose(UnreadWebSocket):
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+        await anyio.sleep_forever()  # the close frame waits behind the unread ones
+
+
+@pytest.mark.anyio
+async def test_a_close_frame_stuck_behind_unread_frames_ends_the_connection_at_the_timeout() -> None:
+    websocket = UnreadWebSocketStuckOnClose(["not json"] * (MAX_NOTICES + 50))
+    assert 0.3 <= await seconds_served(websocket, slow_client_timeout_seconds=0.3) < 1.0
+    assert websocket.closed == (CLOSE_POLICY, "too many unanswered bad frames")
 
 
 class ReadingWebSocket(UnreadWebSocket):
