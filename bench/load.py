@@ -6,7 +6,8 @@ and SSE parsed incrementally, one `time.time()` per network read. WebSocket clie
 `websockets` package (it offers permessage-deflate, as browsers do, unless --ws-compression off).
 
 Each client owns one thread (created before the measured part) and runs one turn: it connects,
-sends `bench n=<deltas> rate=<rate> stall=<stall>`, and reads until `metadata`. Per delta it
+sends `bench n=<deltas> rate=<rate> stall=<stall>`, and reads until `metadata`; with
+--duration it runs turn after turn on its thread, each on a new connection, for that long. Per delta it
 records the end-to-end latency (receive time - the send time the fake upstream wrote in the
 delta text); per turn the time to first delta (first delta received - connect started, so TCP
 and WebSocket set-up count as overhead on both transports). Client i starts at i * ramp / N.
@@ -17,7 +18,8 @@ Protocol with bench/run.py (stdout lines, stdin lines), so that it can measure o
   -> OPEN            (--hold only) every stream has received its first event: idle streams
                      are open; the upstream's stall is released by run.py, not by this process
   -> {...}           the raw results, one JSON line: per-delta [send time, latency], per-turn
-                     [start, TTFD, end, the upstream's own share of the TTFD], error counts,
+                     [start, TTFD, end, the upstream's own share of the TTFD], one per turn
+                     (whichever client ran it), error counts,
                      this process's own CPU time
 """
 
@@ -145,7 +147,7 @@ class Load:
         if not turn.opened:
             turn.opened = True
             self.open_count += 1
-            if self.open_count == len(self.turns):
+            if self.open_count == self.args.streams:
                 self.all_open.set()
 
     def _finish(self, turn: Turn, saw_metadata: bool) -> None:
@@ -221,8 +223,15 @@ class Load:
             self._finish(turn, saw_metadata)
 
     async def client(self, index: int, thread_id: str, go: float) -> None:
-        turn = self.turns[index]
         await asyncio.sleep(max(0.0, go + index * self.args.ramp / max(1, self.args.streams) - time.monotonic()))
+        while True:
+            turn = Turn()
+            self.turns.append(turn)
+            await self.turn(thread_id, turn)
+            if time.monotonic() - go >= self.args.duration:
+                return
+
+    async def turn(self, thread_id: str, turn: Turn) -> None:
         run = self.ws_turn if self.args.transport == "ws" else self.sse_turn
         try:
             await asyncio.wait_for(run(thread_id, turn), self.args.turn_timeout)
@@ -248,7 +257,6 @@ class Load:
                 return await self.create_thread()
 
         threads = await asyncio.gather(*(new_thread() for _ in range(args.streams)))
-        self.turns = [Turn() for _ in threads]
         print("READY", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
@@ -292,6 +300,8 @@ def main() -> None:
     parser.add_argument("--stall", type=float, default=0.0, help="upstream silence after response.created")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which the clients start")
     parser.add_argument("--hold", action="store_true", help="print OPEN once every stream is open (idle streams)")
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="seconds each client goes on running turns (default 0: one turn each)")
     parser.add_argument("--turn-timeout", type=float, default=120.0)
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on")
     args = parser.parse_args()

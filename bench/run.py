@@ -1,7 +1,7 @@
 """The service's performance benchmark: one command, one table.
 
     python bench/run.py [--quick] [--pin] [--transport sse|ws|both] [--streams N] [--deltas N]
-                        [--rate R] [--idle-streams N] [--scenarios ABCD] [--json FILE]
+                        [--rate R] [--idle-streams N] [--scenarios ABCDE] [--json FILE]
 
 It starts bench/fast_upstream.py (a fake OpenAI that costs little CPU, whose deltas carry their
 send time) and the service exactly as the Procfile does (`hypercorn app:app --bind`, here on
@@ -13,6 +13,9 @@ send time) and the service exactly as the Procfile does (`hypercorn app:app --bi
         per-turn and per-delta (two equations, two unknowns)
   C  1,000 streams x 10 deltas/s for 60 s              errors and latency, sustained
   D  --idle-streams held open on a stalled upstream    RSS per open idle stream (heartbeats on)
+  E  --churn-clients each running 5-delta turns back  memory under connection churn: whether RSS
+     to back for --churn-seconds, a new connection      levels off (closed connections are freed
+     per turn                                           by the garbage collector's full collections)
 
 CPU is the service's (hypercorn parent + its spawned worker), from /proc/<pid>/stat utime+stime,
 over the measured part only (threads are created before it). RSS is the worker's VmRSS. D runs
@@ -133,20 +136,23 @@ def connections_to(port: int) -> int:
     return count
 
 
-class PeakSampler:
-    """Samples a figure in a background thread while a scenario runs, and keeps its maximum."""
+class Sampler:
+    """Samples a figure in a background thread while a scenario runs: every (time, value), and the peak."""
 
     def __init__(self, sample: Any, interval: float = 0.25) -> None:
         self.sample, self.interval, self.peak = sample, interval, 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            value = self.sample()
+            self.samples.append((time.monotonic(), value))
+            self.peak = max(self.peak, value)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -316,6 +322,7 @@ class LoadRun:
     rss_after_kib: int = 0
     foreign_cpu: float = 0.0  # CPU time of processes not ours, where the service runs
     peak_upstream_connections: int = 0  # the service's pool toward the fake (max_connections=1000)
+    rss_samples: list[tuple[float, int]] | None = None  # (seconds into the run, worker KiB), once a second
 
     @property
     def foreign_core_percent(self) -> float:
@@ -332,7 +339,7 @@ class LoadRun:
 
     @property
     def turns(self) -> int:
-        return self.result["streams"]
+        return len(self.result["turns"])
 
     def latencies_ms(self, steady: bool = False) -> list[float]:
         samples = self.result["samples"]
@@ -382,7 +389,7 @@ class Bench:
     warnings: int = 0  # service log lines at WARNING or above, over every service started
 
     def load(self, service: Service, transport: str, streams: int, deltas: int, rate: float, *,
-             stall: float = 0.0, ramp: float = 0.0, hold: float | None = None) -> LoadRun:
+             stall: float = 0.0, ramp: float = 0.0, hold: float | None = None, duration: float = 0.0) -> LoadRun:
         assert self.upstream is not None
         stalled = stall if hold is None else 0.0  # with hold, run.py releases the stall itself
         command = [
@@ -390,6 +397,7 @@ class Bench:
             "--transport", transport, "--streams", str(streams), "--deltas", str(deltas), "--rate", str(rate),
             "--stall", str(stall), "--ramp", str(ramp), "--ws-compression", self.args.ws_compression,
             "--turn-timeout", str(120 + ramp + stalled + (deltas / rate if rate else 0)),
+            "--duration", str(duration),
         ]
         if hold is not None:
             command.append("--hold")
@@ -412,7 +420,8 @@ class Bench:
                 proc.stdin.write("GO\n")
                 proc.stdin.flush()
                 rss_open = 0
-                with PeakSampler(lambda: connections_to(self.upstream.port)) as upstream_connections:
+                with Sampler(lambda: connections_to(self.upstream.port)) as upstream_connections, \
+                        Sampler(service.rss_kib, interval=1.0) as rss:
                     if hold is not None:
                         expect("OPEN")
                         time.sleep(hold)
@@ -438,6 +447,7 @@ class Bench:
                     ours += run.upstream_cpu + run.result["load_cpu_seconds"]
                 run.foreign_cpu = busy1 - busy0 - ours
                 run.peak_upstream_connections = upstream_connections.peak
+                run.rss_samples = [(at - t0, kib) for at, kib in rss.samples]
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -532,6 +542,24 @@ def add_pool(table: Table, name: str, transport: str, run: LoadRun) -> None:
               digits=0)
 
 
+def add_churn(table: Table, name: str, transport: str, run: LoadRun) -> None:
+    """Whether memory levels off while connections come and go: RSS along the run, and its slope
+    over the second half (a leak, or garbage waiting ever longer for a full collection, shows there)."""
+    table.add(name, transport, "turns/s (a new connection each)", run.turns / run.wall, "/s", digits=0)
+    table.add(name, transport, "service CPU busy", 100 * run.service_cpu / run.wall, "% core", digits=0)
+    table.add(name, transport, "worker RSS before (warmed up)", run.rss_before_kib / 1024, "MiB")
+    samples = run.rss_samples or [(0.0, run.rss_before_kib)]
+    end = samples[-1][0]
+    middle = min(samples, key=lambda sample: abs(sample[0] - end / 2))
+    table.add(name, transport, "worker RSS at half-time", middle[1] / 1024, "MiB")
+    table.add(name, transport, "worker RSS at the end", samples[-1][1] / 1024, "MiB")
+    table.add(name, transport, "worker RSS peak", max(kib for _, kib in samples) / 1024, "MiB")
+    slope = (samples[-1][1] - middle[1]) / 1024 / (end - middle[0]) * 60 if end > middle[0] else None
+    table.add(name, transport, "RSS growth over the second half", slope, "MiB/min")
+    table.add(name, transport, "worker RSS after they closed", run.rss_after_kib / 1024, "MiB")
+    table.add(name, transport, "errors", run.errors, "", 0, digits=0)
+
+
 # -- scenarios
 
 
@@ -546,10 +574,12 @@ def main() -> int:
     parser.add_argument("--idle-streams", type=int, help="D: idle streams held open (default 1000)")
     parser.add_argument("--sustained-streams", type=int, help="C: concurrent streams (default 1000)")
     parser.add_argument("--sustained-seconds", type=float, help="C: length of each stream at 10 deltas/s (default 60: long enough to include full garbage collections)")
+    parser.add_argument("--churn-clients", type=int, help="E: clients running turns back to back (default 50)")
+    parser.add_argument("--churn-seconds", type=float, help="E: how long they do (default 60)")
     parser.add_argument("--full-rate-deltas", type=int, help="A: deltas of the one full-rate stream (default 5000)")
     parser.add_argument("--ramp", type=float, help="B and C: seconds over which clients start "
                         "(default: half a stream's length, at most 5 s)")
-    parser.add_argument("--scenarios", default="ABCD", help="which to run, e.g. BD (default ABCD)")
+    parser.add_argument("--scenarios", default="ABCDE", help="which to run, e.g. BD (default ABCDE)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
                         help="offer permessage-deflate as browsers do (default on)")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this file")
@@ -564,6 +594,8 @@ def main() -> int:
     c_deltas = max(1, round(10 * (args.sustained_seconds or (0.5 if quick else 60.0))))
     d_streams = args.idle_streams or (20 if quick else 1000)
     a_deltas = args.full_rate_deltas or (100 if quick else 5000)
+    e_clients = args.churn_clients or (5 if quick else 50)
+    e_seconds = args.churn_seconds or (0.5 if quick else 60.0)
     hold = 0.2 if quick else 3.0
     args.settle = 0.05 if quick else 0.3
 
@@ -634,6 +666,17 @@ def main() -> int:
                 table.add(name, transport, "worker RSS after they closed", run.rss_after_kib / 1024, "MiB")
                 add_pool(table, name, transport, run)
                 table.add(name, transport, "errors", run.errors, "", 0, digits=0)
+                retire(service)
+
+        # E on a fresh service too: its figure is how memory moves from a known start.
+        if "E" in scenarios:
+            for transport in transports:
+                progress(f"E {transport}: {e_clients} clients running turns for {e_seconds:g} s, a connection each")
+                service = new_service()
+                bench.load(service, transport, min(20, e_clients), 5, 0)  # warm-up: imports, pools
+                run = bench.load(service, transport, e_clients, 5, 0, duration=e_seconds)
+                count_errors("E", transport, run)
+                add_churn(table, "E churn", transport, run)
                 retire(service)
 
         # A, B and C share one service (started only if one of them runs), in that order.

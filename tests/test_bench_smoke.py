@@ -1,7 +1,7 @@
 """Smoke test of the benchmark (bench/run.py): its quick run goes through every scenario.
 
 `--quick` starts the fast fake upstream and the service as the Procfile does, and drives each
-scenario (full rate, concurrent streams, sustained, idle streams) over SSE and WebSocket at a tiny
+scenario (full rate, concurrent streams, sustained, idle streams, connection churn) over SSE and WebSocket at a tiny
 size. This test checks that the benchmark still works end to end and that no stream failed. It
 never asserts on a timing, CPU or memory figure: CI machines are too noisy, and that is what the
 full run (`python bench/run.py --pin`) is for.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("A full rate", "B ", "C ", "D idle")
+SCENARIOS = ("A full rate", "B ", "C ", "D idle", "E churn")
 
 
 @pytest.mark.timeout(180)  # above the subprocess's own limit, so a hang reports its output
