@@ -599,5 +599,5 @@ def test_the_service_makes_full_garbage_collections_rarer_and_skips_what_start_u
     gc.set_threshold(700, 10, 10)  # Python's default
     with make_client() as test_client:
         assert test_client.get("/health").status_code == 200
-        assert gc.get_threshold() == (700, 10, 100)
+        assert gc.get_threshold() == (700, 10, 50)
         assert gc.get_freeze_count() > 10_000
