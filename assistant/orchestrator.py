@@ -119,7 +119,7 @@ async def iterate_run_events(
         settled = False
         try:
             async with engine.open_round(thread_id, turn_input) as batches:
-                log.upstream_answered.set()
+                log.mark_upstream_answered()
                 async for batch in batches:
                     for event in [e for upstream_event in batch for e in parser.parse(upstream_event)]:
                         yield event
@@ -180,27 +180,23 @@ async def execute_run(
     """
     thread_id_var.set(log.thread_id)
     run_id_var.set(log.run_id)
-    with anyio.CancelScope() as scope:
-        log.cancel_scope = scope
-        async with anyio.create_task_group() as task_group:
-            try:
-                events = iterate_run_events(engine, registry, settings, log, message, task_group)
-                async with aclosing(events):
-                    async for event in events:
-                        log.append(event)
-            except ServiceError as exc:
-                log.error = exc
-            except Exception:
-                logger.exception("run crashed")
-                log.error = ServiceError("the service failed while running this message")
-        if log.error is not None:
-            logger.warning("run ended with %s: %s", log.error.type, log.error.message)
-            log.append(Event(ERROR, log.error.payload(log.correlation_id)))
-            return
-    if scope.cancelled_caught and log.error is not None:  # stopped by the service's shutdown
+    async with anyio.create_task_group() as task_group:
+        log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
+        try:
+            events = iterate_run_events(engine, registry, settings, log, message, task_group)
+            async with aclosing(events):
+                async for event in events:
+                    log.append(event)
+        except ServiceError as exc:
+            log.error = exc
+        except Exception:
+            logger.exception("run crashed")
+            log.error = ServiceError("the service failed while running this message")
+    if log.error is not None:  # the run failed, or the service's shutdown stopped it
+        logger.warning("run ended with %s: %s", log.error.type, log.error.message)
         log.append(Event(ERROR, log.error.payload(log.correlation_id)))
         return
-    if scope.cancelled_caught:
+    if task_group.cancel_scope.cancelled_caught:
         reason = log.cancel_reason or "the run was cancelled"
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))
@@ -257,7 +253,7 @@ async def process_run_stream(
     """
     log = await manager.start_run(thread_id, message, correlation_id)
     with anyio.move_on_after(first_upstream_wait):
-        await log.upstream_answered.wait()
+        await log.wait_upstream_answered()
     if log.error is not None and all(e.name in (RUN_CREATED, ERROR) for e in log.events()):
         raise log.error  # nothing but the error to show: a plain HTTP error says it best
     return log

@@ -45,8 +45,9 @@ class RunLog:
         self._events: list[tuple[str, bytes]] = []
         self._first_seq = 1  # sequence number of self._events[0]; grows when old events are dropped
         self._waiters: list[anyio.Event] = []  # set, and forgotten, at the next append
-        # Set once the upstream accepted the run's first request (or the run ended without it).
-        self.upstream_answered = anyio.Event()
+        # True once the upstream accepted the run's first request (or the run ended without it). A
+        # flag and the log's own waiters, not an Event: each Event is ~0.9 KiB, kept by every run.
+        self.upstream_answered = False
         # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
         self.cancel_scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
@@ -73,7 +74,7 @@ class RunLog:
             self._drop_oldest()
         if event.name in STREAM_END:
             self.finished_at = time.monotonic()
-            self.upstream_answered.set()
+            self.upstream_answered = True
         self._wake()
         return self.last_seq
 
@@ -89,6 +90,15 @@ class RunLog:
         del self._events[:drop]
         self._first_seq += drop
         self.size_bytes = size
+
+    def mark_upstream_answered(self) -> None:
+        if not self.upstream_answered:
+            self.upstream_answered = True
+            self._wake()
+
+    async def wait_upstream_answered(self) -> None:
+        while not self.upstream_answered:
+            await self.wait_next_or(anyio.Event())
 
     def _wake(self) -> None:
         if self._waiters:

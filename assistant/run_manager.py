@@ -46,7 +46,9 @@ class RunManager:
         self._runs: dict[str, RunLog] = {}
         self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # recently dropped run ids
-        self._busy_threads: dict[str, anyio.Event] = {}  # thread id -> set when its run ends
+        # thread id -> set when its run ends; made only once a message waits for the thread (each
+        # Event is ~0.9 KiB, and most runs have no one waiting)
+        self._busy_threads: dict[str, anyio.Event | None] = {}
         self._task_group: TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
 
@@ -89,13 +91,16 @@ class RunManager:
         if not self.accepting or self._task_group is None:
             raise ShuttingDown("the service is shutting down; retry on another instance")
         with anyio.move_on_after(self.settings.thread_lock_timeout_seconds):
-            while (busy := self._busy_threads.get(thread_id)) is not None:
+            while thread_id in self._busy_threads:
+                busy = self._busy_threads[thread_id]
+                if busy is None:
+                    busy = self._busy_threads[thread_id] = anyio.Event()
                 await busy.wait()
         if thread_id in self._busy_threads:
             raise ThreadBusy("another message on this thread is still being answered")
         if not self.accepting:
             raise ShuttingDown("the service is shutting down; retry on another instance")
-        self._busy_threads[thread_id] = anyio.Event()
+        self._busy_threads[thread_id] = None
         self._expire()
         log = RunLog(
             new_run_id(),
@@ -112,7 +117,8 @@ class RunManager:
         try:
             await execute_run(self.engine, self.registry, self.settings, log, message)
         finally:
-            self._busy_threads.pop(log.thread_id).set()
+            if (ended := self._busy_threads.pop(log.thread_id)) is not None:
+                ended.set()
             self._finished.append(log)
             self._expire()
 

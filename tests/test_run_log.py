@@ -384,3 +384,28 @@ async def test_readers_cancelled_while_waiting_leave_no_waiters() -> None:
         with anyio.move_on_after(0.001):
             await log.wait_finished()
     assert log._waiters == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answer", ["marked", "run ended"])
+async def test_wait_upstream_answered_returns_once_marked_or_once_the_run_ended(answer: str) -> None:
+    log = new_log()
+    woke: list[bool] = []
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+
+            async def waiter() -> None:
+                await log.wait_upstream_answered()
+                woke.append(log.upstream_answered)
+
+            tg.start_soon(waiter)
+            log.append(delta(1))
+            await anyio.sleep(0.01)
+            assert woke == []  # events alone do not answer
+            if answer == "marked":
+                log.mark_upstream_answered()
+            else:
+                log.append(Event(ERROR, {"error": "x"}))
+        assert woke == [True]
+        await log.wait_upstream_answered()  # at once from now on
+    assert log._waiters == []
