@@ -4,7 +4,7 @@ Two tasks: the reader takes the client's frames (so a bad frame or a second turn
 at once, even mid-turn) and, while it waits for them, drops a client whose one send has waited
 longer than the slow-client timeout; the writer is the only one that sends: the connection's
 notices (error frames, a resume's first frame), then whatever the current turn's log holds past
-what was sent.
+what was sent, and the close frame when the reader ends the connection.
 The writer reads the run's log directly, as the SSE handler does: a slow client holds up only
 its own writer, never the run, and a delta costs no queue hop.
 """
@@ -59,13 +59,21 @@ class ChatConnection:
         self._following: tuple[RunLog, int] | None = None  # the turn's log, and the last event sent
         self._wakeup: anyio.Event | None = None
         self._sending_since: float | None = None
+        self._close_with: tuple[int, str] | None = None  # set by the reader: the writer's last frame
 
     async def serve(self) -> None:
         await self.websocket.accept()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._write_frames)
             await self._read_frames(task_group)
-            task_group.cancel_scope.cancel()
+            if self._close_with is None:
+                task_group.cancel_scope.cancel()
+                return
+            # The writer sends the close frame after the frame it may be sending, and sends nothing
+            # after it; the slow-client timeout still bounds the wait.
+            since = self._sending_since or anyio.current_time()
+            task_group.cancel_scope.deadline = since + self.settings.slow_client_timeout_seconds
+            self._wake_writer()
 
     def _notify(self, frame: str) -> None:
         self._notices.append(frame)
@@ -78,6 +86,9 @@ class ChatConnection:
     async def _write_frames(self) -> None:
         """The only task that sends: notices first, then the turn's events past the last sent."""
         while True:
+            if self._close_with is not None:
+                await self.websocket.close(*self._close_with)
+                return
             if self._notices:
                 await self._send(self._notices.popleft())
                 continue
@@ -132,11 +143,6 @@ class ChatConnection:
             with anyio.move_on_after(timeout - waited):
                 return await self.websocket.receive()
 
-    async def _close(self, code: int, reason: str) -> None:
-        """The close frame waits behind the frames the client has not read: not for ever."""
-        with anyio.move_on_after(self.settings.slow_client_timeout_seconds):
-            await self.websocket.close(code, reason)
-
     async def _read_frames(self, task_group: TaskGroup) -> None:
         while True:
             try:
@@ -147,14 +153,14 @@ class ChatConnection:
                 return
             if len(self._notices) >= MAX_NOTICES:
                 logger.warning("closing a WebSocket whose client sends bad frames and reads no answers")
-                await self._close(CLOSE_POLICY, "too many unanswered bad frames")
+                self._close_with = (CLOSE_POLICY, "too many unanswered bad frames")
                 return
             text = message.get("text")
             if text is None:
                 self._notify(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
                 continue
             if len(text) > self.settings.max_body_bytes:
-                await self._close(CLOSE_TOO_BIG, "frame too large")
+                self._close_with = (CLOSE_TOO_BIG, "frame too large")
                 return
             try:
                 frame = orjson.loads(text)

@@ -85,7 +85,7 @@ def disconnects_after(seconds: float) -> Any:
     deadline = time.monotonic() + seconds
 
     async def receive() -> dict[str, Any]:
-        await anyio.sleep(deadline - time.monotonic())
+        await anyio.sleep(max(0.0, deadline - time.monotonic()))
         return {"type": "http.disconnect"}
 
     return receive

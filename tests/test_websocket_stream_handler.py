@@ -12,7 +12,7 @@ import pytest
 
 from assistant.config import Settings
 from assistant.run_log import RunLog
-from assistant.websocket_stream_handler import CLOSE_POLICY, MAX_NOTICES, ChatConnection
+from assistant.websocket_stream_handler import CLOSE_POLICY, CLOSE_TOO_BIG, MAX_NOTICES, ChatConnection
 
 
 class UnreadWebSocket:
@@ -58,13 +58,57 @@ async def seconds_served(websocket: UnreadWebSocket, *, slow_client_timeout_seco
 
 
 @pytest.mark.anyio
-async def test_a_client_flooding_bad_frames_without_reading_is_closed_1008() -> None:
+async def test_a_client_flooding_bad_frames_without_reading_is_dropped_at_the_slow_client_timeout() -> None:
+    """The reader decides to close (1008), but the close frame would wait behind the stuck error
+    frame: the connection ends at the slow-client timeout instead."""
     websocket = UnreadWebSocket(["not json"] * (MAX_NOTICES + 50))
-    connection = ChatConnection(websocket, manager=None, settings=settings(), correlation_id="cid")  # type: ignore[arg-type]
-    with anyio.fail_after(5):
-        await connection.serve()
-    assert websocket.closed == (CLOSE_POLICY, "too many unanswered bad frames")
+    assert 0.3 <= await seconds_served(websocket, slow_client_timeout_seconds=0.3) < 1.0
     assert websocket.sends_started == 1  # the first error frame, stuck; the rest were held, then dropped
+
+
+class SlowReadingWebSocket(UnreadWebSocket):
+    """Reads each frame after a millisecond; records what was sent and closed, in order."""
+
+    def __init__(self, frames: list[str], close_takes_forever: bool = False) -> None:
+        super().__init__(frames)
+        self.close_takes_forever = close_takes_forever
+        self.sent: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        self.sends_started += 1
+        await anyio.sleep(0.001)
+        self.sent.append("frame")
+
+    async def close(self, code: int, reason: str) -> None:
+        self.sent.append("close")
+        self.closed = (code, reason)
+        if self.close_takes_forever:
+            await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (["not json"] * (MAX_NOTICES + 50), (CLOSE_POLICY, "too many unanswered bad frames")),
+        (["not json", "x" * 2_000_000], (CLOSE_TOO_BIG, "frame too large")),
+    ],
+)
+async def test_the_close_frame_goes_last_after_the_frame_being_sent(frames: list[str], expected: tuple[int, str]) -> None:
+    """Only the writer sends: nothing may follow the close frame (Starlette refuses it, and the
+    error would end the connection with a stack trace)."""
+    websocket = SlowReadingWebSocket(frames)
+    assert await seconds_served(websocket, slow_client_timeout_seconds=5) < 1.0
+    assert websocket.closed == expected
+    assert websocket.sent[-1] == "close" and websocket.sent.count("close") == 1
+    assert "frame" in websocket.sent  # the error frame being sent when the reader decided went out first
+
+
+@pytest.mark.anyio
+async def test_a_close_frame_that_never_goes_ends_the_connection_at_the_slow_client_timeout() -> None:
+    websocket = SlowReadingWebSocket(["not json"] * (MAX_NOTICES + 50), close_takes_forever=True)
+    assert 0.3 <= await seconds_served(websocket, slow_client_timeout_seconds=0.3) < 1.0
+    assert websocket.closed == (CLOSE_POLICY, "too many unanswered bad frames")
 
 
 @pytest.mark.anyio
@@ -72,19 +116,6 @@ async def test_a_send_stuck_past_the_slow_client_timeout_ends_the_connection() -
     websocket = UnreadWebSocket(["not json"])
     assert 0.2 <= await seconds_served(websocket, slow_client_timeout_seconds=0.2) < 1.0
     assert websocket.sends_started == 1 and websocket.closed is None
-
-
-class UnreadWebSocketStuckOnClose(UnreadWebSocket):
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-        await anyio.sleep_forever()  # the close frame waits behind the unread ones
-
-
-@pytest.mark.anyio
-async def test_a_close_frame_stuck_behind_unread_frames_ends_the_connection_at_the_timeout() -> None:
-    websocket = UnreadWebSocketStuckOnClose(["not json"] * (MAX_NOTICES + 50))
-    assert 0.3 <= await seconds_served(websocket, slow_client_timeout_seconds=0.3) < 1.0
-    assert websocket.closed == (CLOSE_POLICY, "too many unanswered bad frames")
 
 
 class ReadingWebSocket(UnreadWebSocket):
