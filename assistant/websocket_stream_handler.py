@@ -19,7 +19,7 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 from starlette.types import Message
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from .chat_request import ChatRequest, check_run_id, parse_chat_request
 from .config import Settings
@@ -145,10 +145,7 @@ class ChatConnection:
 
     async def _read_frames(self, task_group: TaskGroup) -> None:
         while True:
-            try:
-                message = await self._receive()
-            except WebSocketDisconnect:
-                return
+            message = await self._receive()
             if message is None or message["type"] == "websocket.disconnect":
                 return
             if len(self._notices) >= MAX_NOTICES:
