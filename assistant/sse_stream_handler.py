@@ -16,7 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .errors import ServiceError
 from .events import ERROR, RUN_RESUMED, Event, stream_path
-from .run_log import EventsDropped, RunLog
+from .run_log import EventsDropped, RunLog, Wakeup
 
 logger = logging.getLogger("assistant.sse")
 
@@ -83,7 +83,7 @@ class SSEResponse:
         self._last_sent = time.monotonic()
         self._sending_since: float | None = None
         self._keepalive_due = False
-        self._wakeup: anyio.Event | None = None
+        self._wakeup: Wakeup | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
@@ -158,7 +158,7 @@ class SSEResponse:
                 await self._send_body(send, pending or KEEPALIVE)
                 pending = b""
                 continue
-            self._wakeup = anyio.Event()
+            self._wakeup = Wakeup()
             await log.wait_next_or(self._wakeup)
         self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})

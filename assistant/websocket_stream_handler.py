@@ -26,7 +26,7 @@ from .config import Settings
 from .errors import BadRequest, ServiceError
 from .events import RUN_RESUMED, Event, stream_path
 from .http_api import parse_event_id
-from .run_log import EventsDropped, RunLog
+from .run_log import EventsDropped, RunLog, Wakeup
 from .run_manager import RunManager
 from .sse_stream_handler import event_id
 
@@ -57,7 +57,7 @@ class ChatConnection:
         self.turn_running = False  # from a chat frame until the turn's last event is on its way
         self._notices: deque[str] = deque()  # frames to send before any more of the turn's events
         self._following: tuple[RunLog, int] | None = None  # the turn's log, and the last event sent
-        self._wakeup: anyio.Event | None = None
+        self._wakeup: Wakeup | None = None
         self._sending_since: float | None = None
         self._close_with: tuple[int, str] | None = None  # set by the reader: the writer's last frame
 
@@ -112,7 +112,7 @@ class ChatConnection:
                 if log.finished:
                     self._end_turn()
                     continue
-            self._wakeup = anyio.Event()
+            self._wakeup = Wakeup()
             if self._following is not None:
                 await self._following[0].wait_next_or(self._wakeup)
             else:

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from assistant.events import ERROR, MESSAGE_DELTA, METADATA, RUN_CANCELLED, RUN_COMPLETED, RUN_FAILED, Event
-from assistant.run_log import EventsDropped, RunLog
+from assistant.run_log import EventsDropped, RunLog, Wakeup
 
 TIMEOUT = 2  # seconds; a hung reader fails the test instead of the suite
 
@@ -409,3 +409,21 @@ async def test_wait_upstream_answered_returns_once_marked_or_once_the_run_ended(
         assert woke == [True]
         await log.wait_upstream_answered()  # at once from now on
     assert log._waiters == []
+
+
+@pytest.mark.anyio
+async def test_a_wakeup_wakes_once_and_setting_it_again_or_after_a_cancelled_wait_is_harmless() -> None:
+    with anyio.fail_after(TIMEOUT):
+        early = Wakeup()
+        early.set()
+        early.set()
+        await early.wait()  # set before the wait: returns at once
+        abandoned = Wakeup()
+        with anyio.move_on_after(0.01):
+            await abandoned.wait()
+        abandoned.set()  # the reader left (its wait was cancelled): nothing to wake, no error
+        later = Wakeup()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(later.wait)
+            await anyio.sleep(0.01)
+            later.set()
