@@ -12,6 +12,7 @@ its own writer, never the run, and a delta costs no queue hop.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -71,7 +72,7 @@ class ChatConnection:
                 return
             # The writer sends the close frame after the frame it may be sending, and sends nothing
             # after it; the slow-client timeout still bounds the wait.
-            since = self._sending_since or anyio.current_time()
+            since = self._sending_since or time.monotonic()
             task_group.cancel_scope.deadline = since + self.settings.slow_client_timeout_seconds
             self._wake_writer()
 
@@ -123,7 +124,7 @@ class ChatConnection:
         self.turn_running = False
 
     async def _send(self, frame: str) -> None:
-        self._sending_since = anyio.current_time()
+        self._sending_since = time.monotonic()  # asyncio's clock, as anyio.current_time() (1.7 us a call)
         await self.websocket.send_text(frame)
         self._sending_since = None
 
@@ -136,7 +137,7 @@ class ChatConnection:
         timeout = self.settings.slow_client_timeout_seconds
         while True:
             since = self._sending_since
-            waited = 0.0 if since is None else anyio.current_time() - since
+            waited = 0.0 if since is None else time.monotonic() - since
             if waited >= timeout:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 return None
