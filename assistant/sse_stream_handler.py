@@ -59,8 +59,8 @@ class SSEResponse:
     disconnect until a timer is due: it asks the sender for a keepalive comment when nothing was
     sent for the heartbeat interval, and drops the client when one send has waited longer than
     the slow-client timeout.
-    The sender waits on one event per wait, with no timeout of its own: that keeps the path of
-    each delta free of timers.
+    The sender waits on one `Wakeup` per wait, with no timeout of its own: that keeps the path
+    of each delta free of timers.
     """
 
     def __init__(
