@@ -65,13 +65,14 @@ class ChatConnection:
     async def serve(self) -> None:
         await self.websocket.accept()
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._write_frames)
+            task_group.start_soon(self._write_frames, task_group.cancel_scope)
             await self._read_frames(task_group)
             if self._close_with is None:
                 task_group.cancel_scope.cancel()
                 return
             # The writer sends the close frame after the frame it may be sending, and sends nothing
-            # after it; the slow-client timeout still bounds the wait.
+            # after it; then it ends the connection (a turn still starting included). The
+            # slow-client timeout still bounds the wait.
             since = self._sending_since or time.monotonic()
             task_group.cancel_scope.deadline = since + self.settings.slow_client_timeout_seconds
             self._wake_writer()
@@ -84,11 +85,12 @@ class ChatConnection:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def _write_frames(self) -> None:
+    async def _write_frames(self, scope: anyio.CancelScope) -> None:
         """The only task that sends: notices first, then the turn's events past the last sent."""
         while True:
             if self._close_with is not None:
                 await self.websocket.close(*self._close_with)
+                scope.cancel()
                 return
             if self._notices:
                 await self._send(self._notices.popleft())
@@ -108,6 +110,8 @@ class ChatConnection:
                     else:
                         self._following = (log, last)
                     for seq, event in batch:
+                        if self._close_with is not None:
+                            break  # the close goes next, not after the rest of a long batch
                         await self._send(websocket_frame(log.run_id, seq, event))
                     continue
                 if log.finished:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from assistant.config import Settings
+from assistant.events import MESSAGE_DELTA, METADATA, Event
 from assistant.run_log import RunLog
 from assistant.websocket_stream_handler import CLOSE_POLICY, CLOSE_TOO_BIG, MAX_NOTICES, ChatConnection
 
@@ -109,6 +111,84 @@ async def test_a_close_frame_that_never_goes_ends_the_connection_at_the_slow_cli
     websocket = SlowReadingWebSocket(["not json"] * (MAX_NOTICES + 50), close_takes_forever=True)
     assert 0.3 <= await seconds_served(websocket, slow_client_timeout_seconds=0.3) < 1.0
     assert websocket.closed == (CLOSE_POLICY, "too many unanswered bad frames")
+
+
+class TimedWebSocket(SlowReadingWebSocket):
+    """Hands out each frame after its own delay; each send takes 10 ms."""
+
+    def __init__(self, frames: list[tuple[str, float]]) -> None:
+        super().__init__([])
+        self.timed_frames = frames
+
+    async def receive(self) -> dict[str, Any]:
+        if self.timed_frames:
+            frame, delay = self.timed_frames.pop(0)
+            await anyio.sleep(delay)
+            return {"type": "websocket.receive", "text": frame}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_text(self, text: str) -> None:
+        await anyio.sleep(0.01)
+        self.sent.append("frame")
+
+
+class BusyThreads:
+    """A manager whose thread stays busy until `free` is set; records the runs it starts."""
+
+    def __init__(self) -> None:
+        self.free = anyio.Event()
+        self.started: list[str] = []
+
+    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
+        await self.free.wait()
+        self.started.append(message)
+        return RunLog("run_late", thread_id, correlation_id)
+
+
+@pytest.mark.anyio
+async def test_the_close_frame_ends_the_connection_and_a_turn_still_waiting_for_its_thread() -> None:
+    """Nothing runs for a connection closed with 1009: a turn waiting for a busy thread is dropped."""
+    chat = orjson.dumps({"thread_id": "conv_1", "message": "hi"}).decode()
+    websocket = TimedWebSocket([(chat, 0.0), ("x" * 100, 0.01)])
+    manager = BusyThreads()
+    connection = ChatConnection(websocket, manager, settings(max_body_bytes=64), correlation_id="cid")  # type: ignore[arg-type]
+    started = anyio.current_time()
+    with anyio.fail_after(5):
+        await connection.serve()
+    assert anyio.current_time() - started < 0.5  # not at the slow-client timeout (60 s)
+    manager.free.set()
+    await anyio.sleep(0.05)
+    assert websocket.sent == ["close"] and websocket.closed == (CLOSE_TOO_BIG, "frame too large")
+    assert manager.started == []
+
+
+class ResumableRun:
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+
+    def resumable(self, run_id: str, after: int) -> RunLog:
+        return self.log
+
+
+@pytest.mark.anyio
+async def test_the_close_frame_does_not_wait_behind_a_long_batch() -> None:
+    """A client reading a 201-event resume sends a frame too large: the close goes after the frame
+    being sent, not after the whole batch (which would outlast the slow-client timeout)."""
+    log = RunLog("run_" + "a" * 32, "conv_1", "cid")
+    for i in range(200):
+        log.append(Event(MESSAGE_DELTA, {"i": i}))
+    log.append(Event(METADATA, {}))
+    resume = orjson.dumps({"resume": log.run_id}).decode()
+    websocket = TimedWebSocket([(resume, 0.0), ("x" * 100, 0.1)])
+    connection = ChatConnection(
+        websocket, ResumableRun(log), settings(max_body_bytes=64, slow_client_timeout_seconds=0.5),  # type: ignore[arg-type]
+        correlation_id="cid",
+    )
+    with anyio.fail_after(5):
+        await connection.serve()
+    assert websocket.closed == (CLOSE_TOO_BIG, "frame too large")
+    assert websocket.sent.count("frame") < 50 and websocket.sent[-1] == "close"
 
 
 @pytest.mark.anyio
