@@ -86,7 +86,8 @@ class ChatConnection:
             self._wakeup.set()
 
     async def _write_frames(self, scope: anyio.CancelScope) -> None:
-        """The only task that sends: notices first, then the turn's events past the last sent."""
+        """The only task that sends: notices first, then the turn's events past the last sent;
+        when the reader asks for a close, the close frame, and then it ends the connection."""
         while True:
             if self._close_with is not None:
                 await self.websocket.close(*self._close_with)
