@@ -69,16 +69,17 @@ async def test_a_client_flooding_bad_frames_without_reading_is_dropped_at_the_sl
 
 
 class SlowReadingWebSocket(UnreadWebSocket):
-    """Reads each frame after a millisecond; records what was sent and closed, in order."""
+    """Reads each frame after `send_seconds`; records what was sent and closed, in order."""
 
-    def __init__(self, frames: list[str], close_takes_forever: bool = False) -> None:
+    def __init__(self, frames: list[str], close_takes_forever: bool = False, send_seconds: float = 0.001) -> None:
         super().__init__(frames)
         self.close_takes_forever = close_takes_forever
+        self.send_seconds = send_seconds
         self.sent: list[str] = []
 
     async def send_text(self, text: str) -> None:
         self.sends_started += 1
-        await anyio.sleep(0.001)
+        await anyio.sleep(self.send_seconds)
         self.sent.append("frame")
 
     async def close(self, code: int, reason: str) -> None:
@@ -117,7 +118,7 @@ class TimedWebSocket(SlowReadingWebSocket):
     """Hands out each frame after its own delay; each send takes 10 ms."""
 
     def __init__(self, frames: list[tuple[str, float]]) -> None:
-        super().__init__([])
+        super().__init__([], send_seconds=0.01)
         self.timed_frames = frames
 
     async def receive(self) -> dict[str, Any]:
@@ -127,10 +128,6 @@ class TimedWebSocket(SlowReadingWebSocket):
             return {"type": "websocket.receive", "text": frame}
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
-
-    async def send_text(self, text: str) -> None:
-        await anyio.sleep(0.01)
-        self.sent.append("frame")
 
 
 class BusyThreads:
