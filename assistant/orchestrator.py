@@ -165,6 +165,7 @@ async def iterate_run_events(
             settled = True
         finally:
             if not settled:
+                log.ending = True
                 reason = reason or log.cancel_reason or "the run was stopped"
                 answers = [results.get(c.call_id) or _interrupted(c, reason) for c in parser.tool_calls]
                 with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_SECONDS):
@@ -182,6 +183,8 @@ async def execute_run(
     run_id_var.set(log.run_id)
     async with anyio.create_task_group() as task_group:
         log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
+        if log.cancel_reason is not None or log.error is not None:
+            task_group.cancel_scope.cancel()  # stopped (or shut down) before its task started
         try:
             events = iterate_run_events(engine, registry, settings, log, message, task_group)
             async with aclosing(events):
@@ -196,7 +199,7 @@ async def execute_run(
         logger.warning("run ended with %s: %s", log.error.type, log.error.message)
         log.append(Event(ERROR, log.error.payload(log.correlation_id)))
         return
-    if task_group.cancel_scope.cancelled_caught:
+    if task_group.cancel_scope.cancelled_caught and log.outcome is None:
         reason = log.cancel_reason or "the run was cancelled"
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))

@@ -71,6 +71,9 @@ class RunLog:
         # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
         self.cancel_scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
+        # True once the run is ending without an outcome of its own (an error, a stop) and settles
+        # its round upstream: a stop then has nothing left to stop.
+        self.ending = False
         self.error: ServiceError | None = None
         self.outcome: str | None = None  # completed, failed or cancelled, once the run has one
 

@@ -141,12 +141,13 @@ class RunManager:
         return log
 
     def cancel(self, run_id: str, reason: str) -> bool:
-        """Stop a run that is still going; False when it is unknown or already over."""
+        """Stop a run that is still going; False when it is unknown, over or already ending."""
         log = self._runs.get(run_id)
-        if log is None or log.finished or log.outcome is not None or log.cancel_scope is None:
+        if log is None or log.finished or log.outcome is not None or log.ending:
             return False
         log.cancel_reason = reason
-        log.cancel_scope.cancel()
+        if log.cancel_scope is not None:  # else its task has not started: it stops on starting
+            log.cancel_scope.cancel()
         return True
 
     def _expire(self) -> None:
@@ -184,7 +185,8 @@ class RunManager:
             for log in running:
                 await log.wait_finished()
         for log in self.active_runs:
-            log.error = ShuttingDown("the service is shutting down; send the message again")
+            if log.outcome is None and not log.ending:  # else it ends as it was ending
+                log.error = ShuttingDown("the service is shutting down; send the message again")
             if log.cancel_scope is not None:
                 log.cancel_scope.cancel()
 

@@ -18,12 +18,21 @@ import respx
 from starlette.testclient import TestClient
 
 from assistant.config import load_settings
-from assistant.errors import NotFound
-from assistant.events import MESSAGE_DELTA, METADATA, RUN_COMPLETED, RUN_CREATED, Event
+from assistant.errors import NotFound, UpstreamError
+from assistant.events import (
+    ERROR,
+    MESSAGE_DELTA,
+    METADATA,
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_CREATED,
+    RUN_FAILED,
+    Event,
+)
 from assistant.run_log import EventsDropped, RunLog
 from assistant.run_manager import RunManager
 from assistant.sse_stream_handler import SSEResponse
-from assistant.tool_executor import ToolRegistry
+from assistant.tool_executor import ToolCall, ToolRegistry
 from tests.test_chat_api import JSON, SSE, chat, events_of, make_client, parse_sse
 from tests.upstream_mock import sse_response, text_events, upstream  # noqa: F401  (fixture)
 
@@ -339,14 +348,55 @@ class StubEngine:
         pass
 
 
+class SettlingEngine(StubEngine):
+    """Every round ends in a tool call, or fails (`fails`); settling one waits for `settled`."""
+
+    def __init__(self, *, fails: bool = False) -> None:
+        super().__init__()
+        self.fails = fails
+        self.settling = anyio.Event()
+        self.settled = anyio.Event()
+
+    def next_input(self, parser: Any, results: Any) -> str:
+        return "results"
+
+    @asynccontextmanager
+    async def open_round(self, thread_id: str, turn_input: str) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+        async def batches() -> AsyncIterator[list[dict[str, Any]]]:
+            if self.fails:
+                raise UpstreamError("the upstream stream broke")
+            yield [{"type": "call"}, {"type": "end"}]
+
+        yield batches()
+
+    def new_parser(self, tracker: Any) -> StubParser:
+        parser = StubParser()
+        parse = parser.parse
+
+        def parse_calls(event: dict[str, Any]) -> list[Event]:
+            if event["type"] == "call":
+                parser.tool_calls.append(ToolCall(call_id=f"call_{len(parser.tool_calls)}", name="nope", arguments="{}"))
+                return []
+            return parse(event)
+
+        parser.parse = parse_calls  # type: ignore[method-assign]
+        return parser
+
+    async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
+        self.settling.set()
+        await self.settled.wait()
+
+
 @asynccontextmanager
-async def manager(**env: str) -> AsyncIterator[tuple[RunManager, StubEngine]]:
+async def manager(engine: StubEngine | None = None, **env: str) -> AsyncIterator[tuple[RunManager, StubEngine]]:
     settings = load_settings({"OPENAI_API_KEY": "sk-test", **env})
-    engine = StubEngine()
+    engine = engine or StubEngine()
     async with RunManager(engine, ToolRegistry({}, timeout=1), settings) as runs:  # type: ignore[arg-type]
         yield runs, engine
         for gate in engine.gates.values():
             gate.set()
+        if isinstance(engine, SettlingEngine):
+            engine.settled.set()
 
 
 async def finished_run(runs: RunManager, thread_id: str, message: str = "hi") -> RunLog:
@@ -461,6 +511,56 @@ async def test_an_accepted_cancel_always_ends_the_run_cancelled() -> None:
         assert accepted, names
         # Either the cancel is refused (the run is over: 409 run_finished) or listeners hear of it.
         assert accepted == [False] or "thread.run.cancelled" in names, (accepted, names)
+
+
+@pytest.mark.anyio
+async def test_a_cancel_before_the_runs_task_starts_stops_it_as_it_starts() -> None:
+    async with manager() as (runs, engine):
+        engine.gates["wait"] = anyio.Event()
+        log = await runs.start_run("thread_early", "wait", "corr")
+        assert log.cancel_scope is None  # its task has not run yet
+        assert runs.cancel(log.run_id, "cancelled by the client") is True
+        with anyio.fail_after(TIMEOUT):
+            await log.wait_finished()
+        assert [e.name for e in log.events()] == [RUN_CREATED, RUN_CANCELLED, METADATA]
+        assert log.events()[1].data["reason"] == "cancelled by the client"
+        await finished_run(runs, "thread_early")
+
+
+@pytest.mark.anyio
+async def test_a_stop_while_a_failed_round_settles_is_refused_and_the_run_keeps_its_error() -> None:
+    engine = SettlingEngine(fails=True)
+    async with manager(engine) as (runs, _):
+        log = await runs.start_run("thread_err", "hi", "corr")
+        with anyio.fail_after(TIMEOUT):
+            await engine.settling.wait()
+        assert runs.cancel(log.run_id, "cancelled by the client") is False  # the API answers 409
+        engine.settled.set()
+        with anyio.fail_after(TIMEOUT):
+            await log.wait_finished()
+        assert [e.name for e in log.events()] == [RUN_CREATED, ERROR]
+        assert log.events()[1].data["type"] == "upstream_error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["tool round limit", "stopped by the client"])
+async def test_a_shutdown_while_a_run_settles_its_round_leaves_the_runs_own_end(ending: str) -> None:
+    engine = SettlingEngine()
+    async with manager(engine, MAX_TOOL_ROUNDS="1", SHUTDOWN_GRACE_SECONDS="0") as (runs, _):
+        log = await runs.start_run("thread_limit", "hi", "corr")
+        if ending == "stopped by the client":
+            await anyio.sleep(0)
+            assert runs.cancel(log.run_id, "cancelled by the client") is True
+        with anyio.fail_after(TIMEOUT):
+            await engine.settling.wait()
+            await runs.shutdown()
+        engine.settled.set()
+        with anyio.fail_after(TIMEOUT):
+            await log.wait_finished()
+        names = [e.name for e in log.events()]
+        expected = RUN_FAILED if ending == "tool round limit" else RUN_CANCELLED
+        ends = [n for n in names if n in (RUN_FAILED, RUN_CANCELLED, ERROR, METADATA)]
+        assert ends == [expected, METADATA], names
 
 
 @pytest.mark.anyio
