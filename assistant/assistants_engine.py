@@ -25,7 +25,7 @@ from .errors import ThreadBusy, UpstreamError, UpstreamTimeout
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, Event
 from .message_parser import MessageData, ToolTracker
 from .tool_executor import ToolCall, ToolRegistry, ToolResult
-from .upstream import call_with_retries, is_thread_busy, map_upstream_error, retry_delay
+from .upstream import call_with_retries, is_thread_busy, map_upstream_error, may_have_taken_effect, retry_delay
 from .upstream_sse import decode_named_events, iterate_sse_events
 
 # The SDK marks this API deprecated on every call; using it is this engine's whole point.
@@ -53,12 +53,16 @@ class ToolOutputs:
 
 
 def _text_of(content: Any) -> str:
-    """The text of a message's (or a message delta's) content parts."""
-    return "".join(
-        (part.get("text") or {}).get("value") or ""
-        for part in content or ()
-        if isinstance(part, dict) and part.get("type") == "text"
-    )
+    """The text of a message's (or a message delta's) content parts: its text, or a refusal."""
+    return "".join(_part_text(part) for part in content or () if isinstance(part, dict))
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    if part.get("type") == "text":
+        return (part.get("text") or {}).get("value") or ""
+    if part.get("type") == "refusal":
+        return part.get("refusal") or ""
+    return ""
 
 
 def _hosted_output(call: dict[str, Any]) -> str:
@@ -229,6 +233,9 @@ class AssistantsEngine:
         else:
             run_id = turn_input.run_id
             response = await self._submit_tool_outputs_with_backoff(thread_id, run_id, turn_input.results)
+            if response is None:  # a failed attempt delivered them after all: no stream to read
+                yield self._poll(thread_id, run_id)
+                return
         try:
             yield self._events(thread_id, run_id, response)
         finally:
@@ -260,6 +267,17 @@ class AssistantsEngine:
             if recovered:
                 yield recovered
 
+    async def _poll(self, thread_id: str, run_id: str) -> AsyncIterator[list[dict[str, Any]]]:
+        """The round of a run that took its tool outputs with no stream to show for it: the run
+        is read back until it waits for tools again or ends (its messages come whole, no deltas)."""
+        self._track(run_id, "in_progress")
+        deadline = anyio.current_time() + self.settings.upstream_idle_timeout_seconds
+        while (run := await self._retrieve_run(thread_id, run_id)).status not in TERMINAL | {"requires_action"}:
+            if anyio.current_time() > deadline:
+                raise UpstreamTimeout("the run did not go on after its tool outputs were delivered")
+            await anyio.sleep(_POLL_SECONDS)
+        yield await self._recover(thread_id, run_id, UpstreamError("the run could not be read back"))
+
     def _track(self, run_id: str | None, status: str | None) -> None:
         if run_id is None:
             return
@@ -275,7 +293,7 @@ class AssistantsEngine:
         its messages are read back. For one still going the error stands, and the orchestrator's
         `abandon_round` cancels it, so the thread is usable again.
         """
-        logger.warning("run stream broke off (%s); reading the run back", cause.message)
+        logger.warning("reading run %s back (%s)", run_id, cause.message)
         try:
             run = (await self._retrieve_run(thread_id, run_id)).model_dump()
         except Exception:
@@ -404,7 +422,9 @@ class AssistantsEngine:
         return [step.model_dump() for step in page.data]
 
     async def _submit_tool_outputs_with_backoff(self, thread_id: str, run_id: str, results: list[ToolResult]) -> Any:
-        """Deliver the outputs (3 attempts); if they cannot be, cancel the run so the thread is free."""
+        """Deliver the outputs (3 attempts), and give the stream of the run going on; None when
+        a failed attempt delivered them after all. If they cannot be delivered, cancel the run so
+        the thread is free."""
         outputs = [{"tool_call_id": r.tool_call_id, "output": r.output} for r in results]
         error: BaseException | None = None
         for attempt in range(SUBMIT_ATTEMPTS):
@@ -416,6 +436,9 @@ class AssistantsEngine:
                 error = exc
                 if isinstance(exc, openai.APIStatusError) and exc.status_code < 500 and exc.status_code != 429:
                     break  # the run will not take them (expired, cancelled, wrong ids): no point retrying
+                if may_have_taken_effect(exc) and await self._took_outputs(thread_id, run_id, results):
+                    logger.warning("the tool outputs went in despite %s", type(exc).__name__)
+                    return None
                 if attempt + 1 < SUBMIT_ATTEMPTS:
                     await anyio.sleep(retry_delay(attempt, exc))
         logger.warning("could not submit tool outputs; cancelling the run", extra={"upstream_run_id": run_id})
@@ -423,6 +446,19 @@ class AssistantsEngine:
         await self._cancel_run_safely(thread_id, run_id)
         mapped = map_upstream_error(error) if error is not None else UpstreamError("no attempt made")
         raise UpstreamError(f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})") from error
+
+    async def _took_outputs(self, thread_id: str, run_id: str, results: list[ToolResult]) -> bool:
+        """Whether the run no longer waits for these outputs (so a failed submit delivered them)."""
+        try:
+            run = await self._retrieve_run(thread_id, run_id)
+        except Exception:
+            return False  # cannot tell: the next attempt, refused if they went in, will say
+        if run.status != "requires_action":
+            return True  # it went on, or ended: reading it back tells how
+        if run.required_action is None:
+            return False
+        waiting = {call.id for call in run.required_action.submit_tool_outputs.tool_calls}
+        return not waiting & {r.tool_call_id for r in results}  # it asks for other calls now
 
     async def _cancel_run_safely(self, thread_id: str, run_id: str) -> None:
         """Cancel a run unless it already ended; never raises (it is itself a clean-up step)."""

@@ -127,8 +127,10 @@ async def iterate_run_events(
                     if parser.ended:
                         break
             if parser.failure is not None:
+                # Not settled: what failed may still hold the thread (an Assistants run that an
+                # `error` event broke off is still going), and the engine lets go of it.
                 error, type, code = parser.failure
-                settled = True
+                reason = "the upstream run failed"
                 yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
                 return
             if not parser.ended:

@@ -27,6 +27,11 @@ from .upstream_sse import iterate_sse_events
 logger = logging.getLogger("assistant.responses")
 
 DRAIN_SECONDS = 0.5  # how long to wait for the end of a body whose last event came
+# Each refusal of a turn's input names one call an interrupted turn left unanswered, and a
+# round can make many calls at once (parallel tool calls): answer up to this many.
+MAX_REPAIRS = 64
+# After a 5xx, how far back (newest first) the conversation is searched for the turn's input.
+LOOK_BACK_ITEMS = 20
 
 
 def user_message_item(text: str) -> dict[str, Any]:
@@ -69,6 +74,14 @@ def _item_matches(stored: dict[str, Any], sent: dict[str, Any]) -> bool:
         return False
     text = "".join(p.get("text", "") for p in stored.get("content") or () if isinstance(p, dict))
     return text == sent["content"][0]["text"]
+
+
+def _comes_before(stored: dict[str, Any], sent: dict[str, Any]) -> bool:
+    """Whether an item read back from the conversation would be older than the one we sent:
+    the call our output answers, or an earlier turn's message."""
+    if sent.get("type") == "function_call_output":
+        return stored.get("type") == "function_call" and stored.get("call_id") == sent["call_id"]
+    return stored.get("type") == "message" and stored.get("role") == "user"
 
 
 class ResponsesEngine:
@@ -163,7 +176,7 @@ class ResponsesEngine:
                 break
             except Exception as exc:
                 repaired = repair_input(exc, params["input"])
-                if repaired is not None and repairs < 3:
+                if repaired is not None and repairs < MAX_REPAIRS:
                     logger.warning("repairing the thread's unanswered tool calls before retrying")
                     params["input"] = sent = repaired
                     repairs += 1
@@ -216,13 +229,25 @@ class ResponsesEngine:
         return response
 
     async def _input_not_applied(self, thread_id: str, items: list[dict[str, Any]]) -> bool:
-        """After a 5xx: make sure the conversation did not take our input before retrying."""
+        """After a 5xx: make sure the conversation did not take our input before retrying.
+
+        A conversation takes a response's input and its output items together, so our input
+        may sit under the response's outputs: it is looked for among the newest items, back to
+        the item it would follow. (An earlier turn with the very same message reads as ours: the
+        turn then fails instead of sending the message twice.)
+        """
         try:
-            page = await self.client.conversations.items.list(thread_id, limit=1, order="desc")
+            page = await self.client.conversations.items.list(thread_id, limit=LOOK_BACK_ITEMS, order="desc")
         except Exception:
             return False  # cannot tell, so do not risk sending the input twice
-        newest = [item.model_dump() for item in page.data]
-        return not (newest and _item_matches(newest[0], items[-1]))
+        sent = items[-1]
+        for item in page.data:
+            stored = item.model_dump()
+            if _item_matches(stored, sent):
+                return False
+            if _comes_before(stored, sent):
+                return True
+        return len(page.data) < LOOK_BACK_ITEMS  # the whole conversation was read: it is not there
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

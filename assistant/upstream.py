@@ -91,6 +91,11 @@ def is_thread_busy(exc: BaseException) -> bool:
     return "already has an active run" in message or "while a run" in message
 
 
+def _is_about(exc: openai.APIStatusError, thread_id: str) -> bool:
+    """Whether a 404 is the thread's own (not an unknown model or assistant, say)."""
+    return thread_id in error_message(exc) or exc.param in ("conversation", "thread_id")
+
+
 def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> ServiceError:
     """The service error a client should see for an exception raised while calling OpenAI."""
     if isinstance(exc, ServiceError):
@@ -102,7 +107,7 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
         message = error_message(exc)
         if is_thread_busy(exc):
             return ThreadBusy("the thread is still busy with an earlier message; retry shortly")
-        if status == 404 and thread_id is not None:
+        if status == 404 and thread_id is not None and _is_about(exc, thread_id):
             return NotFound(f"thread {thread_id!r} was not found", type="thread_not_found")
         if status in (401, 403):
             return UpstreamError(f"the upstream refused the service's credentials ({status})")

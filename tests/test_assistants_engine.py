@@ -23,6 +23,7 @@ from tests.upstream_mock import (
     assistants_text,
     assistants_upstream,  # noqa: F401  (fixture)
     openai_error,
+    message_object,
     request_body,
     run_object,
 )
@@ -237,6 +238,70 @@ def test_cut_stream_of_a_running_run_cancels_it(client: TestClient, assistants_u
     streamed = events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)
     assert streamed[-1]["event"] == "error" and streamed[-1]["data"]["type"] == "upstream_error"
     assert cancel.call_count == 1
+
+
+def test_refusal_is_the_answer(client: TestClient, assistants_upstream: respx.MockRouter) -> None:
+    refusal = "I can't help with that."
+    message = {**message_object("msg_r", "", "run_1"), "content": [{"type": "refusal", "refusal": refusal}]}
+    delta = {"id": "msg_r", "object": "thread.message.delta",
+             "delta": {"content": [{"index": 0, "type": "refusal", "refusal": refusal}]}}
+    events = [("thread.run.created", run_object("run_1", "queued")),
+              ("thread.run.in_progress", run_object("run_1", "in_progress")),
+              ("thread.message.created", {**message, "status": "in_progress", "content": []}),
+              ("thread.message.delta", delta),
+              ("thread.message.completed", message),
+              ("thread.run.completed", run_object("run_1", "completed"))]
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(events))
+    assert text_of(events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)) == refusal
+    assert chat(client, "hi", thread_id=THREAD).json()["responses"] == [refusal]
+
+
+def test_an_error_event_cancels_the_run_so_the_thread_takes_the_next_message(
+    client: TestClient, assistants_upstream: respx.MockRouter
+) -> None:
+    events = [("thread.run.created", run_object("run_1", "queued")),
+              ("thread.run.in_progress", run_object("run_1", "in_progress")),
+              ("error", {"code": "server_error", "message": "Sorry, something went wrong."})]
+    create = assistants_upstream.post(RUNS).mock(side_effect=[assistants_sse(events, done=False),
+                                                               assistants_sse(assistants_text("run_2", "fresh"))])
+    states = iter(["in_progress"])
+    assistants_upstream.get(f"{RUNS}/run_1").mock(
+        side_effect=lambda request: httpx.Response(200, json=run_object("run_1", next(states, "cancelled"))))
+    cancel = assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    first = events_of(chat(client, "hi", headers=SSE, thread_id=THREAD).text)
+    assert [e["event"] for e in first][-2:] == ["thread.run.failed", "metadata"]
+    assert cancel.call_count == 1  # the run the error broke off no longer holds the thread
+    assert chat(client, "again", thread_id=THREAD).json()["responses"] == ["fresh"]
+    assert create.call_count == 2
+
+
+@pytest.mark.parametrize("then", ["completed", "requires_action"])
+def test_a_failed_submit_that_went_in_follows_the_run(
+    client: TestClient, assistants_upstream: respx.MockRouter, then: str
+) -> None:
+    """A 5xx on submit_tool_outputs that the upstream processed anyway: the run went on, so the
+    outputs are not sent again and the run is not cancelled; it is read back to its next stop."""
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(assistants_calls("run_1", ("call_a", "calculator", '{"a": 1, "b": 2, "op": "add"}'))))
+    submit = assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(side_effect=[
+        openai_error(502, "bad gateway"), assistants_sse(assistants_text("run_1", "3.", created=False))])
+    asked_again = {"type": "submit_tool_outputs", "submit_tool_outputs": {"tool_calls": [
+        {"id": "call_b", "type": "function", "function": {"name": "calculator", "arguments": '{"a": 3, "b": 1, "op": "add"}'}}]}}
+    last = run_object("run_1", "requires_action", required_action=asked_again) if then == "requires_action" \
+        else run_object("run_1", "completed")
+    states = iter([run_object("run_1", "in_progress")])
+    assistants_upstream.get(f"{RUNS}/run_1").mock(side_effect=lambda request: httpx.Response(200, json=next(states, last)))
+    assistants_upstream.get(f"{RUNS}/run_1/steps").respond(200, json={"object": "list", "has_more": False, "data": [
+        {"id": "step_1", "object": "thread.run.step", "run_id": "run_1", "type": "message_creation", "status": "completed",
+         "step_details": {"type": "message_creation", "message_creation": {"message_id": "msg_done"}}}]})
+    assistants_upstream.get(f"/threads/{THREAD}/messages/msg_done").respond(200, json=message_object("msg_done", "It is 3.", "run_1"))
+    cancel = assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    answer = chat(client, "go", thread_id=THREAD).json()
+    assert cancel.call_count == 0
+    if then == "completed":
+        assert answer["responses"] == ["It is 3."] and submit.call_count == 1
+    else:  # the run asked for another call, whose output went in (the second submit): it answered
+        assert answer["responses"] == ["3."] and submit.call_count == 2
+        assert [o["tool_call_id"] for o in request_body(submit.calls[1])["tool_outputs"]] == ["call_b"]
 
 
 def test_engine_configuration_errors() -> None:

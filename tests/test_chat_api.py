@@ -363,18 +363,24 @@ def test_tool_rounds_are_bounded(upstream: respx.MockRouter) -> None:
 # --- upstream failures -------------------------------------------------------------------------
 
 
+SECRET_IN_MESSAGE = "Incorrect API key provided: sk-abc123456789"
+
+
 @pytest.mark.parametrize(
-    ("status", "code", "expected_status", "expected_type"),
+    ("status", "message", "code", "expected_status", "expected_type"),
     [
-        (400, None, 502, "upstream_error"),
-        (401, "invalid_api_key", 502, "upstream_error"),
-        (404, None, 404, "thread_not_found"),
-        (422, None, 502, "upstream_error"),
+        (400, SECRET_IN_MESSAGE, None, 502, "upstream_error"),
+        (401, SECRET_IN_MESSAGE, "invalid_api_key", 502, "upstream_error"),
+        (404, "Conversation with id 'conv_test' not found.", None, 404, "thread_not_found"),
+        # A 404 about something else (a model the key cannot use) is not the thread's.
+        (404, "The model `gpt-9` does not exist or you do not have access to it. sk-abc123456789", "model_not_found",
+         502, "upstream_error"),
+        (422, SECRET_IN_MESSAGE, None, 502, "upstream_error"),
     ],
 )
-def test_upstream_4xx_mapping(client: TestClient, upstream: respx.MockRouter, status: int, code: str | None,
-                              expected_status: int, expected_type: str) -> None:
-    upstream.post("/responses").mock(return_value=openai_error(status, "Incorrect API key provided: sk-abc123456789", code=code))
+def test_upstream_4xx_mapping(client: TestClient, upstream: respx.MockRouter, status: int, message: str,
+                              code: str | None, expected_status: int, expected_type: str) -> None:
+    upstream.post("/responses").mock(return_value=openai_error(status, message, code=code))
     for headers in (JSON, SSE):
         response = chat(client, "hi", headers=headers)
         assert response.status_code == expected_status
@@ -390,6 +396,35 @@ def test_upstream_5xx_is_retried_then_502(client: TestClient, upstream: respx.Mo
     assert response.status_code == 502 and response.json()["type"] == "upstream_error"
     assert route.call_count == 4  # UPSTREAM_MAX_RETRIES=3
     assert items.call_count == 3  # each retry first made sure the input was not taken
+
+
+@pytest.mark.parametrize("earlier", [[], ["earlier question", "earlier answer"]])
+def test_upstream_5xx_not_retried_when_the_response_was_made(
+    client: TestClient, upstream: respx.MockRouter, earlier: list[str]
+) -> None:
+    """A conversation takes a response's input and outputs together: ours sits under the reply."""
+    route = upstream.post("/responses").mock(side_effect=[openai_error(502, "bad gateway"), sse_response(text_events("again"))])
+    newest_first = [conversation_item("assistant", "the answer"), conversation_item("user", "hi")]
+    newest_first += [conversation_item(role, text) for role, text in zip(("assistant", "user"), reversed(earlier))]
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": newest_first, "has_more": False})
+    assert chat(client, "hi").status_code == 502
+    assert route.call_count == 1  # the message went in once
+
+
+def test_upstream_5xx_retried_when_the_conversation_ends_with_an_earlier_turn(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    route = upstream.post("/responses").mock(side_effect=[openai_error(502, "bad gateway"), sse_response(text_events("ok"))])
+    newest_first = [conversation_item("assistant", "earlier answer"), conversation_item("user", "earlier question")]
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": newest_first, "has_more": True})
+    assert chat(client, "hi").json()["responses"] == ["ok"]
+    assert route.call_count == 2
+
+
+def conversation_item(role: str, text: str) -> dict[str, Any]:
+    part = "input_text" if role == "user" else "output_text"
+    return {"type": "message", "id": f"msg_{abs(hash(text))}", "role": role, "status": "completed",
+            "content": [{"type": part, "text": text}]}
 
 
 def test_upstream_5xx_not_retried_when_the_input_was_taken(client: TestClient, upstream: respx.MockRouter) -> None:
@@ -437,6 +472,23 @@ def test_orphan_function_call_is_answered_before_the_message(client: TestClient,
     retried = request_body(route.calls[1])["input"]
     assert retried[0]["type"] == "function_call_output" and retried[0]["call_id"] == "call_orphan"
     assert retried[1]["role"] == "user"
+
+
+def test_every_orphan_of_many_parallel_calls_is_answered(client: TestClient, upstream: respx.MockRouter) -> None:
+    """A turn cut off after eight parallel calls: each refusal names one, and each is answered."""
+    orphans = [f"call_{n}" for n in range(8)]
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        answered = {item.get("call_id") for item in orjson.loads(request.content)["input"]}
+        missing = [call for call in orphans if call not in answered]
+        if missing:
+            return openai_error(400, f"No tool output found for function call {missing[0]}.")
+        return sse_response(text_events("ok"))
+
+    route = upstream.post("/responses").mock(side_effect=respond)
+    assert chat(client, "hi").json()["responses"] == ["ok"]
+    assert route.call_count == 9
+    assert [i.get("call_id") for i in request_body(route.calls[-1])["input"]][:8] == orphans[::-1]
 
 
 def test_stream_cut_without_terminal_event(client: TestClient, upstream: respx.MockRouter) -> None:
