@@ -6,10 +6,12 @@ import logging
 import re
 from pathlib import Path
 
+import anyio
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
+from starlette.types import Receive
 
 from .chat_request import THREAD_ID, check_run_id, parse_chat_request
 from .errors import (
@@ -21,7 +23,7 @@ from .errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from .orchestrator import process_run, process_run_stream, run_answer
+from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
 from .sse_stream_handler import SSEResponse
 
@@ -63,12 +65,17 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
         error = ServiceError(str(exc.detail), type="http_error", status_code=exc.status_code)
-    return error_response(error, request)
+    response = error_response(error, request)
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", exc_info=exc)
-    return error_response(ServiceError("the service failed to handle this request"), request)
+    response = error_response(ServiceError("the service failed to handle this request"), request)
+    # Starlette answers from its outermost layer, outside the middleware that adds this header.
+    response.headers["x-correlation-id"] = correlation_id(request)
+    return response
 
 
 async def read_json_body(request: Request, max_bytes: int) -> object:
@@ -137,11 +144,12 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return run_id, int(position)
 
 
-def event_stream(request: Request, log: RunLog, after: int = 0) -> SSEResponse:
+def event_stream(request: Request, log: RunLog, after: int = 0, *, resumed: bool = False) -> SSEResponse:
     settings = request.app.state.settings
     return SSEResponse(
         log,
         after=after,
+        resumed=resumed,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
         retry_ms=settings.sse_retry_ms,
         slow_client_timeout_seconds=settings.slow_client_timeout_seconds,
@@ -156,12 +164,38 @@ async def chat(request: Request) -> Response:
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
         return await resume_chat(request, thread_id, last_event_id)
+    log = await start_run(request, thread_id, message)
     if wants_event_stream(request):
-        log = await process_run_stream(
-            state.runs, thread_id, message, correlation_id(request), first_upstream_wait=settings.sse_heartbeat_seconds
-        )
+        await wait_until_accepted(log, first_upstream_wait=settings.sse_heartbeat_seconds)
         return event_stream(request, log)  # type: ignore[return-value]
-    return JSONResponse(await process_run(state.runs, thread_id, message, correlation_id(request)))
+    return JSONResponse(await run_answer(log, correlation_id(request)))
+
+
+async def start_run(request: Request, thread_id: str, message: str) -> RunLog:
+    """Start the message's run. While it waits for a busy thread, a client that hangs up gets
+    none: nothing goes upstream for a client that could neither read nor stop that run."""
+    runs = request.app.state.runs
+    if not runs.thread_busy(thread_id):
+        return await runs.start_run(thread_id, message, correlation_id(request))
+    started: RunLog | ServiceError | None = None
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(cancel_on_disconnect, request.receive, task_group.cancel_scope)
+        try:
+            started = await runs.start_run(thread_id, message, correlation_id(request))
+        except ServiceError as exc:  # raised in the task group, it would come out wrapped in a group
+            started = exc
+        task_group.cancel_scope.cancel()
+    if started is None:
+        raise ClientGone("the client hung up while its message waited for the thread")
+    if isinstance(started, ServiceError):
+        raise started
+    return started
+
+
+async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> Response:
@@ -171,14 +205,14 @@ async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> R
     if log.thread_id != thread_id:
         raise BadRequest(f"run {run_id!r} belongs to another thread")
     if wants_event_stream(request):
-        return resumed_stream(request, log, after)
+        return resumed_stream(request, log, after, resumed=True)
     return JSONResponse(await run_answer(log, correlation_id(request)))
 
 
-def resumed_stream(request: Request, log: RunLog, after: int) -> Response:
+def resumed_stream(request: Request, log: RunLog, after: int, *, resumed: bool) -> Response:
     if log.finished and after >= log.last_seq:
         return Response(status_code=204)  # all delivered: this also stops EventSource reconnecting
-    return event_stream(request, log, after)  # type: ignore[return-value]
+    return event_stream(request, log, after, resumed=resumed)  # type: ignore[return-value]
 
 
 async def stream_run(request: Request) -> Response:
@@ -190,7 +224,7 @@ async def stream_run(request: Request) -> Response:
         resumed_run, after = parse_event_id(last_event_id)
         if resumed_run != run_id:
             raise BadRequest(f"Last-Event-ID {last_event_id!r} is not an event of run {run_id!r}")
-    return resumed_stream(request, request.app.state.runs.resumable(run_id, after), after)
+    return resumed_stream(request, request.app.state.runs.resumable(run_id, after), after, resumed=bool(last_event_id))
 
 
 async def cancel_run(request: Request) -> Response:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, STEP_COMPLETED, STEP_CREATED, Event
 from .tool_executor import ToolCall, ToolResult
 
@@ -96,6 +98,11 @@ class ToolTracker:
 
     def finish_call(self, result: ToolResult) -> Event:
         return self.finish(result.tool_call_id, result.output, is_error=result.is_error)
+
+    def finish_open(self, reason: str) -> list[Event]:
+        """End every step still open (the run was stopped or failed): a client sees each end."""
+        output = orjson.dumps({"error": reason}).decode()
+        return [self.finish(step.id, output, is_error=True) for step in list(self.steps.values()) if step.end is None]
 
 
 def _message_text(item: dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ class CorrelationIdMiddleware:
         header = (b"x-correlation-id", correlation_id.encode())
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] in ("http.response.start", "websocket.accept"):
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
@@ -68,7 +68,7 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan has no path
@@ -78,20 +78,24 @@ class APIKeyMiddleware:
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
-        given = _header(scope, b"authorization") or b""
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):
             await self.app(scope, receive, send)
             return
         error = Unauthorized("missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'")
         correlation_id = scope.get("state", {}).get("correlation_id")
+        answer = "http.response"
         if scope["type"] == "websocket":
-            # Refuse the handshake (a 403 from the server); no socket is opened.
-            await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
-            return
+            # The handshake is refused with the same JSON 401 where the server can send one
+            # (hypercorn can: the websocket.http.response extension); no socket is opened.
+            if "websocket.http.response" not in scope.get("extensions", {}):
+                await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})  # a bare 403
+                return
+            answer = "websocket.http.response"
         body = orjson.dumps(error.payload(correlation_id))
         await send(
             {
-                "type": "http.response.start",
+                "type": f"{answer}.start",
                 "status": error.status_code,
                 "headers": [
                     (b"content-type", b"application/json"),
@@ -100,4 +104,4 @@ class APIKeyMiddleware:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": f"{answer}.body", "body": body})

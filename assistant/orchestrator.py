@@ -1,8 +1,8 @@
 """One run: the upstream rounds, the tool loop between them, and how the run ends.
 
 `iterate_run_events` is the core loop and yields the service's events; `execute_run` drives it
-into the run's log (the pipeline's only writer); `process_run` and `process_run_stream` are what
-the JSON and streaming handlers call.
+into the run's log (the pipeline's only writer); `run_answer` and `wait_until_accepted` are what
+the JSON and streaming handlers wait on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from .config import Settings
 from .errors import RunCancelled, UpstreamError, ServiceError
 from .events import (
     ERROR,
-    MESSAGE_COMPLETED,
     METADATA,
     RUN_CANCELLED,
     RUN_COMPLETED,
@@ -37,8 +36,6 @@ from .tool_executor import ToolCall, ToolRegistry, ToolResult, execute_tool
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
-
-    from .run_manager import RunManager
 
 logger = logging.getLogger("assistant.orchestrator")
 
@@ -100,6 +97,7 @@ async def iterate_run_events(
     log: RunLog,
     message: str,
     task_group: TaskGroup,
+    tracker: ToolTracker,
 ) -> AsyncIterator[Event]:
     """The run's events, from `thread.run.created` to its outcome (completed or failed).
 
@@ -110,7 +108,6 @@ async def iterate_run_events(
     """
     thread_id, run_id = log.thread_id, log.run_id
     yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id, "stream_url": stream_path(run_id)})
-    tracker = ToolTracker()
     turn_input = engine.first_input(thread_id, message)
     for round_number in range(1, settings.max_tool_rounds + 2):
         parser = engine.new_parser(tracker)
@@ -183,12 +180,13 @@ async def execute_run(
     """
     thread_id_var.set(log.thread_id)
     run_id_var.set(log.run_id)
+    tracker = ToolTracker()
     async with anyio.create_task_group() as task_group:
         log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
         if log.cancel_reason is not None or log.error is not None:
             task_group.cancel_scope.cancel()  # stopped (or shut down) before its task started
         try:
-            events = iterate_run_events(engine, registry, settings, log, message, task_group)
+            events = iterate_run_events(engine, registry, settings, log, message, task_group, tracker)
             async with aclosing(events):
                 async for event in events:
                     log.append(event)
@@ -197,12 +195,15 @@ async def execute_run(
         except Exception:
             logger.exception("run crashed")
             log.error = ServiceError("the service failed while running this message")
+    reason = log.cancel_reason or "the run was cancelled"
+    if log.outcome != RUN_COMPLETED:  # a client sees every step it saw start end, also now
+        for event in tracker.finish_open(log.error.message if log.error is not None else reason):
+            log.append(event)
     if log.error is not None:  # the run failed, or the service's shutdown stopped it
         logger.warning("run ended with %s: %s", log.error.type, log.error.message)
         log.append(Event(ERROR, log.error.payload(log.correlation_id)))
         return
     if task_group.cancel_scope.cancelled_caught and log.outcome is None:
-        reason = log.cancel_reason or "the run was cancelled"
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))
     logger.info("run finished", extra={"events": log.last_seq, "elapsed_seconds": _elapsed(log)})
@@ -226,37 +227,26 @@ def metadata_event(log: RunLog) -> Event:
     )
 
 
-async def process_run(manager: RunManager, thread_id: str, message: str, correlation_id: str) -> dict[str, Any]:
-    """Run one message to the end and give the JSON answer; failures raise `ServiceError`."""
-    return await run_answer(await manager.start_run(thread_id, message, correlation_id), correlation_id)
-
-
 async def run_answer(log: RunLog, correlation_id: str) -> dict[str, Any]:
     """The JSON answer of a run, once it has ended (also for a client asking again)."""
     await log.wait_finished()
     if log.error is not None:
         raise log.error
-    responses = []
-    for event in log.events():
-        if event.name == MESSAGE_COMPLETED:
-            responses.append(event.data["message"]["content"])
-        elif event.name == RUN_FAILED:
-            raise UpstreamError(event.data["error"], type=event.data["type"])
-        elif event.name == RUN_CANCELLED:
-            raise RunCancelled(event.data["reason"])
-    return {"responses": responses, "thread_id": log.thread_id, "run_id": log.run_id, "correlation_id": correlation_id}
+    outcome = log.outcome_event
+    if outcome is not None and outcome.name == RUN_FAILED:
+        raise UpstreamError(outcome.data["error"], type=outcome.data["type"])
+    if outcome is not None and outcome.name == RUN_CANCELLED:
+        raise RunCancelled(outcome.data["reason"])
+    return {"responses": list(log.messages), "thread_id": log.thread_id, "run_id": log.run_id,
+            "correlation_id": correlation_id}
 
 
-async def process_run_stream(
-    manager: RunManager, thread_id: str, message: str, correlation_id: str, *, first_upstream_wait: float
-) -> RunLog:
-    """Start a run for a streaming client, which then reads it with `RunLog.follow`.
-
-    Waits (at most `first_upstream_wait`) for the upstream to accept the first request, so that
-    a run refused at once (unknown thread, bad credentials, busy thread) is raised and answered
-    with a plain HTTP error status instead of a 200 stream holding only an error.
+async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> RunLog:
+    """Wait (at most `first_upstream_wait`) for the upstream to accept a streaming run's first
+    request, so that a run refused at once (unknown thread, bad credentials, busy thread) is
+    raised and answered with a plain HTTP error status instead of a 200 stream holding only an
+    error. The client then reads the run with `RunLog.follow`.
     """
-    log = await manager.start_run(thread_id, message, correlation_id)
     with anyio.move_on_after(first_upstream_wait):
         await log.wait_upstream_answered()
     if log.error is not None and all(e.name in (RUN_CREATED, ERROR) for e in log.events()):

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from .errors import ServiceError
-from .events import RUN_OUTCOMES, STREAM_END, Event
+from .events import MESSAGE_COMPLETED, RUN_OUTCOMES, STREAM_END, Event
 
 
 class EventsDropped(Exception):
@@ -75,7 +75,14 @@ class RunLog:
         # its round upstream: a stop then has nothing left to stop.
         self.ending = False
         self.error: ServiceError | None = None
-        self.outcome: str | None = None  # completed, failed or cancelled, once the run has one
+        self.outcome_event: Event | None = None  # completed, failed or cancelled, once the run has one
+        # The text of each message the run completed: a JSON answer gives them all, even once old
+        # events were dropped to keep the log's memory bounded.
+        self.messages: list[str] = []
+
+    @property
+    def outcome(self) -> str | None:
+        return self.outcome_event.name if self.outcome_event is not None else None
 
     @property
     def finished(self) -> bool:
@@ -92,7 +99,9 @@ class RunLog:
         self._events.append((event.name, event.encoded))
         self.size_bytes += len(event.encoded)
         if event.name in RUN_OUTCOMES:
-            self.outcome = event.name
+            self.outcome_event = event
+        elif event.name == MESSAGE_COMPLETED:
+            self.messages.append(event.data["message"]["content"])
         if len(self._events) > self.max_events or self.size_bytes > self.max_bytes:
             self._drop_oldest()
         if event.name in STREAM_END:

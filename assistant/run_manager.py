@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Settings
-from .errors import NotFound, ServiceError, ShuttingDown, ThreadBusy
+from .errors import BadRequest, NotFound, ServiceError, ShuttingDown, ThreadBusy
 from .orchestrator import Engine, execute_run
 from .run_log import RunLog
 from .tool_executor import ToolRegistry
@@ -86,6 +86,10 @@ class RunManager:
             )
         raise NotFound(f"no run {run_id!r} is known here", type="run_not_found")
 
+    def thread_busy(self, thread_id: str) -> bool:
+        """Whether a message on the thread would wait for an earlier one's run to end."""
+        return thread_id in self._busy_threads
+
     async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
         """Start a run on the thread once the thread is free (or raise `ThreadBusy`)."""
         if not self.accepting or self._task_group is None:
@@ -125,6 +129,8 @@ class RunManager:
     def resumable(self, run_id: str, after: int) -> RunLog:
         """The run's log, if every event after position `after` is still kept."""
         log = self.lookup(run_id)
+        if after > log.last_seq:  # never sent: resuming there would skip what was not
+            raise BadRequest(f"run {run_id!r} has no event {after} yet (its last is {log.last_seq})")
         if after < log.first_seq - 1:
             raise NotFound(
                 f"events after {after} of run {run_id!r} are no longer kept (STREAM_MAX_EVENTS_PER_RUN, "

@@ -71,6 +71,7 @@ class SSEResponse:
         retry_ms: int,
         slow_client_timeout_seconds: float,
         after: int = 0,
+        resumed: bool = False,
         status_code: int = 200,
     ) -> None:
         self.log = log
@@ -78,6 +79,7 @@ class SSEResponse:
         self.retry_ms = retry_ms
         self.slow_client_timeout_seconds = slow_client_timeout_seconds
         self.after = after
+        self.resumed = resumed  # a Last-Event-ID was given: the stream opens with `thread.run.resumed`
         self.status_code = status_code
         self.done = False  # set once the stream's last byte is sent: a disconnect after it is normal
         self._last_sent = time.monotonic()
@@ -134,7 +136,7 @@ class SSEResponse:
         log = self.log
         seq = self.after
         pending = f"retry: {self.retry_ms}\n\n".encode()
-        if self.after:
+        if self.resumed:
             pending += frame_resumed(log, self.after)
         while True:
             try:

@@ -162,7 +162,8 @@ class ChatConnection:
             if text is None:
                 self._notify(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
                 continue
-            if len(text) > self.settings.max_body_bytes:
+            limit = self.settings.max_body_bytes
+            if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):  # bytes, as over HTTP
                 self._close_with = (CLOSE_TOO_BIG, "frame too large")
                 return
             try:

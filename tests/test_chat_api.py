@@ -262,9 +262,10 @@ def test_websocket_bad_frames_keep_the_connection(client: TestClient, upstream: 
         assert frames[-1]["event"] == "metadata"
 
 
-def test_websocket_oversize_frame_closes_1009(upstream: respx.MockRouter) -> None:
+@pytest.mark.parametrize("frame", ["x" * 2000, "\u20ac" * 400], ids=["2000 characters", "1200 bytes in 400 characters"])
+def test_websocket_oversize_frame_closes_1009(upstream: respx.MockRouter, frame: str) -> None:
     with make_client(MAX_BODY_BYTES="1000") as client, client.websocket_connect("/ws/chat") as ws:
-        ws.send_text("x" * 2000)
+        ws.send_text(frame)  # MAX_BODY_BYTES counts bytes, as over HTTP
         with pytest.raises(Exception) as info:
             ws.receive_json()
         assert getattr(info.value, "code", None) == 1009
@@ -600,7 +601,21 @@ def test_routing_errors_are_json(client: TestClient) -> None:
     assert missing.status_code == 404 and missing.json()["type"] == "not_found"
     wrong = client.get("/chat")
     assert wrong.status_code == 405 and wrong.json()["type"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"  # a 405 says what is allowed (RFC 9110)
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_correlation_id(client: TestClient) -> None:
+    async def crash() -> str:
+        raise RuntimeError("a bug")
+
+    client.app.state.runs.engine.create_thread = crash  # type: ignore[attr-defined]
+    response = client.post("/threads", headers={"x-correlation-id": "crash-1"})
+    assert response.status_code == 500
+    assert response.json() == {"error": "the service failed to handle this request", "type": "internal_error",
+                               "correlation_id": "crash-1"}
+    assert response.headers["x-correlation-id"] == "crash-1"
+    assert "a bug" not in response.text
 
 
 @pytest.mark.parametrize("given", ["abc\r\nx-evil: 1", "x" * 2048, "bad id with spaces"])

@@ -659,6 +659,10 @@ async def test_cancel_during_a_tool_call_leaves_the_thread_usable(
         assert poster.ended_at - cancelled_at < 2.0, "the cancel did not stop the tool"
         assert_cancelled(poster, run_id)
         call_id = next(e for e in poster.events if e["event"] == STEP_CREATED)["data"]["step"]["id"]
+        names = [e["event"] for e in poster.events]
+        ended = poster.events[names.index(STEP_COMPLETED)]["data"]["step"]  # the client sees the step end
+        assert ended["id"] == call_id and ended["is_error"] is True, ended
+        assert names.index(STEP_COMPLETED) < names.index(RUN_CANCELLED), names
         with anyio.fail_after(15):
             response = await client.post(f"{service.url}/chat", json={"thread_id": thread_id, "message": "next"})
         assert response.status_code == 200, response.text

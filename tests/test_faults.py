@@ -781,9 +781,12 @@ async def test_without_the_service_api_key_only_health_answers(guarded: ServerPr
                 assert SERVICE_KEY not in response.text and "wrong-key" not in response.text
     for headers in BAD_CREDENTIALS[:2]:
         with pytest.raises(InvalidStatus) as refused:
-            async with ws_connect(guarded, additional_headers=headers):
+            async with ws_connect(guarded, additional_headers={**headers, "X-Correlation-ID": "ws-refused"}):
                 pass
-        assert refused.value.response.status_code in (401, 403)
+        response = refused.value.response
+        assert response.status_code == 401 and response.headers["x-correlation-id"] == "ws-refused"
+        assert json.loads(response.body) == {"error": "missing or wrong API key: send 'Authorization: Bearer "
+                                             "<SERVICE_API_KEY>'", "type": "unauthorized", "correlation_id": "ws-refused"}
 
 
 @pytest.mark.anyio
@@ -793,6 +796,8 @@ async def test_with_the_service_api_key_every_route_works(guarded: ServerProcess
     async with http_client(headers=good) as client:
         started = await client.get(f"{base}/start")
         assert started.status_code == 200, started.text
+        lowercase = await client.get(f"{base}/start", headers={"Authorization": f"bearer {SERVICE_KEY}"})
+        assert lowercase.status_code == 200, lowercase.text  # the scheme is case-insensitive (RFC 9110)
         thread_id = await new_thread(client, base)
         response = await chat_json(client, base, thread_id, "let me in")
         assert response.status_code == 200, response.text

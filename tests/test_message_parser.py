@@ -492,3 +492,16 @@ def test_step_and_message_to_dict() -> None:
         "is_error": True,
     }
     assert MessageData(id="m", content="c").to_dict() == {"id": "m", "author": "assistant", "content": "c"}
+
+
+def test_finish_open_ends_only_the_steps_still_open() -> None:
+    tracker = ToolTracker()
+    tracker.start("call_done", "calculator", "{}")
+    tracker.finish("call_done", "3")
+    tracker.start("call_open", "slow_tool", "{}")
+    events = tracker.finish_open("cancelled by the client")
+    assert [(e.name, e.data["step"]["id"]) for e in events] == [(STEP_COMPLETED, "call_open")]
+    step = events[0].data["step"]
+    assert step["is_error"] is True and step["end"] is not None
+    assert json.loads(step["output"]) == {"error": "cancelled by the client"}
+    assert tracker.finish_open("again") == []

@@ -268,7 +268,7 @@ async def run_sse(response: SSEResponse) -> bytes:
 
 
 def sse_response_for(log: RunLog, after: int = 0) -> SSEResponse:
-    return SSEResponse(log, after=after, heartbeat_seconds=1, retry_ms=300, slow_client_timeout_seconds=1)
+    return SSEResponse(log, after=after, resumed=after > 0, heartbeat_seconds=1, retry_ms=300, slow_client_timeout_seconds=1)
 
 
 @pytest.mark.anyio
@@ -640,7 +640,7 @@ def test_get_stream_replays_the_whole_run(client: TestClient, upstream: respx.Mo
 @pytest.mark.parametrize("how", ["header", "query"])
 def test_get_stream_after_k_gives_exactly_the_rest(client: TestClient, upstream: respx.MockRouter, how: str) -> None:
     run_id, events = sse_run(client, upstream)
-    for k in range(1, len(events)):
+    for k in range(0, len(events)):  # from 0 too: any Last-Event-ID makes a resumed stream
         last_event_id = f"{run_id}:{k}"
         if how == "header":
             response = client.get(f"/chat/stream/{run_id}", headers={"last-event-id": last_event_id})
@@ -698,16 +698,14 @@ def test_repost_json_of_a_run_started_over_sse(client: TestClient, upstream: res
 
 def test_204_when_everything_was_delivered(client: TestClient, upstream: respx.MockRouter) -> None:
     run_id, events = sse_run(client, upstream)
-    last = events[-1]["id"]
-    beyond = f"{run_id}:{len(events) + 7}"
-    for last_event_id in (last, beyond):
-        for response in (
-            client.get(f"/chat/stream/{run_id}", headers={"last-event-id": last_event_id}),
-            client.get(f"/chat/stream/{run_id}", params={"last_event_id": last_event_id}),
-            chat(client, "hello", headers={**SSE, "last-event-id": last_event_id}),
-        ):
-            assert response.status_code == 204, response.text
-            assert response.content == b""
+    last_event_id = events[-1]["id"]
+    for response in (
+        client.get(f"/chat/stream/{run_id}", headers={"last-event-id": last_event_id}),
+        client.get(f"/chat/stream/{run_id}", params={"last_event_id": last_event_id}),
+        chat(client, "hello", headers={**SSE, "last-event-id": last_event_id}),
+    ):
+        assert response.status_code == 204, response.text
+        assert response.content == b""
 
 
 def test_unknown_run_is_404_run_not_found(client: TestClient, upstream: respx.MockRouter) -> None:
@@ -782,6 +780,19 @@ def test_malformed_last_event_id_is_400(client: TestClient, upstream: respx.Mock
     assert_error(chat(client, "hello", headers={**SSE, "last-event-id": value}), 400, "invalid_request")
     assert_error(chat(client, "hello", headers={**JSON, "last-event-id": value}), 400, "invalid_request")
     assert len(upstream.calls) == calls  # a bad resume never starts a new run
+
+
+def test_a_last_event_id_beyond_the_runs_last_event_is_400(client: TestClient, upstream: respx.MockRouter) -> None:
+    """An id the service never sent: resuming there would skip the events up to it."""
+    run_id, events = sse_run(client, upstream)
+    value = f"{run_id}:{len(events) + 1}"  # the run is over: beyond its end is no 204 either
+    assert_error(client.get(f"/chat/stream/{run_id}", headers={"last-event-id": value}), 400, "invalid_request")
+    assert_error(chat(client, "hello", headers={**SSE, "last-event-id": value}), 400, "invalid_request")
+    assert_error(chat(client, "hello", headers={**JSON, "last-event-id": value}), 400, "invalid_request")
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"resume": run_id, "last_event_id": value})
+        frame = ws.receive_json()
+        assert frame["event"] == "error" and frame["type"] == "invalid_request"
 
 
 @pytest.mark.parametrize("position", ["\u00b2", "9" * 5000], ids=["superscript-two", "5000-digits"])

@@ -8,7 +8,18 @@ import tracemalloc
 import anyio
 import pytest
 
-from assistant.events import ERROR, MESSAGE_DELTA, METADATA, RUN_CANCELLED, RUN_COMPLETED, RUN_FAILED, Event
+from assistant.errors import RunCancelled, UpstreamError
+from assistant.events import (
+    ERROR,
+    MESSAGE_COMPLETED,
+    MESSAGE_DELTA,
+    METADATA,
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    Event,
+)
+from assistant.orchestrator import run_answer
 from assistant.run_log import EventsDropped, RunLog, Wakeup
 
 TIMEOUT = 2  # seconds; a hung reader fails the test instead of the suite
@@ -427,3 +438,31 @@ async def test_a_wakeup_wakes_once_and_setting_it_again_or_after_a_cancelled_wai
             tg.start_soon(later.wait)
             await anyio.sleep(0.01)
             later.set()
+
+
+@pytest.mark.anyio
+async def test_a_json_answer_has_every_message_though_old_events_were_dropped() -> None:
+    log = RunLog("run_1", "thread_1", "corr", max_events=2)
+    log.append(Event("thread.run.created", {}))
+    for text in ("Let me check.", "It is sunny."):
+        log.append(Event(MESSAGE_DELTA, {"delta": {"content": text}}))
+        log.append(Event(MESSAGE_COMPLETED, {"message": {"id": "msg", "content": text}}))
+    log.append(Event(RUN_COMPLETED, {}))
+    log.append(Event(METADATA, {}))
+    assert log.first_seq > 5  # both messages' events are gone from the log
+    answer = await run_answer(log, "corr")
+    assert answer["responses"] == ["Let me check.", "It is sunny."]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("outcome", "error"), [(RUN_FAILED, UpstreamError), (RUN_CANCELLED, RunCancelled)])
+async def test_a_json_answer_knows_the_outcome_though_its_event_was_dropped(
+    outcome: str, error: type[Exception]
+) -> None:
+    log = RunLog("run_1", "thread_1", "corr", max_events=1)
+    log.append(Event(MESSAGE_COMPLETED, {"message": {"id": "msg", "content": "partial"}}))
+    log.append(Event(outcome, {"error": "it broke", "type": "run_failed", "reason": "cancelled by the client"}))
+    log.append(Event(METADATA, {}))
+    assert [e.name for e in log.events()] == [METADATA]
+    with pytest.raises(error):
+        await run_answer(log, "corr")

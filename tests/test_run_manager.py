@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
+from starlette.requests import Request
 
-from assistant import run_manager
+from assistant import http_api, run_manager
 from assistant.config import Settings
-from assistant.errors import ThreadBusy
+from assistant.errors import ClientGone, ThreadBusy
 from assistant.events import METADATA, Event
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
@@ -77,3 +79,72 @@ async def test_a_message_waiting_past_the_thread_lock_timeout_is_thread_busy(
             while manager.active_runs:
                 await anyio.sleep(0.01)
         assert manager._busy_threads == {}
+
+
+def request_to(manager: RunManager, receive: Any) -> Request:
+    app = SimpleNamespace(state=SimpleNamespace(runs=manager))
+    return Request({"type": "http", "app": app, "state": {"correlation_id": "corr"}, "headers": []}, receive)
+
+
+@pytest.mark.anyio
+async def test_an_http_message_waiting_for_a_busy_thread_is_dropped_when_its_client_hangs_up(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        first = await manager.start_run("conv_1", "first", "corr")
+
+        async def hang_up_soon() -> dict[str, str]:
+            await anyio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        with anyio.fail_after(3), pytest.raises(ClientGone):
+            await http_api.start_run(request_to(manager, hang_up_soon), "conv_1", "second")
+        assert manager.active_runs == [first]  # nothing was started for the client that left
+        runs_released_by_hand.setdefault("first", anyio.Event()).set()
+        with anyio.fail_after(3):
+            await first.wait_finished()
+        assert manager._busy_threads == {}
+
+
+@pytest.mark.anyio
+async def test_an_http_message_whose_client_stays_gets_the_thread_once_it_is_free(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        await manager.start_run("conv_1", "first", "corr")
+
+        async def client_stays() -> dict[str, str]:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def release_first() -> None:
+            await anyio.sleep(0.05)
+            runs_released_by_hand.setdefault("first", anyio.Event()).set()
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release_first)
+                second = await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
+        assert second.thread_id == "conv_1" and manager.active_runs == [second]
+        runs_released_by_hand.setdefault("second", anyio.Event()).set()
+        with anyio.fail_after(3):
+            await second.wait_finished()
+
+
+@pytest.mark.anyio
+async def test_an_http_message_whose_client_stays_past_the_thread_lock_timeout_is_thread_busy(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=0.1)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        await manager.start_run("conv_1", "first", "corr")
+
+        async def client_stays() -> dict[str, str]:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        with anyio.fail_after(3), pytest.raises(ThreadBusy):  # itself, as the API answers it: 409
+            await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
+        runs_released_by_hand.setdefault("first", anyio.Event()).set()
