@@ -81,6 +81,12 @@ async def test_a_message_waiting_past_the_thread_lock_timeout_is_thread_busy(
         assert manager._busy_threads == {}
 
 
+async def client_stays() -> dict[str, str]:
+    """An HTTP client's `receive` once its request was read, while the client keeps waiting."""
+    await anyio.sleep_forever()
+    raise AssertionError
+
+
 def request_to(manager: RunManager, receive: Any) -> Request:
     app = SimpleNamespace(state=SimpleNamespace(runs=manager))
     return Request({"type": "http", "app": app, "state": {"correlation_id": "corr"}, "headers": []}, receive)
@@ -115,10 +121,6 @@ async def test_an_http_message_whose_client_stays_gets_the_thread_once_it_is_fre
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
         await manager.start_run("conv_1", "first", "corr")
 
-        async def client_stays() -> dict[str, str]:
-            await anyio.sleep_forever()
-            raise AssertionError
-
         async def release_first() -> None:
             await anyio.sleep(0.05)
             runs_released_by_hand.setdefault("first", anyio.Event()).set()
@@ -140,10 +142,6 @@ async def test_an_http_message_whose_client_stays_past_the_thread_lock_timeout_i
     settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=0.1)
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
         await manager.start_run("conv_1", "first", "corr")
-
-        async def client_stays() -> dict[str, str]:
-            await anyio.sleep_forever()
-            raise AssertionError
 
         with anyio.fail_after(3), pytest.raises(ThreadBusy):  # itself, as the API answers it: 409
             await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
