@@ -29,7 +29,7 @@ from .events import (
     Event,
     stream_path,
 )
-from .logs import run_id_var, thread_id_var
+from .logs import redact, run_id_var, thread_id_var
 from .message_parser import ToolTracker
 from .run_log import RunLog
 from .tool_executor import ToolCall, ToolRegistry, ToolResult, execute_tool
@@ -128,7 +128,7 @@ async def iterate_run_events(
                 # `error` event broke off is still going), and the engine lets go of it.
                 error, type, code = parser.failure
                 reason = "the upstream run failed"
-                yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
+                yield Event(RUN_FAILED, {"error": redact(error), "type": type, "code": code})
                 return
             if not parser.ended:
                 raise UpstreamError("the upstream stream ended before the response was complete")

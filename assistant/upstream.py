@@ -64,12 +64,13 @@ def create_openai_client(settings: Settings) -> openai.AsyncOpenAI:
 
 
 def error_message(exc: openai.APIStatusError) -> str:
+    """OpenAI's own message; a body that is not JSON (a proxy's HTML page) is not passed on."""
     body = exc.body
     message = None
     if isinstance(body, dict):
         inner = body.get("error") if isinstance(body.get("error"), dict) else body
         message = inner.get("message")
-    return redact(str(message or exc.message or "no details"))[:500]
+    return redact(str(message or "no details"))[:500]
 
 
 def error_code(exc: openai.APIStatusError) -> str | None:
@@ -124,10 +125,16 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
 
 
 def retry_after(exc: BaseException) -> float | None:
-    """The upstream's Retry-After (seconds or an HTTP date), capped; None when absent or unreadable."""
+    """The upstream's wait before a retry (`retry-after-ms`, or Retry-After in seconds or as an
+    HTTP date); None when absent or unreadable."""
     if not isinstance(exc, openai.APIStatusError):
         return None
-    header = exc.response.headers.get("retry-after")
+    headers = exc.response.headers
+    try:
+        return max(float(headers.get("retry-after-ms", "")) / 1000, 0.0)
+    except ValueError:
+        pass
+    header = headers.get("retry-after")
     if not header:
         return None
     try:
@@ -137,13 +144,15 @@ def retry_after(exc: BaseException) -> float | None:
             seconds = email.utils.parsedate_to_datetime(header).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), _MAX_BACKOFF_SECONDS)
+    return max(seconds, 0.0)
 
 
 def retry_delay(attempt: int, exc: BaseException | None = None) -> float:
     """Exponential backoff with full jitter, or the upstream's Retry-After when it gave one."""
     delay = retry_after(exc) if exc is not None else None
-    return delay if delay is not None else random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
+    if delay is not None:
+        return min(delay, _MAX_BACKOFF_SECONDS)
+    return random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
 
 
 def may_have_taken_effect(exc: BaseException) -> bool:
@@ -182,6 +191,8 @@ async def call_with_retries(
                 raise
             if may_have_taken_effect(exc) and (retry_if is None or not await retry_if(exc)):
                 raise
+            if (retry_after(exc) or 0.0) > _MAX_BACKOFF_SECONDS:
+                raise  # a longer wait than a request should: the client gets the Retry-After instead
             delay = retry_delay(attempt, exc)
             logger.warning(
                 "retrying %s after %s", what, type(exc).__name__,

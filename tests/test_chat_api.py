@@ -653,6 +653,40 @@ def test_rate_limited_answer_passes_on_retry_after(upstream: respx.MockRouter) -
         assert response.headers["retry-after"] == "7"
 
 
+def test_a_retry_after_longer_than_a_request_should_wait_goes_to_the_client(upstream: respx.MockRouter) -> None:
+    route = upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": "60"}))
+    with make_client() as client:
+        response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
+    assert response.headers["retry-after"] == "60" and route.call_count == 1  # not retried 20 s early
+
+
+def test_retry_after_ms_is_honoured(client: TestClient, upstream: respx.MockRouter) -> None:
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(429, "slow down", headers={"retry-after-ms": "300", "retry-after": "1"}), sse_response(text_events("ok")),
+    ])
+    started = time.monotonic()
+    assert chat(client, "hi").json()["responses"] == ["ok"] and route.call_count == 2
+    assert 0.3 <= time.monotonic() - started < 1.0  # the finer header wins
+
+
+def test_an_error_page_that_is_not_json_is_not_passed_on(client: TestClient, upstream: respx.MockRouter) -> None:
+    page = "<html><body><h1>502 Bad Gateway</h1><p>internal-lb-7.example.net</p></body></html>"
+    upstream.post("/responses").mock(return_value=httpx.Response(502, text=page, headers={"content-type": "text/html"}))
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": [], "has_more": False})
+    response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["error"] == "the upstream answered 502: no details"
+
+
+def test_a_secret_in_a_failed_responses_message_is_masked(client: TestClient, upstream: respx.MockRouter) -> None:
+    failed = text_events("x")[:1] + [{"type": "response.failed", "response": {
+        **text_events("x")[0]["response"], "status": "failed",
+        "error": {"code": "server_error", "message": "could not use key sk-proj-abcdefghijklmnop1234"}}}]
+    upstream.post("/responses").mock(return_value=sse_response(failed))
+    event = next(e for e in events_of(chat(client, "hi", headers=SSE).text) if e["event"] == "thread.run.failed")
+    assert "abcdefghijklmnop" not in event["data"]["error"] and "[redacted]" in event["data"]["error"]
+
+
 def test_unreadable_retry_after_falls_back_to_backoff(client: TestClient, upstream: respx.MockRouter) -> None:
     route = upstream.post("/responses").mock(side_effect=[
         openai_error(429, "slow down", headers={"retry-after": "soon, maybe"}), sse_response(text_events("ok")),
