@@ -241,7 +241,7 @@ async def run_answer(log: RunLog, correlation_id: str) -> dict[str, Any]:
             "correlation_id": correlation_id}
 
 
-async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> RunLog:
+async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> None:
     """Wait (at most `first_upstream_wait`) for the upstream to accept a streaming run's first
     request, so that a run refused at once (unknown thread, bad credentials, busy thread) is
     raised and answered with a plain HTTP error status instead of a 200 stream holding only an
@@ -251,4 +251,3 @@ async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> RunLog
         await log.wait_upstream_answered()
     if log.error is not None and all(e.name in (RUN_CREATED, ERROR) for e in log.events()):
         raise log.error  # nothing but the error to show: a plain HTTP error says it best
-    return log
