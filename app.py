@@ -16,7 +16,6 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -36,7 +35,7 @@ from assistant.http_api import (
     stream_run,
 )
 from assistant.logs import adopt_server_loggers, configure_logging
-from assistant.middleware import APIKeyMiddleware, CorrelationIdMiddleware
+from assistant.middleware import APIKeyMiddleware, CORSMiddleware, CorrelationIdMiddleware
 from assistant.responses_engine import ResponsesEngine
 from assistant.run_manager import RunManager, on_termination_signal
 from assistant.tool_executor import ToolConfigError, ToolRegistry, load_tool_map

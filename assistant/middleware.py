@@ -7,9 +7,12 @@ import re
 import uuid
 
 import orjson
+from starlette.datastructures import Headers
+from starlette.middleware import cors
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import Unauthorized
+from .errors import BadRequest, Unauthorized
 from .logs import correlation_id_var
 
 # A caller's own ID is kept only when it is a short token that is safe in headers and logs.
@@ -105,3 +108,17 @@ class APIKeyMiddleware:
             }
         )
         await send({"type": f"{answer}.body", "body": body})
+
+
+class CORSMiddleware(cors.CORSMiddleware):
+    """Starlette's, with a refused preflight answered in the service's JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode()  # "Disallowed CORS origin, headers"
+        error = BadRequest(f"{reason} (CORS_ALLOW_ORIGINS and the headers the service takes)", type="cors_refused")
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return Response(orjson.dumps(error.payload(correlation_id_var.get())), status_code=400, headers=headers,
+                        media_type="application/json")

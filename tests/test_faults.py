@@ -824,6 +824,7 @@ async def test_cors_allows_only_the_configured_origin(guarded: ServerProcess) ->
     assert "POST" in allowed.headers["access-control-allow-methods"]
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     assert "access-control-allow-origin" not in other.headers, other.headers
+    assert assert_json_error(other, 400, "cors_refused")["error"].startswith("Disallowed CORS origin")
     assert_json_error(refused, 401, "unauthorized")
     assert refused.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "x-correlation-id" in refused.headers["access-control-expose-headers"].lower()
