@@ -91,7 +91,8 @@ class SSEResponse:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._watch_client, receive, task_group.cancel_scope)
-            await self._stream(send)
+            # An error this stream sends itself carries the ID of the request reading it.
+            await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
             self.done = True
             task_group.cancel_scope.cancel()
 
@@ -132,7 +133,7 @@ class SSEResponse:
         self._last_sent = time.monotonic()
         self._sending_since = None
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, correlation_id: str) -> None:
         log = self.log
         seq = self.after
         pending = f"retry: {self.retry_ms}\n\n".encode()
@@ -146,7 +147,7 @@ class SSEResponse:
                 # error has no id, so the client's Last-Event-ID stays where it was.
                 logger.warning(str(exc))
                 error = ServiceError(str(exc), type="events_dropped")
-                pending += b"event: error\ndata: " + Event(ERROR, error.payload(log.correlation_id)).encoded + b"\n\n"
+                pending += b"event: error\ndata: " + Event(ERROR, error.payload(correlation_id)).encoded + b"\n\n"
                 break
             if batch:
                 seq = batch[-1][0]

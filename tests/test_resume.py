@@ -248,7 +248,7 @@ async def test_runlog_follow_after_k_resumes_exactly_after_k() -> None:
 # The SSE handler alone
 
 
-async def run_sse(response: SSEResponse) -> bytes:
+async def run_sse(response: SSEResponse, scope: dict[str, Any] | None = None) -> bytes:
     body: list[bytes] = []
     done = anyio.Event()
 
@@ -263,7 +263,7 @@ async def run_sse(response: SSEResponse) -> bytes:
                 done.set()
 
     with anyio.fail_after(TIMEOUT):
-        await response({"type": "http"}, receive, send)
+        await response(scope or {"type": "http"}, receive, send)
     return b"".join(body)
 
 
@@ -291,10 +291,12 @@ async def test_sse_stream_that_fell_behind_the_cap_ends_with_an_events_dropped_e
     for i in range(1, 16):  # the reader (after=0) is already behind the window
         log.append(delta(i))
     log.append(Event(METADATA, {}))
-    items = parse_sse((await run_sse(sse_response_for(log, after=0))).decode())
+    scope = {"type": "http", "state": {"correlation_id": "the-reader"}}
+    items = parse_sse((await run_sse(sse_response_for(log, after=0), scope)).decode())
     events = [i for i in items if "event" in i]
     assert events, f"the stream ended with nothing at all: {items}"
     assert events[-1]["event"] == "error" and events[-1]["data"]["type"] == "events_dropped", events[-1:]
+    assert events[-1]["data"]["correlation_id"] == "the-reader"  # the request's, not the run's
 
 
 # ==============================================================================================

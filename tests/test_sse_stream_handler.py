@@ -42,7 +42,7 @@ async def test_keepalives_while_idle_and_after_a_slow_send() -> None:
     response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=5)
     async with anyio.create_task_group() as tg:
         tg.start_soon(end_later)
-        await response(None, never_disconnects, send)  # type: ignore[arg-type]
+        await response({"type": "http"}, never_disconnects, send)
     keepalives = [at for at, body in bodies if body == KEEPALIVE]
     assert len(keepalives) >= 6  # about one per 0.05 s in the 0.5 s after the slow send
     assert all(b - a < 0.15 for a, b in zip(keepalives, keepalives[1:]))
@@ -60,7 +60,7 @@ async def test_a_client_that_stops_reading_is_dropped() -> None:
     response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=0.3)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response(None, never_disconnects, send)  # type: ignore[arg-type]
+        await response({"type": "http"}, never_disconnects, send)
     assert 0.25 < time.monotonic() - started < 1.0
     assert not response.done
 
@@ -75,7 +75,7 @@ async def test_heartbeats_on_a_quiet_run_leave_no_waiters_on_its_log() -> None:
 
     response = SSEResponse(log, heartbeat_seconds=0.01, retry_ms=1, slow_client_timeout_seconds=5)
     with anyio.fail_after(3):
-        await response(None, disconnects_after(0.5), send)  # type: ignore[arg-type]
+        await response({"type": "http"}, disconnects_after(0.5), send)
     assert log._waiters == []
 
 
@@ -104,7 +104,7 @@ async def test_the_disconnect_ends_the_stream_at_once_between_heartbeats() -> No
     response = SSEResponse(log, heartbeat_seconds=0.2, retry_ms=1, slow_client_timeout_seconds=5)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response(None, disconnects_after(0.5), send)  # type: ignore[arg-type]
+        await response({"type": "http"}, disconnects_after(0.5), send)
     assert 0.45 < time.monotonic() - started < 0.6
     assert sent.count(KEEPALIVE) == 2  # at 0.2 and 0.4 s
     assert not response.done
