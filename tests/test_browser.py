@@ -125,6 +125,35 @@ def test_refused_request_shows_the_service_error(page: object) -> None:
     assert "invalid_request" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
 
 
+def test_a_thread_that_cannot_be_started_says_so(page: object) -> None:
+    """A proxy's HTML error page (the service restarting) instead of JSON: a message, not a dead page."""
+    page.route("**/threads", lambda route: route.fulfill(  # type: ignore[attr-defined]
+        status=502, content_type="text/html", body="<html><body>502 Bad Gateway</body></html>"))
+    page.click("#new-thread")  # type: ignore[attr-defined]
+    page.wait_for_selector(".error")  # type: ignore[attr-defined]
+    assert "Could not start a thread (http_error): 502" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
+    send(page, "hello?", "sse")
+    page.wait_for_selector(".error:has-text('no thread yet')")  # type: ignore[attr-defined]
+    page.unroute("**/threads")  # type: ignore[attr-defined]
+    page.click("#new-thread")  # type: ignore[attr-defined]
+    page.wait_for_selector("#thread:has-text('thread')")  # type: ignore[attr-defined]
+    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+
+
+def test_a_cancelled_run_says_it_stopped(page: object) -> None:
+    stream = "".join(f"event: {name}\ndata: {data}\n\n" for name, data in (
+        ("thread.run.created", '{"thread_id": "t", "run_id": "run_1", "stream_url": "chat/stream/run_1"}'),
+        ("thread.message.delta", '{"delta": {"content": "Half an ans"}}'),
+        ("thread.run.cancelled", '{"thread_id": "t", "run_id": "run_1", "reason": "cancelled by the client"}'),
+        ("metadata", '{"run_id": "run_1"}'),
+    ))
+    page.route("**/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))  # type: ignore[attr-defined]
+    send(page, "go on", "sse")
+    wait_idle(page)
+    assert last_reply(page) == "Half an ans"
+    assert page.locator(".error").last.inner_text() == "Stopped: cancelled by the client"  # type: ignore[attr-defined]
+
+
 def test_new_thread_button(page: object) -> None:
     first = page.inner_text("#thread")  # type: ignore[attr-defined]
     page.click("#new-thread")  # type: ignore[attr-defined]

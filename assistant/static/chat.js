@@ -72,6 +72,9 @@ function handleEvent(turn, name, data) {
     case "thread.run.failed":
       showError(turn, `The run failed: ${data.error}`);
       break;
+    case "thread.run.cancelled":
+      showError(turn, `Stopped: ${data.reason}`);
+      break;
     case "error":
       showError(turn, `Error (${data.type}): ${data.error}`);
       break;
@@ -163,8 +166,16 @@ async function sendOverWebSocket(turn, message) {
 
 async function newThread() {
   $("log").replaceChildren();
-  const response = await fetch("threads", { method: "POST" });
-  const body = await response.json();
+  state.threadId = null;
+  $("thread").textContent = "";
+  let response, body;
+  try {
+    response = await fetch("threads", { method: "POST" });
+    // A proxy's error page (the service restarting, say) is not JSON.
+    body = await response.json().catch(() => ({ type: "http_error", error: `${response.status} ${response.statusText}` }));
+  } catch (error) {
+    return showError(null, `Could not start a thread: ${error.message}`);
+  }
   if (!response.ok) return showError(null, `Could not start a thread (${body.type}): ${body.error}`);
   state.threadId = body.thread_id;
   $("thread").textContent = `thread ${body.thread_id}`;
@@ -174,7 +185,8 @@ async function newThread() {
 async function send(event) {
   event.preventDefault();
   const message = $("message").value;
-  if (!message.trim() || state.turn || !state.threadId) return;
+  if (!message.trim() || state.turn) return;
+  if (!state.threadId) return showError(null, "There is no thread yet: press New thread.");
   $("message").value = "";
   $("send").disabled = true;
   addTurn("user", message);
