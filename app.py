@@ -31,6 +31,7 @@ from assistant.http_api import (
     handle_http_exception,
     handle_service_error,
     handle_unexpected_error,
+    websocket_only,
     health,
     stream_run,
 )
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
             Route("/chat/stream/{run_id}", stream_run, methods=["GET"]),
             Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
             WebSocketRoute("/ws/chat", websocket_chat),
+            Route("/ws/chat", websocket_only, methods=["GET"]),
         ],
         middleware=middleware,
         exception_handlers={

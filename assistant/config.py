@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 DEFAULT_MODEL = "gpt-4.1-mini"
@@ -53,6 +54,11 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENGINES = ("responses", "assistants")
 
 
+def _is_origin_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build `Settings` from environment variables, raising `ConfigError` on bad values."""
     env = os.environ if environ is None else environ
@@ -79,8 +85,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("OPENAI_API_KEY is required (the key the service uses to call OpenAI)")
 
     base_url = text("OPENAI_BASE_URL")
-    if base_url is not None and not base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"OPENAI_BASE_URL must start with http:// or https://, got {base_url!r}")
+    if base_url is not None and not _is_origin_url(base_url):
+        raise ConfigError(f"OPENAI_BASE_URL must be an http:// or https:// URL with a host, got {base_url!r}")
 
     log_level = (text("LOG_LEVEL") or "INFO").upper()
     if log_level not in _LOG_LEVELS:
@@ -94,6 +100,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("ASSISTANT_ENGINE=assistants needs OPENAI_ASSISTANT_ID (the asst_... to run)")
 
     origins = tuple(o.strip() for o in (text("CORS_ALLOW_ORIGINS") or "").split(",") if o.strip())
+    for origin in origins:  # a browser's Origin header is scheme://host[:port], nothing else
+        if origin != "*" and not (_is_origin_url(origin) and urlsplit(origin).path in ("", "/")):
+            raise ConfigError(f"CORS_ALLOW_ORIGINS takes origins like https://app.example.com or *, got {origin!r}")
 
     return Settings(
         openai_api_key=api_key,

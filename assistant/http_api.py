@@ -227,6 +227,15 @@ async def stream_run(request: Request) -> Response:
     return resumed_stream(request, request.app.state.runs.resumable(run_id, after), after, resumed=bool(last_event_id))
 
 
+async def websocket_only(request: Request) -> Response:
+    """GET /ws/chat without the WebSocket handshake (a plain curl, a proxy that drops Upgrade)."""
+    error = ServiceError("this is a WebSocket endpoint: connect with Upgrade: websocket", type="upgrade_required",
+                         status_code=426)
+    response = error_response(error, request)
+    response.headers.update({"upgrade": "websocket", "connection": "Upgrade"})  # as RFC 9110 asks of a 426
+    return response
+
+
 async def cancel_run(request: Request) -> Response:
     """POST /runs/{run_id}/cancel: stop generating; listeners get thread.run.cancelled, then metadata."""
     run_id = check_run_id(request.path_params["run_id"])

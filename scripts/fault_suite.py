@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/fault_suite.py [--runs N]      (N defaults to 5)
 
+It needs the development requirements (websockets, pytest's harness): run scripts/test.sh once,
+or pip install -r requirements-dev.txt, first.
+
 It starts the fake OpenAI (tests/fake_openai.py) and the service under hypercorn on loopback ports
 (with tests/e2e.py's harness), then, per fault and per try, on a new thread: runs the faulty turn,
 checks that the client got a proper end (a `metadata` event or JSON answer, an `error` event, or a

@@ -602,6 +602,12 @@ def test_routing_errors_are_json(client: TestClient) -> None:
     wrong = client.get("/chat")
     assert wrong.status_code == 405 and wrong.json()["type"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"  # a 405 says what is allowed (RFC 9110)
+    plain = client.get("/ws/chat")  # a WebSocket endpoint asked without the handshake
+    assert plain.status_code == 426 and plain.json()["type"] == "upgrade_required"
+    assert plain.headers["upgrade"] == "websocket"
+    with client.websocket_connect("/ws/chat") as ws:  # the WebSocket itself is unaffected
+        ws.send_json({"thread_id": "x"})
+        assert ws.receive_json()["type"] == "invalid_request"
     assert client.get("/health").json() == {"status": "ok"}
 
 

@@ -158,12 +158,13 @@ def test_base_url_accepted(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["api.openai.com/v1", "ftp://api.openai.com", "file:///etc/passwd", "ws://x", "//api.openai.com", "http:/x"]
+    "url", ["api.openai.com/v1", "ftp://api.openai.com", "file:///etc/passwd", "ws://x", "//api.openai.com", "http:/x",
+            "http://", "https:///v1"]
 )
 def test_base_url_rejected(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(OPENAI_BASE_URL=url)
-    assert str(info.value) == f"OPENAI_BASE_URL must start with http:// or https://, got {url!r}"
+    assert str(info.value) == f"OPENAI_BASE_URL must be an http:// or https:// URL with a host, got {url!r}"
 
 
 @pytest.mark.parametrize(
@@ -214,6 +215,14 @@ def test_responses_engine_keeps_an_assistant_id_it_does_not_need() -> None:
 )
 def test_cors_origins(raw: str, expected: tuple[str, ...]) -> None:
     assert load(CORS_ALLOW_ORIGINS=raw).cors_allow_origins == expected
+
+
+@pytest.mark.parametrize("origin", ["example.com", "app.example.com:443", "ftp://a.example", "https://a.example/app",
+                                    "https://"])
+def test_cors_origins_that_no_browser_sends_are_rejected(origin: str) -> None:
+    """A browser's Origin is scheme://host[:port]: anything else could never match."""
+    with pytest.raises(ConfigError, match=r"^CORS_ALLOW_ORIGINS takes origins like https://app.example.com or \*"):
+        load(CORS_ALLOW_ORIGINS=f"https://ok.example,{origin}")
 
 
 def test_secrets_never_in_repr() -> None:
