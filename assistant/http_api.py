@@ -114,6 +114,9 @@ async def chat_page(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """503 once the service takes no new turns (shutting down), so a load balancer moves on."""
+    if not request.app.state.runs.accepting:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

@@ -181,20 +181,21 @@ async def execute_run(
     thread_id_var.set(log.thread_id)
     run_id_var.set(log.run_id)
     tracker = ToolTracker()
-    async with anyio.create_task_group() as task_group:
-        log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
-        if log.cancel_reason is not None or log.error is not None:
-            task_group.cancel_scope.cancel()  # stopped (or shut down) before its task started
-        try:
-            events = iterate_run_events(engine, registry, settings, log, message, task_group, tracker)
-            async with aclosing(events):
-                async for event in events:
-                    log.append(event)
-        except ServiceError as exc:
-            log.error = exc
-        except Exception:
-            logger.exception("run crashed")
-            log.error = ServiceError("the service failed while running this message")
+    try:
+        async with anyio.create_task_group() as task_group:
+            log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
+            if log.cancel_reason is not None or log.error is not None:
+                task_group.cancel_scope.cancel()  # stopped (or shut down) before its task started
+            try:
+                events = iterate_run_events(engine, registry, settings, log, message, task_group, tracker)
+                async with aclosing(events):
+                    async for event in events:
+                        log.append(event)
+            except ServiceError as exc:
+                log.error = exc
+    except Exception:  # a bug, here or in a task of the run's (a tool's): this run ends, not the service
+        logger.exception("run crashed")
+        log.error = ServiceError("the service failed while running this message")
     reason = log.cancel_reason or "the run was cancelled"
     if log.outcome != RUN_COMPLETED:  # a client sees every step it saw start end, also now
         for event in tracker.finish_open(log.error.message if log.error is not None else reason):

@@ -7,21 +7,26 @@ model sends back, so the two can never drift apart.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
+import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, get_origin
 
 import anyio
-import anyio.to_thread
 import orjson
 import pydantic
 from pydantic.fields import FieldInfo
+
+from .logs import redact
 
 __all__ = [
     "ToolCall",
@@ -44,6 +49,9 @@ _PARAM_SECTIONS = {"Args", "Arguments", "Parameters", "Params"}
 _PARAM_RE = re.compile(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+# Sync tool calls running at once, each in a thread of its own. A call past its timeout keeps its
+# thread (and its place here) until the function returns: stuck calls cannot pile up threads.
+MAX_TOOL_THREADS = 64
 
 
 class ToolConfigError(ValueError):
@@ -79,6 +87,7 @@ class ToolRegistry:
         if not timeout > 0:
             raise ToolConfigError(f"tool timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = timeout
+        self.thread_slots = anyio.CapacityLimiter(MAX_TOOL_THREADS)
         self._tools: dict[str, _Tool] = {}
         self.responses_tools: list[dict[str, Any]] = []
         self.assistants_tools: list[dict[str, Any]] = []
@@ -108,7 +117,7 @@ def load_tool_map(module_name: str | None) -> dict[str, Callable[..., Any]]:
     module_name = module_name or _DEFAULT_MODULE
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that exits while importing, too
         raise ToolConfigError(
             f"cannot import tool module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -130,8 +139,23 @@ def load_tool_map(module_name: str | None) -> dict[str, Callable[..., Any]]:
 async def execute_tool(registry: ToolRegistry, call: ToolCall, *, correlation_id: str) -> ToolResult:
     """Run one tool call; every failure becomes an error result the model can read.
 
-    Only cancellation from outside propagates.
+    Only a cancellation from outside (the run was stopped) propagates: whatever the tool raises,
+    SystemExit and CancelledError included, or returns that cannot be sent, is the call's error.
     """
+    extra = {"tool": call.name, "tool_call_id": call.call_id}
+    try:
+        return await _execute(registry, call, correlation_id, extra)
+    except anyio.get_cancelled_exc_class():
+        if _cancelled_from_outside():
+            raise
+        logger.warning("tool %r raised CancelledError", call.name, extra=extra)
+        return _error(call, correlation_id, "CancelledError")
+    except BaseException as exc:
+        logger.error("tool %r raised", call.name, exc_info=exc, extra=extra)
+        return _error(call, correlation_id, _exception_text(exc))
+
+
+async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, extra: dict[str, str]) -> ToolResult:
     tool = registry._tools.get(call.name)
     if tool is None:
         available = ", ".join(registry.names) or "none"
@@ -154,33 +178,83 @@ async def execute_tool(registry: ToolRegistry, call: ToolCall, *, correlation_id
         return _error(call, correlation_id, f"invalid arguments for tool {call.name!r}: {problems}")
     kwargs = {param: getattr(validated, field) for field, param in tool.params}
 
-    extra = {"tool": call.name, "tool_call_id": call.call_id}
     start = time.perf_counter()
     # move_on_after rather than fail_after: a TimeoutError raised by the tool itself
     # (a socket timeout, say) must be reported as the tool's error, not ours.
     with anyio.move_on_after(registry.timeout) as scope:
-        try:
-            if tool.is_async:
-                result = await tool.func(**kwargs)
-            else:
-                result = await anyio.to_thread.run_sync(
-                    functools.partial(tool.func, **kwargs), abandon_on_cancel=True
-                )
-        except Exception as exc:
-            logger.exception("tool %r raised", call.name, extra=extra)
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return _error(call, correlation_id, message)
-    duration = time.perf_counter() - start
+        if tool.is_async:
+            result = await tool.func(**kwargs)
+        else:
+            result = await _run_in_thread(functools.partial(tool.func, **kwargs), registry.thread_slots)
+        if inspect.isawaitable(result):  # an async function behind a plain decorator
+            result = await result
     if scope.cancelled_caught:
         logger.warning("tool %r timed out after %gs", call.name, registry.timeout, extra=extra)
         return _error(call, correlation_id, f"tool {call.name!r} timed out after {registry.timeout:g} seconds")
 
-    logger.debug("tool %r finished in %.3fs", call.name, duration, extra=extra)
+    logger.debug("tool %r finished in %.3fs", call.name, time.perf_counter() - start, extra=extra)
     return ToolResult(tool_call_id=call.call_id, output=_encode(result), is_error=False)
 
 
+async def _run_in_thread(func: Callable[[], Any], slots: anyio.CapacityLimiter) -> Any:
+    """Run a sync tool in a daemon thread of its own, not in anyio's shared worker pool: a call
+    still running past its timeout (stuck in I/O, say) then cannot keep the process from
+    exiting, nor take the threads Starlette serves files with. `slots` bounds how many run at
+    once; a waiting call's wait counts toward its timeout."""
+    token = object()
+    await slots.acquire_on_behalf_of(token)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()  # the run's correlation ID, for the tool's own logging
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (context.run(func), None)
+        except BaseException as exc:  # handed to the caller, as if raised there
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, done, outcome, slots, token)
+        except RuntimeError:
+            pass  # the event loop is closed: the service stopped meanwhile
+
+    try:
+        threading.Thread(target=run, name="tool", daemon=True).start()
+    except BaseException:
+        slots.release_on_behalf_of(token)
+        raise
+    return await done
+
+
+def _settle(
+    done: asyncio.Future[Any], outcome: tuple[Any, BaseException | None], slots: anyio.CapacityLimiter, token: object
+) -> None:
+    slots.release_on_behalf_of(token)
+    if done.cancelled():  # timed out or stopped: nobody waits for the result
+        return
+    result, error = outcome
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether a CancelledError is a real cancellation (the task was asked to stop), not one a
+    tool raised by itself."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _exception_text(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose own __str__ fails
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _error(call: ToolCall, correlation_id: str, message: str) -> ToolResult:
-    output = orjson.dumps({"error": _clean(message), "correlation_id": correlation_id}).decode()
+    output = orjson.dumps({"error": redact(_clean(message)), "correlation_id": correlation_id}).decode()
     return ToolResult(tool_call_id=call.call_id, output=output, is_error=True)
 
 
@@ -200,12 +274,19 @@ def _clean(text: str) -> str:
 
 
 def _encode(result: Any) -> str:
+    """A string as it is, anything else as JSON; a result that cannot be raises ValueError."""
     if isinstance(result, str):
         return _clean(result)
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise ValueError("the tool returned a generator: return a value (a list, say)")
     try:
         return orjson.dumps(result, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits, circular references, surrogates
-        return _clean(str(result))
+    except orjson.JSONEncodeError:  # integers beyond 64 bits, surrogates, nesting over 254 deep
+        pass
+    try:
+        return _clean(json.dumps(result, default=_json_default, ensure_ascii=False))
+    except (ValueError, TypeError, RecursionError) as exc:  # circular, or too deep even for Python
+        raise ValueError(f"the tool's result cannot be sent as JSON: {_exception_text(exc)}") from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -229,9 +310,14 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
         ) from exc
 
     summary, param_docs = _parse_docstring(inspect.getdoc(func) or "")
+    # A functools.partial's keyword arguments are its own (an API key, say): not the model's to
+    # see or to set.
+    bound = set(func.keywords) if isinstance(func, functools.partial) else set()
     fields: dict[str, Any] = {}
     params: list[tuple[str, str]] = []
     for index, param in enumerate(signature.parameters.values()):
+        if param.name in bound:
+            continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ToolConfigError(
                 f"tool {name!r}: *args/**kwargs parameter {param.name!r} is not supported; "
@@ -249,13 +335,17 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
             )
         options: dict[str, Any] = {"alias": param.name}
         doc = param_docs.get(param.name)
-        if doc and not _has_description(param.annotation):
+        described = isinstance(param.default, FieldInfo) and param.default.description
+        if doc and not described and not _has_description(param.annotation):
             options["description"] = doc
-        default = ... if param.default is param.empty else param.default
         # Model fields get neutral names, the parameter name is the alias: parameters
         # called `json`, `schema` or `_private` would otherwise clash with BaseModel.
         field = f"arg_{index}"
-        fields[field] = (param.annotation, pydantic.Field(default, **options))
+        if isinstance(param.default, FieldInfo):  # `x: int = Field(3, description=...)`
+            fields[field] = (Annotated[param.annotation, param.default], pydantic.Field(**options))
+        else:
+            default = ... if param.default is param.empty else param.default
+            fields[field] = (param.annotation, pydantic.Field(default, **options))
         params.append((field, param.name))
 
     try:

@@ -492,6 +492,35 @@ def test_every_orphan_of_many_parallel_calls_is_answered(client: TestClient, ups
     assert [i.get("call_id") for i in request_body(route.calls[-1])["input"]][:8] == orphans[::-1]
 
 
+def test_a_crash_in_a_runs_task_ends_that_run_not_the_service(
+    client: TestClient, upstream: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that escapes in one of a run's tasks (a tool's) ends that run with an error; the
+    service's other runs, and the next message, go on (it used to stop the run manager: every
+    later message got 503 while /health said ok)."""
+    from assistant import orchestrator
+
+    async def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(orchestrator, "execute_tool", crash)
+    upstream.post("/responses").mock(side_effect=[
+        sse_response(call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))), sse_response(text_events("fine")),
+    ])
+    events = events_of(chat(client, "go", headers=SSE).text)
+    assert events[-1]["event"] == "error" and events[-1]["data"]["type"] == "internal_error"
+    assert "a bug" not in str(events)
+    assert [e["data"]["step"]["is_error"] for e in events if e["event"] == "thread.run.step.completed"] == [True]
+    assert client.get("/health").json() == {"status": "ok"}
+    assert chat(client, "again").json()["responses"] == ["fine"]
+
+
+def test_health_is_503_once_the_service_takes_no_new_turns(client: TestClient) -> None:
+    client.app.state.runs.begin_shutdown()  # type: ignore[attr-defined]
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json() == {"status": "shutting_down"}
+
+
 def test_stream_cut_without_terminal_event(client: TestClient, upstream: respx.MockRouter) -> None:
     events = text_events("never finished")[:-1]  # no response.completed
     upstream.post("/responses").mock(return_value=sse_response(events))

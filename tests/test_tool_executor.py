@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import logging
 import sys
 import threading
@@ -15,7 +17,7 @@ import orjson
 import pydantic
 import pytest
 
-from assistant import example_tools
+from assistant import example_tools, tool_executor
 from assistant.example_tools import calculator, get_current_time, roll_dice
 from assistant.tool_executor import (
     ToolCall,
@@ -645,3 +647,159 @@ async def test_cancellation_propagates(func: Any) -> None:
     assert time.monotonic() - start < 1
     assert results == []
     assert cancelled == [True]
+
+
+# --- whatever a tool does, only its own call fails --------------------------------------------
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def _deep(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"a": 1}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+class PickyNote(pydantic.BaseModel):
+    text: str
+
+    @pydantic.field_validator("text")
+    @classmethod
+    def check(cls, value: str) -> str:
+        raise KeyError(value)  # pydantic turns only ValueError and AssertionError into its errors
+
+
+def _raises(exc: BaseException) -> Any:
+    def tool() -> None:
+        raise exc
+
+    return tool
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("func", "expected"),
+    [
+        (_raises(SystemExit(3)), "SystemExit: 3"),  # argparse, click: a sync tool that exits
+        (_raises(KeyboardInterrupt()), "KeyboardInterrupt"),
+        (_raises(Unprintable()), "Unprintable"),
+        (lambda: _deep(400), None),  # deeper than orjson encodes: the standard library does
+        (lambda: _deep(5000), "ValueError: the tool's result cannot be sent as JSON: RecursionError"),
+        (lambda: (n for n in range(3)), "ValueError: the tool returned a generator: return a value (a list, say)"),
+    ],
+    ids=["SystemExit", "KeyboardInterrupt", "unprintable exception", "deep result", "too deep result", "generator"],
+)
+async def test_what_a_tool_raises_or_returns_is_its_own_error(func: Any, expected: str | None) -> None:
+    def tool() -> Any:
+        return func()
+
+    result = await run(ToolRegistry({"tool": tool}, timeout=5), "tool", "{}")
+    if expected is None:
+        assert result.is_error is False and result.output.startswith('{"a": {"a": ')
+    else:
+        assert error_of(result).startswith(expected), error_of(result)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
+async def test_a_cancelled_error_a_tool_raises_itself_is_its_error_not_a_cancellation(is_async: bool) -> None:
+    async def async_tool() -> None:
+        raise anyio.get_cancelled_exc_class()()
+
+    def sync_tool() -> None:
+        raise anyio.get_cancelled_exc_class()()
+
+    result = await run(ToolRegistry({"tool": async_tool if is_async else sync_tool}, timeout=5), "tool", "{}")
+    assert error_of(result) == "CancelledError"
+
+
+@pytest.mark.anyio
+async def test_a_validator_raising_something_else_than_a_value_error_is_an_error_result() -> None:
+    def save(note: PickyNote) -> str:
+        return "saved"
+
+    assert error_of(await run(ToolRegistry({"save": save}, timeout=5), "save", '{"note": {"text": "x"}}')) == "KeyError: 'x'"
+
+
+@pytest.mark.anyio
+async def test_an_async_tool_behind_a_plain_decorator_is_awaited() -> None:
+    async def fetch(url: str) -> str:
+        return f"fetched {url}"
+
+    @functools.wraps(fetch)
+    def logged(*args: Any, **kwargs: Any) -> Any:  # returns the coroutine: a sync function to inspect
+        return fetch(*args, **kwargs)
+
+    logged.__signature__ = inspect.signature(fetch)  # type: ignore[attr-defined]
+    result = await run(ToolRegistry({"fetch": logged}, timeout=5), "fetch", '{"url": "u"}')
+    assert result == ToolResult("call_1", "fetched u", False)
+
+
+@pytest.mark.anyio
+async def test_a_field_default_in_the_signature_is_the_default() -> None:
+    def scale(x: int = pydantic.Field(3, description="the x")) -> int:
+        return x * 2
+
+    registry = ToolRegistry({"scale": scale}, timeout=5)
+    assert tool_schema(registry, "scale")["parameters"]["properties"] == {
+        "x": {"default": 3, "description": "the x", "type": "integer"}}
+    assert (await run(registry, "scale", "{}")).output == "6"
+    assert (await run(registry, "scale", '{"x": 5}')).output == "10"
+
+
+@pytest.mark.anyio
+async def test_a_partials_bound_keywords_are_neither_shown_nor_settable() -> None:
+    def search(query: str, api_key: str) -> str:
+        return f"{query} with {api_key}"
+
+    registry = ToolRegistry({"search": functools.partial(search, api_key="sk-live-SECRET123456")}, timeout=5)
+    schema = orjson.dumps(tool_schema(registry, "search")).decode()
+    assert "api_key" not in schema and "SECRET" not in schema
+    assert (await run(registry, "search", '{"query": "q"}')).output == "q with sk-live-SECRET123456"
+    assert "api_key" in error_of(await run(registry, "search", '{"query": "q", "api_key": "mine"}'))
+
+
+@pytest.mark.anyio
+async def test_a_secret_in_a_tools_error_is_masked() -> None:
+    def call_api() -> None:
+        raise RuntimeError("401 for key sk-proj-abcdefghijklmnop1234")
+
+    message = error_of(await run(ToolRegistry({"call_api": call_api}, timeout=5), "call_api", "{}"))
+    assert "abcdefghijklmnop" not in message and "[redacted]" in message
+
+
+@pytest.mark.anyio
+async def test_sync_tools_run_in_daemon_threads_of_their_own_and_stuck_ones_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call past its timeout keeps its thread, which must neither hold the process at exit
+    (anyio's pool threads would) nor let stuck calls pile up threads without end."""
+    monkeypatch.setattr(tool_executor, "MAX_TOOL_THREADS", 2)
+    started: list[threading.Thread] = []
+
+    def hang() -> str:
+        started.append(threading.current_thread())
+        _release_sleepers.wait(5)
+        return "woke"
+
+    registry = ToolRegistry({"hang": hang}, timeout=0.2)
+    results = [await run(registry, "hang", "{}") for _ in range(3)]
+    assert [error_of(r) for r in results] == ["tool 'hang' timed out after 0.2 seconds"] * 3
+    assert len(started) == 2 and all(t.daemon for t in started)  # the third found no free thread
+    _release_sleepers.set()
+    with anyio.fail_after(3):
+        while registry.thread_slots.borrowed_tokens:  # the stuck calls gave their places back
+            await anyio.sleep(0.01)
+    _release_sleepers.clear()
+    assert (await run(registry, "hang", "{}")).is_error is True  # and new calls run again
+    assert len(started) == 3
+
+
+def test_load_tool_map_module_exiting_on_import(tool_module) -> None:
+    tool_module("exits_on_import", "import sys\nsys.exit('no config file')\n")
+    with pytest.raises(ToolConfigError, match="cannot import tool module 'exits_on_import': SystemExit: no config file"):
+        load_tool_map("exits_on_import")
