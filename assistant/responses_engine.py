@@ -162,10 +162,15 @@ class ResponsesEngine:
         async def create() -> httpx.Response:
             return await self._create_streaming_response(params)
 
+        taken: bool | None = None  # after a 5xx: whether the conversation holds our input
+
         async def not_applied(exc: BaseException) -> bool:
-            return await self._input_not_applied(thread_id, sent)
+            nonlocal taken
+            taken = await self._input_taken(thread_id, sent)
+            return taken is False
 
         while True:
+            taken = None
             try:
                 response = await call_with_retries(
                     create,
@@ -186,7 +191,8 @@ class ResponsesEngine:
                     logger.info("thread busy upstream; waiting to retry")
                     await anyio.sleep(1.0)
                     continue
-                self._hold(thread_id, params["input"])
+                if not taken:  # outputs the conversation already holds are not sent again
+                    self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc
         chunks = _body_chunks(response)
         events = iterate_sse_events(chunks)
@@ -228,8 +234,9 @@ class ResponsesEngine:
             raise self.client._make_status_error_from_response(response)  # type: ignore[arg-type]
         return response
 
-    async def _input_not_applied(self, thread_id: str, items: list[dict[str, Any]]) -> bool:
-        """After a 5xx: make sure the conversation did not take our input before retrying.
+    async def _input_taken(self, thread_id: str, items: list[dict[str, Any]]) -> bool | None:
+        """After a 5xx: whether the conversation took our input (None: cannot tell), so that a
+        retry never sends it twice.
 
         A conversation takes a response's input and its output items together, so our input
         may sit under the response's outputs: it is looked for among the newest items, back to
@@ -239,15 +246,15 @@ class ResponsesEngine:
         try:
             page = await self.client.conversations.items.list(thread_id, limit=LOOK_BACK_ITEMS, order="desc")
         except Exception:
-            return False  # cannot tell, so do not risk sending the input twice
+            return None
         sent = items[-1]
         for item in page.data:
             stored = item.model_dump()
             if _item_matches(stored, sent):
-                return False
-            if _comes_before(stored, sent):
                 return True
-        return len(page.data) < LOOK_BACK_ITEMS  # the whole conversation was read: it is not there
+            if _comes_before(stored, sent):
+                return False
+        return False if len(page.data) < LOOK_BACK_ITEMS else None  # False: the whole conversation was read
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

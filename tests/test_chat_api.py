@@ -412,6 +412,27 @@ def test_upstream_5xx_not_retried_when_the_response_was_made(
     assert route.call_count == 1  # the message went in once
 
 
+@pytest.mark.parametrize("taken", [True, False])
+def test_tool_outputs_a_5xx_refused_go_with_the_next_message_unless_the_conversation_took_them(
+    client: TestClient, upstream: respx.MockRouter, taken: bool
+) -> None:
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    route = upstream.post("/responses").mock(side_effect=[
+        sse_response(calls), *[openai_error(502, "bad gateway")] * 4, sse_response(text_events("next")),
+    ])
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    newest_first = [{"type": "function_call", "id": "fc_1", "call_id": call_id, "name": "calculator", "arguments": "{}",
+                     "status": "completed"}, conversation_item("user", "go")]
+    if taken:
+        newest_first.insert(0, {"type": "function_call_output", "id": "fco_1", "call_id": call_id, "output": "3",
+                                "status": "completed"})
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": newest_first, "has_more": False})
+    assert chat(client, "go").status_code == 502
+    assert chat(client, "and now?").json()["responses"] == ["next"]
+    sent = [i["type"] for i in request_body(route.calls[-1])["input"]]
+    assert sent == (["message"] if taken else ["function_call_output", "message"])
+
+
 def test_upstream_5xx_retried_when_the_conversation_ends_with_an_earlier_turn(
     client: TestClient, upstream: respx.MockRouter
 ) -> None:
