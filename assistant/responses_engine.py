@@ -225,7 +225,7 @@ class ResponsesEngine:
             raise openai.APITimeoutError(request=request) from exc  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise openai.APIConnectionError(request=request) from exc  # type: ignore[arg-type]
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:  # a redirect is no stream either
             response.request = request  # for the SDK's error (a stream does not keep the body it sent)
             try:
                 await response.aread()

@@ -16,19 +16,30 @@ from .errors import UpstreamError
 from .upstream import map_upstream_error
 
 
+MAX_EVENT_BYTES = 32 * 1024 * 1024  # one event (a `response.completed` echoes the whole response)
+_BOM = b"\xef\xbb\xbf"
+
+
 class SSEDecoder:
     """Incremental SSE parser (WHATWG rules): bytes in, complete (event, data) pairs out.
 
-    It keeps the raw text of the event still arriving and splits complete events at blank
-    lines; an event of exactly one `event:` and one `data:` line (what OpenAI sends) takes a
-    short path, anything else the general one.
+    It keeps the pieces of the event still arriving (joined once it is complete, so a large
+    event costs its size, not its size squared) and splits complete events at blank lines; an
+    event of exactly one `event:` and one `data:` line (what OpenAI sends) takes a short path,
+    anything else the general one.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._pending: list[bytes] = []  # the event still arriving: no blank line in it yet
+        self._pending_bytes = 0
+        self._started = False
         self._skip_lf = False  # the last chunk ended with CR: an LF opening the next one ends nothing
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        if not self._started and chunk:
+            self._started = True
+            if chunk.startswith(_BOM):  # one leading byte-order mark is not part of the stream
+                chunk = chunk[3:]
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -36,17 +47,25 @@ class SSEDecoder:
         if b"\r" in chunk:
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + chunk
-        if b"\n\n" not in buffer:
-            self._buffer = buffer
+        pending = self._pending
+        if b"\n\n" not in chunk and not (pending and pending[-1][-1:] == b"\n" and chunk[:1] == b"\n"):
+            if chunk:
+                pending.append(chunk)
+                self._pending_bytes += len(chunk)
+                if self._pending_bytes > MAX_EVENT_BYTES:
+                    raise UpstreamError(f"the upstream sent an event over {MAX_EVENT_BYTES // 2**20} MiB")
             return []
-        *blocks, self._buffer = buffer.split(b"\n\n")
+        buffer = b"".join((*pending, chunk)) if pending else chunk
+        *blocks, rest = buffer.split(b"\n\n")
+        self._pending = [rest] if rest else []
+        self._pending_bytes = len(rest)
         out: list[tuple[bytes, bytes]] = []
         for block in blocks:
             if block[:7] == b"event: ":
                 name, _, data = block.partition(b"\n")
                 if data[:6] == b"data: " and b"\n" not in data:
-                    out.append((name[7:], data[6:]))
+                    if len(data) > 6:  # an empty data buffer dispatches nothing
+                        out.append((name[7:], data[6:]))
                     continue
             event = _parse_block(block)
             if event is not None:
@@ -68,7 +87,8 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes] | None:
             data.append(value)
         elif field == b"event":
             name = value
-    return (name, b"\n".join(data)) if data else None
+    joined = b"\n".join(data)
+    return (name, joined) if joined else None  # an empty data buffer dispatches nothing (WHATWG)
 
 
 def _load(kind: str, data: bytes) -> Any:

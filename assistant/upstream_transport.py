@@ -17,6 +17,7 @@ re-armed lazily, not one per chunk). Failures raise httpx's exceptions.
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 from collections import deque
@@ -127,8 +128,8 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.in_response and not self.body_done:
-            if self.head is not None and self._body_kind == _Body.UNTIL_CLOSE:
-                self.body_done = True
+            if self.head is not None and self._body_kind == _Body.UNTIL_CLOSE and exc is None:
+                self.body_done = True  # a clean close ends such a body; a reset cuts it
             elif self._error is None:
                 what = "a response" if self.head is None else "the complete response body"
                 error = httpx.RemoteProtocolError(f"the upstream closed the connection without sending {what}")
@@ -185,7 +186,9 @@ class Connection(asyncio.Protocol):
             if lower == b"content-length":
                 lengths.add(value)
             elif lower == b"transfer-encoding":
-                chunked = value.lower().split(b",")[-1].strip() == b"chunked"
+                if value.strip().lower() != b"chunked":  # gzip, chunked: nothing here would undo the gzip
+                    raise httpx.RemoteProtocolError(f"the upstream used an unsupported transfer coding: {value[:100]!r}")
+                chunked = True
             elif lower == b"connection":
                 connection = value.lower()
         self.keep_alive = (b"close" not in connection) if http11 else (b"keep-alive" in connection)
@@ -368,6 +371,19 @@ class Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return not self.closed and self.keep_alive and self._error is None and (self.body_done or not self.in_response)
 
+    def peer_may_have_closed(self) -> bool:
+        """Whether the socket holds something unread: on an idle connection, that is the
+        server's close (or stray bytes) not yet seen by the event loop. Such a connection is
+        not reused, since a request on it would fail and could not always be retried."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or self.transport.is_closing():  # type: ignore[union-attr]
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         """Drop the connection now, with whatever it still had to send (nothing to wait for)."""
         if self.transport is not None and not self.closed:
@@ -455,7 +471,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             while idle:
                 connection = idle.pop()  # the most recently used: the least likely to be closed by now
                 connection.idle = False
-                if connection.reusable and now - connection.idle_since < self.keepalive_seconds:
+                if (
+                    connection.reusable
+                    and now - connection.idle_since < self.keepalive_seconds
+                    and not connection.peer_may_have_closed()
+                ):
                     return connection
                 connection.close()
             if self._open < self.max_connections:
@@ -508,7 +528,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.get_running_loop().create_connection(
-                    protocol, host, port, ssl=tls, server_hostname=host if tls else None
+                    protocol, host, port, ssl=tls, server_hostname=host if tls else None,
+                    happy_eyeballs_delay=0.25,  # an unreachable address (IPv6, say) does not hold up the next
                 )
         except BaseException as exc:
             if made:

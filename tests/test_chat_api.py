@@ -726,6 +726,12 @@ def test_retry_after_ms_is_honoured(client: TestClient, upstream: respx.MockRout
     assert 0.3 <= time.monotonic() - started < 1.0  # the finer header wins
 
 
+def test_a_redirect_is_not_taken_for_a_stream(client: TestClient, upstream: respx.MockRouter) -> None:
+    upstream.post("/responses").mock(return_value=httpx.Response(307, headers={"location": "https://elsewhere.example/"}))
+    response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["error"].startswith("the upstream answered 307")
+
+
 def test_an_error_page_that_is_not_json_is_not_passed_on(client: TestClient, upstream: respx.MockRouter) -> None:
     page = "<html><body><h1>502 Bad Gateway</h1><p>internal-lb-7.example.net</p></body></html>"
     upstream.post("/responses").mock(return_value=httpx.Response(502, text=page, headers={"content-type": "text/html"}))

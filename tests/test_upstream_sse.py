@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from assistant.errors import UpstreamError
+from assistant import upstream_sse
 from assistant.upstream_sse import SSEDecoder, decode_events, iterate_sse_events
 from tests.conftest import fixtures_dir
 
@@ -186,14 +187,44 @@ async def test_cr_only_stream_yields_its_last_event() -> None:
         ("data: x", b"x"),
         ("data:x", b"x"),
         ("data:  x", b" x"),  # only one space is removed
-        ("data:", b""),
-        ("data", b""),  # a field name without colon: the whole line is the name, the value empty
+        ("data:", None),  # an empty data buffer dispatches nothing (WHATWG)
+        ("data", None),  # a field name without colon: the whole line is the name, the value empty
+        ("data:\ndata:", b"\n"),  # two empty lines are a line break: dispatched
         ("data: a: b", b"a: b"),  # only the first colon separates
         ("data: \ttab", b"\ttab"),
     ],
 )
-def test_data_field_value(line: str, expected_data: bytes) -> None:
-    assert feed_all([f"{line}\n\n".encode()]) == [(b"", expected_data)]
+def test_data_field_value(line: str, expected_data: bytes | None) -> None:
+    expected = [] if expected_data is None else [(b"", expected_data)]
+    assert feed_all([f"{line}\n\n".encode()]) == expected
+    assert feed_all([f"event: ping\n{line}\n\n".encode()]) == [(b"ping", d) for _, d in expected]
+
+
+def test_a_leading_byte_order_mark_is_not_part_of_the_stream() -> None:
+    assert feed_all([b"\xef\xbb\xbfevent: a\ndata: {}\n\n"]) == [(b"a", b"{}")]
+    # Only the stream's first bytes: later, a BOM makes a line's field name something else.
+    assert feed_all([b"data: 1\n\n", b"\xef\xbb\xbfdata: 2\n\n"]) == [(b"", b"1")]
+
+
+def test_a_large_event_in_many_reads_is_joined_once() -> None:
+    """Each read is kept as it came, not appended to a growing buffer (16 MiB in 16 KiB reads
+    took ~10 s that way: the copy grew with every read)."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"event: big\ndata: ") == []
+    for _ in range(1024):
+        assert decoder.feed(b"x" * 16384) == []
+    assert len(decoder._pending) == 1025
+    [(name, data)] = decoder.feed(b"\n\n")
+    assert name == b"big" and data == b"x" * (16 * 2**20)
+    assert decoder._pending == []
+
+
+def test_an_event_over_the_limit_is_an_upstream_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_sse, "MAX_EVENT_BYTES", 1000)
+    decoder = SSEDecoder()
+    decoder.feed(b"data: " + b"x" * 900)
+    with pytest.raises(UpstreamError, match="an event over"):
+        decoder.feed(b"x" * 200)
 
 
 @pytest.mark.parametrize(

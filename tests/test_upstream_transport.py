@@ -14,6 +14,7 @@ import errno
 import json
 import random
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -1163,3 +1164,100 @@ async def test_the_openai_client_uses_this_transport_unless_a_proxy_is_configure
         assert isinstance(client._client._transport, UpstreamTransport) is lean
     finally:
         await client.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_server_closed_is_not_reused_even_before_the_loop_saw_the_close() -> None:
+    """The server answers (keep-alive) and closes at once, as one at its requests-per-connection
+    limit does; the next request comes before the event loop has read the close. It must go
+    out on a new connection (httpcore checks the socket the same way)."""
+    async with serve(*[Reply([full(b"one")], close=True) for _ in range(10)]) as server:
+        transport = UpstreamTransport()
+        async with make_client(server, transport) as client:
+            for n in range(10):
+                assert (await client.get("/")).content == b"one"
+                if n % 2:
+                    await asyncio.sleep(0.02)  # the close has reached the socket, unread
+    assert server.accepted == 10
+
+
+@pytest.mark.anyio
+async def test_a_body_read_to_the_close_that_is_reset_is_an_error() -> None:
+    """Without Content-Length or chunked, only a clean close ends the body: a reset cuts it."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head(headers=[("Content-Type", "text/plain")]) + b"partial ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url, transport=UpstreamTransport(), trust_env=False) as client:
+            with pytest.raises(httpx.ReadError):
+                await client.get("/")
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("coding", ["gzip, chunked", "gzip", "identity"])
+async def test_a_transfer_coding_other_than_chunked_is_refused(coding: str) -> None:
+    """RFC 9112 6.1: a coding the client cannot undo must not reach it as if it were the body."""
+    wire = head(headers=[("Transfer-Encoding", coding)]) + chunk(b"\x1f\x8b compressed") + b"0\r\n\r\n"
+    async with serve(Reply([wire])) as server:
+        async with make_client(server, UpstreamTransport()) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="unsupported transfer coding"):
+                await client.get("/")
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_first_address_does_not_hold_up_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Happy Eyeballs (RFC 8305): a name whose first address drops connection attempts (here
+    [::1] with a full accept queue) and whose second answers connects through the second in
+    about 250 ms, not after the whole connect timeout."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(full(b"ok"))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        hole = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    fillers: list[socket.socket] = []
+    try:
+        hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        hole.bind(("::1", port))
+        hole.listen(0)
+        for _ in range(3):  # fill the accept queue: later connection attempts get no answer
+            filler = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(("::1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        resolve = loop.getaddrinfo
+
+        async def two_addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
+            if host in ("upstream.test", b"upstream.test"):
+                return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+            return await resolve(host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+        timeout = httpx.Timeout(5.0, connect=3.0)
+        async with httpx.AsyncClient(transport=UpstreamTransport(), trust_env=False, timeout=timeout) as client:
+            assert (await client.get(f"http://upstream.test:{port}/")).content == b"ok"  # ConnectTimeout before
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+        server.close()
