@@ -186,6 +186,9 @@ class AssistantsEngine:
         # Marks the runs this process starts, so a conflicting run can be told apart.
         self.instance_id = uuid.uuid4().hex
         self._live_runs: set[str] = set()  # runs a turn of this process is driving right now
+        # The messages each live run has shown so far: reading a run back (its stream broke, or
+        # its tool outputs went in without one) must not show an earlier round's messages again.
+        self._shown_messages: dict[str, set[str]] = {}
         self._tools: list[dict[str, Any]] | None = None
 
     @property
@@ -217,7 +220,7 @@ class AssistantsEngine:
     async def abandon_round(self, thread_id: str, parser: AssistantsParser, results: list[ToolResult]) -> None:
         """A run this turn gives up on is cancelled, so it does not hold the thread."""
         if parser.run_id is not None:
-            self._live_runs.discard(parser.run_id)
+            self._forget(parser.run_id)
             if parser.status not in TERMINAL:
                 await self._cancel_run_safely(thread_id, parser.run_id)
 
@@ -248,10 +251,13 @@ class AssistantsEngine:
         try:
             async for batch in iterate_sse_events(response.http_response.aiter_bytes(), decode_named_events):
                 for event in batch:
-                    if event["type"].startswith("thread.run.") and not event["type"].startswith("thread.run.step"):
+                    kind = event["type"]
+                    if kind.startswith("thread.run.") and not kind.startswith("thread.run.step"):
                         run_id = event["data"].get("id") or run_id
                         status = event["data"].get("status")
                         self._track(run_id, status)
+                    elif kind == "thread.message.completed" and run_id is not None:
+                        self._shown_messages.setdefault(run_id, set()).add(str(event["data"].get("id")))
                 yield batch
                 if status in TERMINAL or status == "requires_action":
                     return
@@ -278,11 +284,16 @@ class AssistantsEngine:
             await anyio.sleep(_POLL_SECONDS)
         yield await self._recover(thread_id, run_id, UpstreamError("the run could not be read back"))
 
+    def _forget(self, run_id: str) -> None:
+        """The run is over for this process (ended, or given up)."""
+        self._live_runs.discard(run_id)
+        self._shown_messages.pop(run_id, None)
+
     def _track(self, run_id: str | None, status: str | None) -> None:
         if run_id is None:
             return
         if status in TERMINAL:
-            self._live_runs.discard(run_id)
+            self._forget(run_id)
         else:
             self._live_runs.add(run_id)
 
@@ -303,9 +314,10 @@ class AssistantsEngine:
             raise cause
         events: list[dict[str, Any]] = []
         if status == "completed":
+            shown = self._shown_messages.get(run_id, set())
             for step in await self._list_run_steps(thread_id, run_id):
                 creation = (step.get("step_details") or {}).get("message_creation") or {}
-                if creation.get("message_id"):
+                if creation.get("message_id") and creation["message_id"] not in shown:
                     message = await self.client.beta.threads.messages.retrieve(creation["message_id"], thread_id=thread_id)
                     events.append({"type": "thread.message.completed", "data": message.model_dump()})
         events.append({"type": f"thread.run.{status}", "data": run})
@@ -442,7 +454,7 @@ class AssistantsEngine:
                 if attempt + 1 < SUBMIT_ATTEMPTS:
                     await anyio.sleep(retry_delay(attempt, exc))
         logger.warning("could not submit tool outputs; cancelling the run", extra={"upstream_run_id": run_id})
-        self._live_runs.discard(run_id)
+        self._forget(run_id)
         await self._cancel_run_safely(thread_id, run_id)
         mapped = map_upstream_error(error) if error is not None else UpstreamError("no attempt made")
         raise UpstreamError(f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})") from error

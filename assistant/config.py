@@ -54,9 +54,22 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENGINES = ("responses", "assistants")
 
 
-def _is_origin_url(value: str) -> bool:
-    parts = urlsplit(value)
+def _is_http_url(value: str) -> bool:
+    """An http:// or https:// URL with a host (and, if given, a valid port)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError when it is not a number in range
+    except ValueError:  # a malformed [IPv6] host, or port
+        return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_origin(value: str) -> bool:
+    """What a browser sends as Origin: scheme://host[:port] in lower case, nothing before or after."""
+    if not _is_http_url(value):
+        return False
+    parts = urlsplit(value)
+    return value == f"{parts.scheme}://{parts.netloc}" == value.lower() and "@" not in parts.netloc
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,7 +98,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("OPENAI_API_KEY is required (the key the service uses to call OpenAI)")
 
     base_url = text("OPENAI_BASE_URL")
-    if base_url is not None and not _is_origin_url(base_url):
+    if base_url is not None and not _is_http_url(base_url):
         raise ConfigError(f"OPENAI_BASE_URL must be an http:// or https:// URL with a host, got {base_url!r}")
 
     log_level = (text("LOG_LEVEL") or "INFO").upper()
@@ -100,8 +113,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("ASSISTANT_ENGINE=assistants needs OPENAI_ASSISTANT_ID (the asst_... to run)")
 
     origins = tuple(o.strip() for o in (text("CORS_ALLOW_ORIGINS") or "").split(",") if o.strip())
-    for origin in origins:  # a browser's Origin header is scheme://host[:port], nothing else
-        if origin != "*" and not (_is_origin_url(origin) and urlsplit(origin).path in ("", "/")):
+    for origin in origins:  # Starlette compares them with the browser's Origin as strings
+        if origin != "*" and not _is_origin(origin):
             raise ConfigError(f"CORS_ALLOW_ORIGINS takes origins like https://app.example.com or *, got {origin!r}")
 
     return Settings(

@@ -128,6 +128,8 @@ async def iterate_run_events(
                 # `error` event broke off is still going), and the engine lets go of it.
                 error, type, code = parser.failure
                 reason = "the upstream run failed"
+                for event in tracker.finish_open(f"the run failed: {redact(error)}"):
+                    yield event  # a step the failure cut off (a hosted tool's) ends before the outcome
                 yield Event(RUN_FAILED, {"error": redact(error), "type": type, "code": code})
                 return
             if not parser.ended:

@@ -30,8 +30,9 @@ DRAIN_SECONDS = 0.5  # how long to wait for the end of a body whose last event c
 # Each refusal of a turn's input names one call an interrupted turn left unanswered, and a
 # round can make many calls at once (parallel tool calls): answer up to this many.
 MAX_REPAIRS = 64
-# After a 5xx, how far back (newest first) the conversation is searched for the turn's input.
-LOOK_BACK_ITEMS = 20
+# After a 5xx, how far back (newest first) the conversation is searched for the turn's input:
+# one page, as much as the API gives (a turn of many parallel tool calls makes many items).
+LOOK_BACK_ITEMS = 100
 
 
 def user_message_item(text: str) -> dict[str, Any]:

@@ -149,8 +149,12 @@ class RunManager:
     def cancel(self, run_id: str, reason: str) -> bool:
         """Stop a run that is still going; False when it is unknown, over or already ending."""
         log = self._runs.get(run_id)
-        if log is None or log.finished or log.outcome is not None or log.ending:
+        if log is None or log.finished or log.outcome is not None:
             return False
+        if log.cancel_reason is not None:
+            return True  # already being stopped: a second stop gets the same answer
+        if log.ending:
+            return False  # ending on its own (an error): nothing left to stop
         log.cancel_reason = reason
         if log.cancel_scope is not None:  # else its task has not started: it stops on starting
             log.cancel_scope.cancel()

@@ -378,11 +378,12 @@ class Connection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         if sock is None or self.transport.is_closing():  # type: ignore[union-attr]
             return True
+        poller = select.poll()  # not select.select: it cannot watch a descriptor above 1023
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def close(self) -> None:
         """Drop the connection now, with whatever it still had to send (nothing to wait for)."""

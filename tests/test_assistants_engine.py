@@ -304,6 +304,37 @@ def test_a_failed_submit_that_went_in_follows_the_run(
         assert [o["tool_call_id"] for o in request_body(submit.calls[1])["tool_outputs"]] == ["call_b"]
 
 
+def test_reading_a_run_back_does_not_show_an_earlier_rounds_message_again(
+    client: TestClient, assistants_upstream: respx.MockRouter
+) -> None:
+    """Round 1 says "Let me add." and calls a tool; its outputs go in despite a 502, so the run
+    is read back to its end: every message of the run is listed, and only the new one is shown."""
+    tool_calls = [{"id": "call_a", "type": "function",
+                   "function": {"name": "calculator", "arguments": '{"a": 1, "b": 2, "op": "add"}'}}]
+    required = {"type": "submit_tool_outputs", "submit_tool_outputs": {"tool_calls": tool_calls}}
+    first_round = [("thread.run.created", run_object("run_1", "queued")),
+                   ("thread.run.in_progress", run_object("run_1", "in_progress")),
+                   ("thread.message.created", {**message_object("msg_pre", "", "run_1"), "status": "in_progress", "content": []}),
+                   ("thread.message.completed", message_object("msg_pre", "Let me add.", "run_1")),
+                   ("thread.run.requires_action", run_object("run_1", "requires_action", required_action=required))]
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(first_round))
+    assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(return_value=openai_error(502, "bad gateway"))
+    states = iter([run_object("run_1", "in_progress")])
+    assistants_upstream.get(f"{RUNS}/run_1").mock(
+        side_effect=lambda request: httpx.Response(200, json=next(states, run_object("run_1", "completed"))))
+
+    def message_step(step_id: str, message_id: str) -> dict[str, object]:
+        return {"id": step_id, "object": "thread.run.step", "run_id": "run_1", "type": "message_creation",
+                "status": "completed",
+                "step_details": {"type": "message_creation", "message_creation": {"message_id": message_id}}}
+
+    assistants_upstream.get(f"{RUNS}/run_1/steps").respond(200, json={"object": "list", "has_more": False, "data": [
+        message_step("step_0", "msg_pre"), message_step("step_1", "msg_done")]})
+    assistants_upstream.get(f"/threads/{THREAD}/messages/msg_pre").respond(200, json=message_object("msg_pre", "Let me add.", "run_1"))
+    assistants_upstream.get(f"/threads/{THREAD}/messages/msg_done").respond(200, json=message_object("msg_done", "It is 3.", "run_1"))
+    assert chat(client, "go", thread_id=THREAD).json()["responses"] == ["Let me add.", "It is 3."]
+
+
 def test_engine_configuration_errors() -> None:
     from assistant.config import ConfigError
 

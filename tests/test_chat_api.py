@@ -726,6 +726,42 @@ def test_retry_after_ms_is_honoured(client: TestClient, upstream: respx.MockRout
     assert 0.3 <= time.monotonic() - started < 1.0  # the finer header wins
 
 
+def test_a_step_a_failure_cuts_off_ends_before_the_outcome_with_the_failure(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    created = text_events("x")[0]
+    events = [created,
+              {"type": "response.output_item.added", "output_index": 0,
+               "item": {"type": "web_search_call", "id": "ws_1", "status": "in_progress"}},
+              {"type": "response.failed", "response": {**created["response"], "status": "failed",
+                                                       "error": {"code": "server_error", "message": "The model failed."}}}]
+    upstream.post("/responses").mock(return_value=sse_response(events))
+    streamed = events_of(chat(client, "hi", headers=SSE).text)
+    names = [e["event"] for e in streamed]
+    assert names[-3:] == ["thread.run.step.completed", "thread.run.failed", "metadata"], names
+    step = streamed[-3]["data"]["step"]
+    assert step["is_error"] is True and "The model failed." in step["output"]
+
+
+def test_a_5xx_after_a_turn_of_many_tool_calls_is_still_retried(client: TestClient, upstream: respx.MockRouter) -> None:
+    """The previous turn's user message lies under 30 items (15 calls and their outputs)."""
+    route = upstream.post("/responses").mock(side_effect=[openai_error(502, "bad gateway"), sse_response(text_events("ok"))])
+    newest_first = [conversation_item("assistant", "all done")]
+    for n in range(15):
+        newest_first += [{"type": "function_call_output", "id": f"fco_{n}", "call_id": f"call_{n}", "output": "1",
+                          "status": "completed"},
+                         {"type": "function_call", "id": f"fc_{n}", "call_id": f"call_{n}", "name": "calculator",
+                          "arguments": "{}", "status": "completed"}]
+    newest_first.append(conversation_item("user", "compute a lot"))
+
+    def page(request: httpx.Request) -> httpx.Response:  # as the API pages: at most `limit` items
+        limit = int(request.url.params["limit"])
+        return httpx.Response(200, json={"object": "list", "data": newest_first[:limit], "has_more": True})
+
+    upstream.get("/conversations/conv_test/items").mock(side_effect=page)
+    assert chat(client, "hi").json()["responses"] == ["ok"] and route.call_count == 2
+
+
 def test_a_redirect_is_not_taken_for_a_stream(client: TestClient, upstream: respx.MockRouter) -> None:
     upstream.post("/responses").mock(return_value=httpx.Response(307, headers={"location": "https://elsewhere.example/"}))
     response = chat(client, "hi")

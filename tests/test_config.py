@@ -159,7 +159,7 @@ def test_base_url_accepted(url: str) -> None:
 
 @pytest.mark.parametrize(
     "url", ["api.openai.com/v1", "ftp://api.openai.com", "file:///etc/passwd", "ws://x", "//api.openai.com", "http:/x",
-            "http://", "https:///v1"]
+            "http://", "https:///v1", "http://[::1", "http://localhost:notaport/v1"]
 )
 def test_base_url_rejected(url: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -217,8 +217,15 @@ def test_cors_origins(raw: str, expected: tuple[str, ...]) -> None:
     assert load(CORS_ALLOW_ORIGINS=raw).cors_allow_origins == expected
 
 
+def test_cors_origins_with_ports_and_ipv6_hosts() -> None:
+    assert load(CORS_ALLOW_ORIGINS="http://localhost:8080,https://[::1]:8443").cors_allow_origins == (
+        "http://localhost:8080", "https://[::1]:8443")
+
+
 @pytest.mark.parametrize("origin", ["example.com", "app.example.com:443", "ftp://a.example", "https://a.example/app",
-                                    "https://"])
+                                    "https://", "https://a.example/", "https://a.example?x=1", "https://a.example#f",
+                                    "https://user@a.example", "https://App.Example.com", "http://[::1",
+                                    "https://a.example:99999"])
 def test_cors_origins_that_no_browser_sends_are_rejected(origin: str) -> None:
     """A browser's Origin is scheme://host[:port]: anything else could never match."""
     with pytest.raises(ConfigError, match=r"^CORS_ALLOW_ORIGINS takes origins like https://app.example.com or \*"):

@@ -18,7 +18,7 @@ import respx
 from starlette.testclient import TestClient
 
 from assistant.config import load_settings
-from assistant.errors import NotFound, UpstreamError
+from assistant.errors import NotFound, ServiceError, UpstreamError
 from assistant.events import (
     ERROR,
     MESSAGE_DELTA,
@@ -542,6 +542,27 @@ async def test_a_stop_while_a_failed_round_settles_is_refused_and_the_run_keeps_
             await log.wait_finished()
         assert [e.name for e in log.events()] == [RUN_CREATED, ERROR]
         assert log.events()[1].data["type"] == "upstream_error"
+
+
+@pytest.mark.anyio
+async def test_a_second_stop_while_the_first_settles_gets_the_same_answer() -> None:
+    """A double click, or a retried POST /runs/{id}/cancel: the run is being stopped, not over."""
+    engine = SettlingEngine()
+    async with manager(engine, MAX_TOOL_ROUNDS="5") as (runs, _):
+        log = await runs.start_run("thread_twice", "hi", "corr")
+        await anyio.sleep(0)
+        assert runs.cancel(log.run_id, "cancelled by the client") is True
+        with anyio.fail_after(TIMEOUT):
+            await engine.settling.wait()
+        assert runs.stop(log.run_id, "cancelled again") is log  # 202 again, not 409
+        engine.settled.set()
+        with anyio.fail_after(TIMEOUT):
+            await log.wait_finished()
+        cancelled = [e for e in log.events() if e.name == RUN_CANCELLED]
+        assert [e.data["reason"] for e in cancelled] == ["cancelled by the client"]
+        with pytest.raises(ServiceError) as over:
+            runs.stop(log.run_id, "too late")
+        assert over.value.status_code == 409
 
 
 @pytest.mark.anyio

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import random
 import socket
 import struct
@@ -1228,14 +1229,16 @@ async def test_an_unreachable_first_address_does_not_hold_up_the_next(monkeypatc
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    hole = socket.socket(socket.AF_INET6, socket.SOCK_STREAM) if socket.has_ipv6 else None
     try:
-        hole = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:
-        pytest.skip("no IPv6 on this machine")
-    fillers: list[socket.socket] = []
-    try:
+        assert hole is not None
         hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         hole.bind(("::1", port))
+    except (OSError, AssertionError):
+        server.close()
+        pytest.skip("no IPv6 loopback on this machine")
+    fillers: list[socket.socket] = []
+    try:
         hole.listen(0)
         for _ in range(3):  # fill the accept queue: later connection attempts get no answer
             filler = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -1261,3 +1264,21 @@ async def test_an_unreachable_first_address_does_not_hold_up_the_next(monkeypatc
             filler.close()
         hole.close()
         server.close()
+
+
+@pytest.mark.anyio
+async def test_connections_are_reused_when_their_descriptors_are_above_1023() -> None:
+    """A service with ~1,000 clients holds descriptors above 1023 for its upstream sockets:
+    the check for a close waiting in the socket must work there (select.select cannot)."""
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        async with serve(*[Reply([full(b"one")]) for _ in range(5)]) as server:
+            transport = UpstreamTransport()
+            async with make_client(server, transport) as client:
+                for _ in range(5):
+                    assert (await client.get("/")).content == b"one"
+                assert only_connection(transport).transport.get_extra_info("socket").fileno() > 1023
+        assert server.accepted == 1
+    finally:
+        for fd in fillers:
+            os.close(fd)
