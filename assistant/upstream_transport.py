@@ -450,7 +450,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
         connection = await self._acquire(origin, timeouts)
         try:
-            await connection.send_request(request, timeouts.get("write"))
+            try:
+                await connection.send_request(request, timeouts.get("write"))
+            except httpx.WriteError:
+                if connection.head is None:
+                    raise
+                # The server answered before it took the whole request (a 413, say) and closed:
+                # its answer is the one to give. The connection is not used again.
+                connection.keep_alive = False
             status, reason, headers = await connection.receive_head(timeouts.get("read"))
         except BaseException:
             connection.close()

@@ -1282,3 +1282,26 @@ async def test_connections_are_reused_when_their_descriptors_are_above_1023() ->
     finally:
         for fd in fillers:
             os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_an_answer_before_the_whole_request_was_taken_is_the_answer() -> None:
+    """A server refusing a large body at once (413) and closing: the client gets the 413, not a
+    WriteError (httpcore does the same)."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(full(b'{"error": "too large"}', status=413, headers=[("Connection", "close")]))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = UpstreamTransport()
+    try:
+        async with httpx.AsyncClient(base_url=url, transport=transport, trust_env=False) as client:
+            response = await client.post("/", content=b"x" * (32 * 2**20))
+            assert response.status_code == 413 and response.json() == {"error": "too large"}
+            assert transport.connections == set()
+    finally:
+        server.close()
