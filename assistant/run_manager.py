@@ -51,6 +51,8 @@ class RunManager:
         self._busy_threads: dict[str, anyio.Event | None] = {}
         self._task_group: TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
+        # Called when the shutdown begins: open WebSockets, which then close once their turn ends.
+        self.on_shutdown: set[Callable[[], None]] = set()
 
     async def __aenter__(self) -> RunManager:
         self._task_group = anyio.create_task_group()
@@ -179,6 +181,8 @@ class RunManager:
         """
         self.accepting = False
         self._shutdown_requested.set()
+        for callback in list(self.on_shutdown):
+            callback()
 
     async def _shutdown_when_requested(self) -> None:
         await self._shutdown_requested.wait()

@@ -36,6 +36,7 @@ logger = logging.getLogger("assistant.websocket")
 MAX_NOTICES = 256  # error frames waiting to be sent: more, and the client is not reading
 CLOSE_TOO_BIG = 1009
 CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
 
 
 def error_frame(error: ServiceError, correlation_id: str) -> str:
@@ -61,6 +62,13 @@ class ChatConnection:
         self._wakeup: Wakeup | None = None
         self._sending_since: float | None = None
         self._close_with: tuple[int, str] | None = None  # set by the reader: the writer's last frame
+        self._going_away = False  # the service is shutting down: close once no turn is running
+
+    def go_away(self) -> None:
+        """The service is shutting down: a client told so (1001) reconnects elsewhere at once,
+        rather than when the server's graceful timeout cuts the socket."""
+        self._going_away = True
+        self._wake_writer()
 
     async def serve(self) -> None:
         await self.websocket.accept()
@@ -89,6 +97,8 @@ class ChatConnection:
         """The only task that sends: notices first, then the turn's events past the last sent;
         when the reader asks for a close, the close frame, and then it ends the connection."""
         while True:
+            if self._going_away and self._close_with is None and not self.turn_running and not self._notices:
+                self._close_with = (CLOSE_GOING_AWAY, "the service is shutting down")  # the turn's end went out
             if self._close_with is not None:
                 await self.websocket.close(*self._close_with)
                 scope.cancel()
@@ -227,4 +237,11 @@ class ChatConnection:
 async def websocket_chat(websocket: WebSocket) -> None:
     state = websocket.app.state
     correlation_id = websocket.scope["state"]["correlation_id"]
-    await ChatConnection(websocket, state.runs, state.settings, correlation_id).serve()
+    connection = ChatConnection(websocket, state.runs, state.settings, correlation_id)
+    state.runs.on_shutdown.add(connection.go_away)
+    if not state.runs.accepting:  # connected as the shutdown began
+        connection.go_away()
+    try:
+        await connection.serve()
+    finally:
+        state.runs.on_shutdown.discard(connection.go_away)

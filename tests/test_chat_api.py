@@ -15,6 +15,7 @@ import orjson
 import pytest
 import respx
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from app import create_app
 from assistant.config import load_settings
@@ -536,10 +537,16 @@ def test_a_crash_in_a_runs_task_ends_that_run_not_the_service(
     assert chat(client, "again").json()["responses"] == ["fine"]
 
 
-def test_health_is_503_once_the_service_takes_no_new_turns(client: TestClient) -> None:
-    client.app.state.runs.begin_shutdown()  # type: ignore[attr-defined]
+def test_once_the_service_takes_no_new_turns_health_chat_and_websockets_say_so(client: TestClient) -> None:
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.portal.call(client.app.state.runs.begin_shutdown)  # type: ignore[attr-defined]
+        with pytest.raises(WebSocketDisconnect) as gone:  # no turn running: told to go away at once
+            ws.receive_json()
+        assert gone.value.code == 1001
     response = client.get("/health")
     assert response.status_code == 503 and response.json() == {"status": "shutting_down"}
+    refused = chat(client, "hi")
+    assert refused.status_code == 503 and refused.json()["type"] == "shutting_down"
 
 
 def test_stream_cut_without_terminal_event(client: TestClient, upstream: respx.MockRouter) -> None:

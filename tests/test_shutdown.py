@@ -52,19 +52,28 @@ async def test_sigterm_ends_long_streams_after_the_grace_with_shutting_down(fake
 
 
 @pytest.mark.anyio
-async def test_no_new_turns_after_sigterm(fake_upstream: ServerProcess) -> None:
+async def test_no_new_turns_after_sigterm_and_websockets_are_told_to_go_away(fake_upstream: ServerProcess) -> None:
+    """A WebSocket with no turn closes at once with 1001 (the client reconnects elsewhere); one in
+    a turn gets the turn's end (`shutting_down` after the grace), then the same close."""
     service = start_service(fake_upstream.url, name="shutdown-service-ws", SHUTDOWN_GRACE_SECONDS="1")
     try:
         async with httpx.AsyncClient(trust_env=False, timeout=20) as client:
-            thread_id = (await client.post(f"{service.url}/threads")).json()["thread_id"]
+            busy_thread = (await client.post(f"{service.url}/threads")).json()["thread_id"]
             long, _ = await open_stream(client, service.url, "fault:slow 0.2 100")
             ws_url = service.url.replace("http://", "ws://") + "/ws/chat"
-            async with websockets.connect(ws_url) as ws:
+            async with websockets.connect(ws_url) as idle, websockets.connect(ws_url) as busy:
+                await busy.send(json.dumps({"thread_id": busy_thread, "message": "fault:slow 0.2 100"}))
+                assert json.loads(await busy.recv())["event"] == "thread.run.created"
                 service.signal_group(signal.SIGTERM)
-                await anyio.sleep(0.2)
-                await ws.send(json.dumps({"thread_id": thread_id, "message": "hi"}))
-                frame = json.loads(await ws.recv())
-                assert frame["event"] == "error" and frame["type"] == "shutting_down"
+                with anyio.fail_after(2), pytest.raises(websockets.ConnectionClosed) as gone:
+                    await idle.recv()
+                assert gone.value.rcvd is not None and gone.value.rcvd.code == 1001
+                frames = []
+                with anyio.fail_after(3), pytest.raises(websockets.ConnectionClosed) as ended:
+                    while True:
+                        frames.append(json.loads(await busy.recv()))
+                assert frames[-1]["event"] == "error" and frames[-1]["data"]["type"] == "shutting_down", frames[-1:]
+                assert ended.value.rcvd is not None and ended.value.rcvd.code == 1001
             await read_all(long)
     finally:
         service.stop()
