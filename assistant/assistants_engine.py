@@ -282,7 +282,7 @@ class AssistantsEngine:
             if anyio.current_time() > deadline:
                 raise UpstreamTimeout("the run did not go on after its tool outputs were delivered")
             await anyio.sleep(_POLL_SECONDS)
-        yield await self._recover(thread_id, run_id, UpstreamError("the run could not be read back"))
+        yield await self._round_read_back(thread_id, run_id, run.model_dump())
 
     def _forget(self, run_id: str) -> None:
         """The run is over for this process (ended, or given up)."""
@@ -309,9 +309,14 @@ class AssistantsEngine:
             run = (await self._retrieve_run(thread_id, run_id)).model_dump()
         except Exception:
             raise cause from None
-        status = run.get("status")
-        if status not in TERMINAL and status != "requires_action":
+        if run.get("status") not in TERMINAL and run.get("status") != "requires_action":
             raise cause
+        return await self._round_read_back(thread_id, run_id, run)
+
+    async def _round_read_back(self, thread_id: str, run_id: str, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events a stream would have ended the round with, for a run that has stopped (to
+        wait for tool outputs, or at its end): its new messages, then its status."""
+        status = run.get("status")
         events: list[dict[str, Any]] = []
         if status == "completed":
             shown = self._shown_messages.get(run_id, set())

@@ -127,10 +127,11 @@ async def iterate_run_events(
                 # Not settled: what failed may still hold the thread (an Assistants run that an
                 # `error` event broke off is still going), and the engine lets go of it.
                 error, type, code = parser.failure
+                error = redact(error)
                 reason = "the upstream run failed"
-                for event in tracker.finish_open(f"the run failed: {redact(error)}"):
+                for event in tracker.finish_open(f"the run failed: {error}"):
                     yield event  # a step the failure cut off (a hosted tool's) ends before the outcome
-                yield Event(RUN_FAILED, {"error": redact(error), "type": type, "code": code})
+                yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
                 return
             if not parser.ended:
                 raise UpstreamError("the upstream stream ended before the response was complete")

@@ -61,7 +61,7 @@ class ChatConnection:
         self._following: tuple[RunLog, int] | None = None  # the turn's log, and the last event sent
         self._wakeup: Wakeup | None = None
         self._sending_since: float | None = None
-        self._close_with: tuple[int, str] | None = None  # set by the reader: the writer's last frame
+        self._close_with: tuple[int, str] | None = None  # the writer's last frame (a bad client, or going away)
         self._going_away = False  # the service is shutting down: close once no turn is running
 
     def go_away(self) -> None:
@@ -100,6 +100,7 @@ class ChatConnection:
             if self._going_away and self._close_with is None and not self.turn_running and not self._notices:
                 self._close_with = (CLOSE_GOING_AWAY, "the service is shutting down")  # the turn's end went out
             if self._close_with is not None:
+                self._sending_since = time.monotonic()  # a close that cannot go out is watched too
                 await self.websocket.close(*self._close_with)
                 scope.cancel()
                 return
