@@ -38,6 +38,13 @@ def _seconds(timeout: float | None) -> str:
     return "the time the system allows" if timeout is None else f"{timeout:g} s"
 
 
+def _happy_eyeballs(loop: asyncio.AbstractEventLoop) -> dict[str, float]:
+    """Race a host's addresses 250 ms apart, so an unreachable one (IPv6, say) does not hold up
+    the next. asyncio's own loop takes the option; uvloop's (hypercorn's `-k uvloop`) refuses it
+    with a TypeError and tries the addresses in turn."""
+    return {"happy_eyeballs_delay": 0.25} if isinstance(loop, asyncio.BaseEventLoop) else {}
+
+
 class _Body:
     """How the response body is delimited."""
 
@@ -533,11 +540,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             return made[0]
 
         self._open += 1
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().create_connection(
-                    protocol, host, port, ssl=tls, server_hostname=host if tls else None,
-                    happy_eyeballs_delay=0.25,  # an unreachable address (IPv6, say) does not hold up the next
+                await loop.create_connection(
+                    protocol, host, port, ssl=tls, server_hostname=host if tls else None, **_happy_eyeballs(loop)
                 )
         except BaseException as exc:
             if made:

@@ -247,7 +247,7 @@ class Upstream:
 class Service:
     """The service as the Procfile starts it, in front of the fast upstream."""
 
-    def __init__(self, upstream: Upstream, cpus: set[int] | None) -> None:
+    def __init__(self, upstream: Upstream, cpus: set[int] | None, worker_class: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_CONFIG_PREFIXES) and k.lower() not in _PROXY_VARS}
         env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
@@ -257,6 +257,8 @@ class Service:
             self.log_path = Path(log_path)
             self.port = free_port()
             command = [sys.executable, "-m", "hypercorn", "app:app", "--bind", f"127.0.0.1:{self.port}"]
+            if worker_class:
+                command += ["--worker-class", worker_class]
             with os.fdopen(fd, "wb") as log:
                 self.proc = launch(command, cpus, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
@@ -582,6 +584,8 @@ def main() -> int:
     parser.add_argument("--scenarios", default="ABCDE", help="which to run, e.g. BD (default ABCDE)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
                         help="offer permessage-deflate as browsers do (default on)")
+    parser.add_argument("--worker-class", choices=("asyncio", "uvloop"),
+                        help="hypercorn's --worker-class (default: none, as in the Procfile), to compare loops")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this file")
     parser.add_argument("--keep-raw", type=Path, metavar="DIR", help="keep each load run's raw results (JSON) here")
     args = parser.parse_args()
@@ -621,7 +625,8 @@ def main() -> int:
     table = Table(quick)
     print(f"benchmark: {'quick (figures meaningless)' if quick else 'full'}; "
           f"{'service on CPU %s, upstream + load on CPU %s' % (min(service_cpus), min(load_cpus)) if args.pin else 'not pinned'}; "
-          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; WS compression {args.ws_compression}",
+          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; WS compression {args.ws_compression}"
+          f"{'; hypercorn --worker-class ' + args.worker_class if args.worker_class else ''}",
           flush=True)
 
     def progress(text: str) -> None:
@@ -630,7 +635,7 @@ def main() -> int:
     services: list[Service] = []
 
     def new_service() -> Service:
-        service = Service(bench.upstream, service_cpus)
+        service = Service(bench.upstream, service_cpus, args.worker_class)
         services.append(service)
         return service
 

@@ -202,9 +202,11 @@ def service_environment(upstream_url: str, **overrides: str) -> dict[str, str]:
 
 
 @contextmanager
-def running_service(upstream_url: str, name: str = "service", **overrides: str) -> Iterator[ServerProcess]:
+def running_service(
+    upstream_url: str, name: str = "service", hypercorn_args: tuple[str, ...] = (), **overrides: str
+) -> Iterator[ServerProcess]:
     """`start_service` for a `with` block: the service is stopped when the block ends."""
-    server = start_service(upstream_url, name, **overrides)
+    server = start_service(upstream_url, name, hypercorn_args, **overrides)
     try:
         yield server
     finally:

@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import fixtures_dir
-from tests.e2e import ServerProcess
+from tests.e2e import ServerProcess, running_service
 # pytest finds fixtures among the module's names: these are used by name, not referenced.
 from tests.e2e import dump_server_logs_on_failure, fake_upstream, impatient_service, service  # noqa: F401
 
@@ -600,6 +600,25 @@ async def test_websocket_second_turn_while_one_runs_is_refused(service: ServerPr
         # The refused message was never run: the next turn is answered normally.
         await ws.send(json.dumps({"thread_id": thread_id, "message": "now it is my turn"}))
         check_ws_turn(await ws_turn_frames(ws), thread_id, "You said: now it is my turn")
+
+
+@pytest.mark.anyio
+async def test_the_service_runs_under_hypercorns_uvloop_worker(fake_upstream: ServerProcess) -> None:
+    """`hypercorn -k uvloop` is hypercorn's own option: a JSON answer, a streamed tool turn and a
+    WebSocket turn work on uvloop's loop too (its create_connection refuses asyncio's
+    happy_eyeballs_delay, which once turned every upstream call into a 502)."""
+    with running_service(fake_upstream.url, name="uvloop-service", hypercorn_args=("--worker-class", "uvloop")) as server:
+        async with http_client() as client:
+            thread_id = await new_thread(client, server.url)
+            answer = await chat_json(client, server.url, thread_id, "hello uvloop")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["responses"] == ["You said: hello uvloop"]
+            result = await sse_chat(client, server.url, thread_id, 'tool:calculator {"a":2,"b":3,"op":"multiply"}')
+        check_framing(result)
+        assert result.one(STEP_COMPLETED)["step"]["output"] == "6" and result.text == "Tool results: 6"
+        async with ws_connect(server) as ws:
+            await ws.send(json.dumps({"thread_id": thread_id, "message": "and over a socket"}))
+            check_ws_turn(await ws_turn_frames(ws), thread_id, "You said: and over a socket")
 
 
 # ---------------------------------------------------------------------------------------------
