@@ -4,6 +4,8 @@ The service under test talks to this instead of api.openai.com. "The model" is d
 what it answers depends on the last user message (echo, `tool:`, `fixture:`, `fault:` directives,
 and for Assistants runs `hosted:`), so a test picks the upstream behaviour it needs by what it
 types. Run it with `hypercorn tests.fake_openai:app --bind 127.0.0.1:PORT` from the repo root.
+A `slow-follow-up <delay>` line under `tool:` lines streams the reply to the tool outputs with
+that delay before each delta (so a client can hang up while it streams).
 
 Assistants flavour (threads, messages, runs, run steps under /v1/threads): a run answers the
 thread's last user message with the same echo / `tool:` rules; `hosted:code_interpreter` and
@@ -762,6 +764,9 @@ class FakeOpenAI:
         if outputs:
             results = [o["output"] if isinstance(o.get("output"), str) else orjson.dumps(o.get("output")).decode()
                        for o in outputs]
+            for line in text.splitlines():
+                if line.startswith("slow-follow-up "):
+                    turn.delay = float(line.split()[1])
             return turn.model("Tool results: " + " | ".join(results))
         if text.startswith("tool:"):
             calls = [line[len("tool:") :].partition(" ") for line in text.splitlines() if line.startswith("tool:")]

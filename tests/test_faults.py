@@ -308,7 +308,9 @@ MOMENTS = {
                        " ".join(f"word{n}" for n in range(40))),
     "during-tool": Moment('tool:slow_tool {"seconds": 1}', lambda names: STEP_CREATED in names,
                           "Tool results: slept", "slept"),
-    "during-follow-up": Moment('tool:slow_tool {"seconds": 0.3}', lambda names: STEP_COMPLETED in names,
+    # The reply to the tool's output streams slowly: the hang-up must land while it streams,
+    # not after the service has sent it all (a race a fast reply loses now and then).
+    "during-follow-up": Moment('tool:slow_tool {"seconds": 0.3}\nslow-follow-up 0.1', lambda names: STEP_COMPLETED in names,
                                "Tool results: slept", "slept"),
 }
 
