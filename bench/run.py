@@ -1,7 +1,8 @@
 """The service's performance benchmark: one command, one table.
 
     python bench/run.py [--quick] [--pin] [--transport sse|ws|both] [--streams N] [--deltas N]
-                        [--rate R] [--idle-streams N] [--scenarios ABCDE] [--json FILE]
+                        [--rate R] [--idle-streams N] [--scenarios ABCDEF] [--worker-class uvloop]
+                        [--json FILE]
 
 It starts bench/fast_upstream.py (a fake OpenAI that costs little CPU, whose deltas carry their
 send time) and the service exactly as the Procfile does (`hypercorn app:app --bind`, here on
@@ -16,6 +17,9 @@ send time) and the service exactly as the Procfile does (`hypercorn app:app --bi
   E  --churn-clients each running 5-delta turns back  memory under connection churn: whether RSS
      to back for --churn-seconds, a new connection      levels off (closed connections are freed
      per turn                                           by the garbage collector's full collections)
+  F  D's then B's load (SSE) against bench/floor.py's the floors: what a plain asyncio relay, and a
+     relays instead of the service                      bare ASGI relay under hypercorn, cost per delta
+                                                        and per idle stream
 
 CPU is the service's (hypercorn parent + its spawned worker), from /proc/<pid>/stat utime+stime,
 over the measured part only (threads are created before it). RSS is the worker's VmRSS. D runs
@@ -245,18 +249,26 @@ class Upstream:
 
 
 class Service:
-    """The service as the Procfile starts it, in front of the fast upstream."""
+    """The service as the Procfile starts it, in front of the fast upstream; or with `floor`, one
+    of bench/floor.py's relays in its place ("raw": plain asyncio; "hypercorn": a bare ASGI app)."""
 
-    def __init__(self, upstream: Upstream, cpus: set[int] | None, worker_class: str | None = None) -> None:
+    def __init__(self, upstream: Upstream, cpus: set[int] | None, worker_class: str | None = None,
+                 floor: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_CONFIG_PREFIXES) and k.lower() not in _PROXY_VARS}
         env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
-                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1")
+                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1",
+                   FLOOR_UPSTREAM=f"http://127.0.0.1:{upstream.port}")
         for attempt in range(3):  # the free port can be taken before hypercorn binds it
             fd, log_path = tempfile.mkstemp(prefix="bench-service-", suffix=".log")
             self.log_path = Path(log_path)
             self.port = free_port()
-            command = [sys.executable, "-m", "hypercorn", "app:app", "--bind", f"127.0.0.1:{self.port}"]
+            if floor == "raw":
+                command = [sys.executable, str(BENCH / "floor.py"), "--upstream", env["FLOOR_UPSTREAM"],
+                           "--port", str(self.port)]
+            else:
+                app = "bench.floor:app" if floor == "hypercorn" else "app:app"
+                command = [sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{self.port}"]
             if worker_class:
                 command += ["--worker-class", worker_class]
             with os.fdopen(fd, "wb") as log:
@@ -270,7 +282,7 @@ class Service:
                     raise
         # hypercorn's parent spawns the worker (and multiprocessing's resource tracker): find it.
         self.pids = [self.proc.pid, *descendants(self.proc.pid)]
-        workers = [p for p in self.pids if "spawn_main" in cmdline(p)]
+        workers = [p for p in self.pids if "spawn_main" in cmdline(p)] if floor != "raw" else [self.proc.pid]
         if len(workers) != 1:
             self.stop()
             raise RuntimeError(f"expected one hypercorn worker, found {workers}")
@@ -581,7 +593,7 @@ def main() -> int:
     parser.add_argument("--full-rate-deltas", type=int, help="A: deltas of the one full-rate stream (default 5000)")
     parser.add_argument("--ramp", type=float, help="B and C: seconds over which clients start "
                         "(default: half a stream's length, at most 5 s)")
-    parser.add_argument("--scenarios", default="ABCDE", help="which to run, e.g. BD (default ABCDE)")
+    parser.add_argument("--scenarios", default="ABCDEF", help="which to run, e.g. BD (default ABCDEF)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
                         help="offer permessage-deflate as browsers do (default on)")
     parser.add_argument("--worker-class", choices=("asyncio", "uvloop"),
@@ -746,6 +758,29 @@ def main() -> int:
                 add_common(table, name, transport, run)
         if set("ABC") & set(scenarios):
             retire(service)
+
+        # F: the floors. B's load (SSE) against bench/floor.py's relays instead of the service.
+        if "F" in scenarios:
+            for floor, label in (("raw", "raw asyncio relay"), ("hypercorn", "bare ASGI relay, hypercorn")):
+                progress(f"F {label}: {b_streams} x {b_deltas} deltas at {b_rate:g}/s")
+                relay = Service(bench.upstream, service_cpus, args.worker_class if floor == "hypercorn" else None,
+                                floor=floor)
+                services.append(relay)
+                bench.load(relay, "sse", min(20, d_streams), 5, 0)  # warm-up, as in D
+                idle = bench.load(relay, "sse", d_streams, 2, 0, stall=600, ramp=0.1 if quick else 2.0, hold=hold)
+                run = bench.load(relay, "sse", b_streams, b_deltas, b_rate, ramp=ramp_for(b_deltas, b_rate))
+                count_errors(f"F {floor}", "sse", idle, run)
+                name = f"F floor: {label}"
+                table.add(name, "sse", "RSS per open idle stream (as D)",
+                          (idle.rss_open_kib - idle.rss_before_kib) / d_streams, "KiB", IDLE_KIB_PER_STREAM)
+                table.add(name, "sse", "errors (idle streams)", idle.errors, "", 0, digits=0)
+                table.add(name, "sse", "CPU per delta, all-in", 1e6 * run.service_cpu / max(1, run.deltas), "us",
+                          CPU_PER_DELTA_US)
+                add_latency(table, name, "sse", run, LATENCY_P99_MS, detail=False)
+                table.add(name, "sse", "time to first delta overhead p50", pct(run.ttfd_ms(overhead=True), 50),
+                          "ms", TTFD_P50_MS, digits=2)
+                add_common(table, name, "sse", run)
+                retire(relay)
     except Exception as exc:
         print(table.render())
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)

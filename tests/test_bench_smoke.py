@@ -2,7 +2,7 @@
 
 `--quick` starts the fast fake upstream and the service as the Procfile does, and drives each
 scenario (full rate, concurrent streams, sustained, idle streams, connection churn) over SSE and WebSocket at a tiny
-size. This test checks that the benchmark still works end to end and that no stream failed. It
+size, then the floors (bench/floor.py's relays in the service's place) over SSE. This test checks that the benchmark still works end to end and that no stream failed. It
 never asserts on a timing, CPU or memory figure: CI machines are too noisy, and that is what the
 full run (`python bench/run.py --pin`) is for.
 """
@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("A full rate", "B ", "C ", "D idle", "E churn")
+FLOORS = ("F floor: raw asyncio relay", "F floor: bare ASGI relay, hypercorn")  # SSE only
 
 
 @pytest.mark.timeout(180)  # above the subprocess's own limit, so a hang reports its output
@@ -34,6 +35,10 @@ def test_quick_benchmark_runs_every_scenario_without_errors() -> None:
         for transport in ("sse", "ws"):
             assert any(r[0].startswith(scenario) and r[1] == transport for r in rows), (
                 f"no {scenario.strip()!r} rows for {transport}\n{output}")
+
+    for floor in FLOORS:
+        assert any(r[0] == floor and r[1] == "sse" and r[2] == "errors" and r[3] == "0" for r in rows), (
+            f"no clean {floor!r} run\n{output}")
 
     error_rows = [r for r in rows if r[2].startswith("errors")]
     # every scenario reports its errors, per transport (B twice: its 1-delta turns too)
