@@ -1,13 +1,14 @@
 """Frames a run's events as Server-Sent Events, written by hand (WHATWG rules).
 
-One task sends: whatever the run's log holds past what was sent, framed together into one body
-message, or a keepalive comment when nothing was sent for the heartbeat interval (so comments
-flow while a tool runs for minutes). A second task watches the client: gone away, due a
-keepalive, or no longer reading.
+The request's task sends: whatever the run's log holds past what was sent, framed together into
+one body message, or a keepalive comment when nothing was sent for the heartbeat interval (so
+comments flow while a tool runs for minutes). Callbacks watch the client: gone away (its next
+ASGI message), due a keepalive or no longer reading (one timer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -55,13 +56,20 @@ def frame_resumed(log: RunLog, after: int) -> bytes:
 class SSEResponse:
     """An ASGI response streaming one run's log from position `after`.
 
-    Two tasks: the sender (the only one that sends), and a watcher that waits for the client's
-    disconnect until a timer is due: it asks the sender for a keepalive comment when nothing was
-    sent for the heartbeat interval, and drops the client when one send has waited longer than
-    the slow-client timeout.
+    One task, the sender, sends. The client is watched without a task of its own (an anyio
+    task, its task group and a timer scope held ~4 KiB per open stream): a bare asyncio task
+    waits for the client's next ASGI message, and one loop timer asks the sender for a
+    keepalive comment when nothing was sent for the heartbeat interval, or drops the client
+    when one send has waited longer than the slow-client timeout. Either cancels the sender's
+    scope to end the stream.
     The sender waits on one `Wakeup` per wait, with no timeout of its own: that keeps the path
     of each delta free of timers.
     """
+
+    _scope: anyio.CancelScope  # the sender's
+    _receive: Receive
+    _next_message: asyncio.Task[Message]  # the client's next ASGI message
+    _timer: asyncio.TimerHandle
 
     def __init__(
         self,
@@ -89,43 +97,56 @@ class SSEResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._watch_client, receive, task_group.cancel_scope)
-            # An error this stream sends itself carries the ID of the request reading it.
-            await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
-            self.done = True
-            task_group.cancel_scope.cancel()
+        with anyio.CancelScope() as self._scope:
+            self._receive = receive
+            self._watch_next_message()
+            self._timer = asyncio.get_running_loop().call_later(self.heartbeat_seconds, self._on_timer)
+            try:
+                # An error this stream sends itself carries the ID of the request reading it.
+                await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
+                self.done = True
+            finally:
+                self._timer.cancel()
+                self._next_message.remove_done_callback(self._client_said)
+                self._next_message.cancel()
 
-    async def _watch_client(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        """The watcher of the client going away, the heartbeat timer, and the watchdog of a
-        client that stopped reading, in one task (each task costs ~4 KiB per open stream): it
-        waits for the client's next message until the next timer is due."""
-        while True:
-            now = time.monotonic()
-            if self._sending_since is not None:
-                waited = now - self._sending_since
-                if waited >= self.slow_client_timeout_seconds:
-                    logger.warning(
-                        "dropping a client that stopped reading",
-                        extra={"run_id": self.log.run_id, "timeout_seconds": self.slow_client_timeout_seconds},
-                    )
-                    scope.cancel()
-                    return
-                delay = min(self.slow_client_timeout_seconds - waited, self.heartbeat_seconds)
-            else:
-                delay = self._last_sent + self.heartbeat_seconds - now
-                if delay <= 0:
-                    self._keepalive_due = True
-                    if self._wakeup is not None:
-                        self._wakeup.set()
-                    delay = self.heartbeat_seconds
-            with anyio.move_on_after(delay):
-                message: Message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not self.done:
-                        logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
-                    scope.cancel()
-                    return
+    def _watch_next_message(self) -> None:
+        self._next_message = asyncio.get_running_loop().create_task(self._receive())
+        self._next_message.add_done_callback(self._client_said)
+
+    def _client_said(self, task: asyncio.Task[Message]) -> None:
+        """The client's next message: a disconnect ends the stream; anything else (the request's
+        own empty body on a GET) is read past."""
+        if task.cancelled() or task.exception() is not None or task.result()["type"] == "http.disconnect":
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("the server's receive failed (%r): ending the stream", task.exception())
+            elif not self.done:
+                logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
+            self._scope.cancel()
+            return
+        self._watch_next_message()
+
+    def _on_timer(self) -> None:
+        """The heartbeat timer and the watchdog of a client that stopped reading, in one timer."""
+        now = time.monotonic()
+        if self._sending_since is not None:
+            waited = now - self._sending_since
+            if waited >= self.slow_client_timeout_seconds:
+                logger.warning(
+                    "dropping a client that stopped reading",
+                    extra={"run_id": self.log.run_id, "timeout_seconds": self.slow_client_timeout_seconds},
+                )
+                self._scope.cancel()
+                return
+            delay = min(self.slow_client_timeout_seconds - waited, self.heartbeat_seconds)
+        else:
+            delay = self._last_sent + self.heartbeat_seconds - now
+            if delay <= 0:
+                self._keepalive_due = True
+                if self._wakeup is not None:
+                    self._wakeup.set()
+                delay = self.heartbeat_seconds
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     async def _send_body(self, send: Send, body: bytes) -> None:
         self._sending_since = time.monotonic()

@@ -108,3 +108,42 @@ async def test_the_disconnect_ends_the_stream_at_once_between_heartbeats() -> No
     assert 0.45 < time.monotonic() - started < 0.6
     assert sent.count(KEEPALIVE) == 2  # at 0.2 and 0.4 s
     assert not response.done
+
+
+@pytest.mark.anyio
+async def test_the_requests_own_body_message_is_read_past_not_taken_for_a_disconnect() -> None:
+    """On a GET nobody reads the (empty) request body: the client's first ASGI message is
+    `http.request`. The stream goes on until the real disconnect."""
+    log = new_log()
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+    later = disconnects_after(0.3)
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else await later()
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    started = time.monotonic()
+    with anyio.fail_after(3):
+        await response({"type": "http"}, receive, send)
+    assert 0.25 < time.monotonic() - started < 0.5
+    assert not response.done
+
+
+@pytest.mark.anyio
+async def test_a_receive_that_fails_ends_the_stream() -> None:
+    log = new_log()
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep(0.1)
+        raise OSError("the server's receive broke")
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with anyio.fail_after(3):
+        await response({"type": "http"}, receive, send)
+    assert not response.done
