@@ -24,6 +24,7 @@ from assistant.config import ConfigError, Settings, load_settings
 from assistant.errors import ServiceError
 from assistant.http_api import (
     STATIC_DIR,
+    Endpoint,
     cancel_run,
     chat,
     chat_page,
@@ -109,16 +110,16 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
 
     app = Starlette(
         routes=[
-            Route("/", chat_page, methods=["GET"]),
+            Route("/", Endpoint(chat_page), methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-            Route("/health", health, methods=["GET"]),
-            Route("/threads", create_thread, methods=["POST"]),
-            Route("/start", create_thread, methods=["GET"]),
-            Route("/chat", chat, methods=["POST"]),
-            Route("/chat/stream/{run_id}", stream_run, methods=["GET"]),
-            Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+            Route("/health", Endpoint(health), methods=["GET"]),
+            Route("/threads", Endpoint(create_thread), methods=["POST"]),
+            Route("/start", Endpoint(create_thread), methods=["GET"]),
+            Route("/chat", Endpoint(chat), methods=["POST"]),
+            Route("/chat/stream/{run_id}", Endpoint(stream_run), methods=["GET"]),
+            Route("/runs/{run_id}/cancel", Endpoint(cancel_run), methods=["POST"]),
             WebSocketRoute("/ws/chat", websocket_chat),
-            Route("/ws/chat", websocket_only, methods=["GET"]),
+            Route("/ws/chat", Endpoint(websocket_only), methods=["GET"]),
         ],
         middleware=middleware,
         exception_handlers={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -11,7 +12,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from .chat_request import THREAD_ID, check_run_id, parse_chat_request
 from .errors import (
@@ -35,6 +36,20 @@ class JSONResponse(Response):
 
     def render(self, content: object) -> bytes:
         return orjson.dumps(content)
+
+
+class Endpoint:
+    """An endpoint as a plain ASGI app (what Starlette's `Route` makes of a function, less its
+    per-route exception layer). The app-wide layer (ExceptionMiddleware) maps errors with the
+    same handlers; a second one would wrap every send of a stream, each delta's, and hold
+    ~2 KiB more per open stream."""
+
+    def __init__(self, func: Callable[[Request], Awaitable[Response]]) -> None:
+        self.func = func
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.func(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def correlation_id(request: Request) -> str:
