@@ -62,6 +62,17 @@ class CorrelationIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes see: under `hypercorn --root-path /prefix` a proxy that keeps the
+    prefix sends `/prefix/health`, which routing matches as `/health` (Starlette's rule)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path == root:
+        return "/"
+    if root and path.startswith(root + "/"):
+        return path[len(root) :]
+    return path
+
+
 class APIKeyMiddleware:
     """With SERVICE_API_KEY set, every route but /health needs `Authorization: Bearer <key>`.
 
@@ -77,7 +88,7 @@ class APIKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):  # lifespan has no path
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return

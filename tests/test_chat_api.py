@@ -20,6 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from app import create_app
 from assistant.config import load_settings
 from assistant.example_tools import calculator
+from assistant.middleware import APIKeyMiddleware
 from assistant.upstream import create_openai_client
 from tests.conftest import fixtures_dir
 from tests.upstream_mock import (
@@ -807,3 +808,29 @@ def test_the_service_makes_full_garbage_collections_rarer_and_skips_what_start_u
         assert test_client.get("/health").status_code == 200
         assert gc.get_threshold() == (700, 10, 50)
         assert gc.get_freeze_count() > 10_000
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "public"),
+    [("/prefix/health", True), ("/prefix/", True), ("/prefix", True), ("/prefix/static/chat.js", True),
+     ("/prefix/chat", False), ("/prefix/threads", False), ("/health", True), ("/prefixed/health", False)],
+)
+async def test_the_api_key_guard_sees_paths_as_the_routes_do_under_a_root_path(path: str, public: bool) -> None:
+    """`hypercorn --root-path /prefix` behind a proxy that keeps the prefix: the public routes
+    stay public, the rest still need the key."""
+    reached: list[str] = []
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    guard = APIKeyMiddleware(inner, api_key="secret")
+    scope = {"type": "http", "path": path, "root_path": "/prefix", "headers": [], "state": {}}
+    await guard(scope, None, send)
+    assert bool(reached) is public
+    assert public or sent[0]["status"] == 401
