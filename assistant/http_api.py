@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,10 @@ class Endpoint:
     ~2 KiB more per open stream."""
 
     def __init__(self, func: Callable[[Request], Awaitable[Response]]) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"{func!r} is not an async function")  # no thread pool behind this
         self.func = func
+        self.__name__ = func.__name__  # the route's name, for url_path_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.func(Request(scope, receive, send))

@@ -94,18 +94,23 @@ class SSEResponse:
         self._sending_since: float | None = None
         self._keepalive_due = False
         self._wakeup: Wakeup | None = None
+        self._watching = False
+        self._finishing = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
         with anyio.CancelScope() as self._scope:
             self._receive = receive
+            self._watching = True
             self._watch_next_message()
-            self._timer = asyncio.get_running_loop().call_later(self.heartbeat_seconds, self._on_timer)
+            first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
+            self._timer = asyncio.get_running_loop().call_later(first, self._on_timer)
             try:
                 # An error this stream sends itself carries the ID of the request reading it.
                 await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
                 self.done = True
             finally:
+                self._watching = False
                 self._timer.cancel()
                 self._next_message.remove_done_callback(self._client_said)
                 self._next_message.cancel()
@@ -117,10 +122,14 @@ class SSEResponse:
     def _client_said(self, task: asyncio.Task[Message]) -> None:
         """The client's next message: a disconnect ends the stream; anything else (the request's
         own empty body on a GET) is read past."""
+        if not self._watching:  # queued before __call__ left its scope: remove_done_callback was too late
+            if not task.cancelled():
+                task.exception()  # retrieved: asyncio does not log it as never retrieved
+            return
         if task.cancelled() or task.exception() is not None or task.result()["type"] == "http.disconnect":
             if not task.cancelled() and task.exception() is not None:
                 logger.warning("the server's receive failed (%r): ending the stream", task.exception())
-            elif not self.done:
+            elif not self.done and not self._finishing:
                 logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
             self._scope.cancel()
             return
@@ -184,6 +193,7 @@ class SSEResponse:
                 continue
             self._wakeup = Wakeup()
             await log.wait_next_or(self._wakeup)
+        self._finishing = True  # hypercorn queues http.disconnect inside this send, after the last byte
         self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})
         self._sending_since = None

@@ -834,3 +834,19 @@ async def test_the_api_key_guard_sees_paths_as_the_routes_do_under_a_root_path(p
     await guard(scope, None, send)
     assert bool(reached) is public
     assert public or sent[0]["status"] == 401
+
+
+def test_routes_keep_their_endpoints_names(client: TestClient) -> None:
+    app = client.app
+    assert app.url_path_for("chat") == "/chat"  # type: ignore[attr-defined]
+    assert app.url_path_for("stream_run", run_id="run_x") == "/chat/stream/run_x"  # type: ignore[attr-defined]
+
+
+def test_an_endpoint_must_be_async() -> None:
+    from assistant.http_api import Endpoint
+
+    def sync_endpoint(request: Any) -> Any:
+        return None
+
+    with pytest.raises(TypeError):
+        Endpoint(sync_endpoint)

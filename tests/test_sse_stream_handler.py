@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -147,3 +148,71 @@ async def test_a_receive_that_fails_ends_the_stream() -> None:
     with anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
     assert not response.done
+
+
+@pytest.mark.anyio
+async def test_a_client_message_queued_as_the_stream_ends_starts_no_new_wait() -> None:
+    """The receive task can finish in the loop iteration the stream ends in: its callback is
+    then already queued and runs after the response returned. It must not wait for another
+    message (a task left pending after the app returned)."""
+    log = new_log()
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}  # a GET's own body message
+        await anyio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    # The run's last event lands in the next iteration, just before the receive task first runs.
+    asyncio.get_running_loop().call_soon(log.append, Event(METADATA, {}))
+    with anyio.fail_after(3):
+        await response({"type": "http"}, receive, send)
+    await anyio.sleep(0.05)
+    assert response.done and calls == 1
+
+
+@pytest.mark.anyio
+async def test_a_first_send_that_stalls_is_dropped_at_the_slow_client_timeout_even_below_the_heartbeat() -> None:
+    log = new_log()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(3600)
+
+    response = SSEResponse(log, heartbeat_seconds=2, retry_ms=1, slow_client_timeout_seconds=0.3)
+    started = time.monotonic()
+    with anyio.fail_after(3):
+        await response({"type": "http"}, never_disconnects, send)
+    assert 0.25 < time.monotonic() - started < 0.6
+
+
+@pytest.mark.anyio
+async def test_a_disconnect_during_the_last_send_is_not_logged_as_a_client_leaving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """hypercorn closes a `Connection: close` (or shutting down) connection inside the final
+    send and queues http.disconnect before it returns: the client had every byte."""
+    log = new_log()
+    log.append(Event(METADATA, {}))
+    gone = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()
+            await anyio.sleep(0.05)
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with caplog.at_level("INFO", logger="assistant.sse"), anyio.fail_after(3):
+        await response({"type": "http"}, receive, send)
+    assert "client disconnected from the stream" not in caplog.text
