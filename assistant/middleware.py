@@ -64,7 +64,8 @@ class CorrelationIdMiddleware:
 
 def route_path(scope: Scope) -> str:
     """The path the routes see: under `hypercorn --root-path /prefix` a proxy that keeps the
-    prefix sends `/prefix/health`, which routing matches as `/health` (Starlette's rule)."""
+    prefix sends `/prefix/health`, which routing matches as `/health` (Starlette's rule; the
+    bare prefix is "/" here, where routing redirects it to `/prefix/`, which is public)."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path == root:
         return "/"

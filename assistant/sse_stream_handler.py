@@ -122,18 +122,19 @@ class SSEResponse:
     def _client_said(self, task: asyncio.Task[Message]) -> None:
         """The client's next message: a disconnect ends the stream; anything else (the request's
         own empty body on a GET) is read past."""
+        error = None if task.cancelled() else task.exception()  # retrieved, so asyncio does not log it
         if not self._watching:  # queued before __call__ left its scope: remove_done_callback was too late
-            if not task.cancelled():
-                task.exception()  # retrieved: asyncio does not log it as never retrieved
             return
-        if task.cancelled() or task.exception() is not None or task.result()["type"] == "http.disconnect":
-            if not task.cancelled() and task.exception() is not None:
-                logger.warning("the server's receive failed (%r): ending the stream", task.exception())
-            elif not self.done and not self._finishing:
+        if error is not None:
+            logger.warning("the server's receive failed (%r): ending the stream", error,
+                           extra={"run_id": self.log.run_id})
+        elif task.cancelled() or task.result()["type"] == "http.disconnect":
+            if not self._finishing:  # else hypercorn closed the connection after the last byte
                 logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
-            self._scope.cancel()
+        else:
+            self._watch_next_message()
             return
-        self._watch_next_message()
+        self._scope.cancel()
 
     def _on_timer(self) -> None:
         """The heartbeat timer and the watchdog of a client that stopped reading, in one timer."""
@@ -155,6 +156,8 @@ class SSEResponse:
                 if self._wakeup is not None:
                     self._wakeup.set()
                 delay = self.heartbeat_seconds
+            # A send that starts stalling before the next tick is caught within the timeout.
+            delay = min(delay, self.slow_client_timeout_seconds)
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     async def _send_body(self, send: Send, body: bytes) -> None:

@@ -134,7 +134,7 @@ async def test_the_requests_own_body_message_is_read_past_not_taken_for_a_discon
 
 
 @pytest.mark.anyio
-async def test_a_receive_that_fails_ends_the_stream() -> None:
+async def test_a_receive_that_fails_ends_the_stream(caplog: pytest.LogCaptureFixture) -> None:
     log = new_log()
 
     async def receive() -> dict[str, Any]:
@@ -145,9 +145,10 @@ async def test_a_receive_that_fails_ends_the_stream() -> None:
         pass
 
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
-    with anyio.fail_after(3):
+    with caplog.at_level("WARNING", logger="assistant.sse"), anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
     assert not response.done
+    assert "the server's receive failed" in caplog.text
 
 
 @pytest.mark.anyio
@@ -216,3 +217,29 @@ async def test_a_disconnect_during_the_last_send_is_not_logged_as_a_client_leavi
     with caplog.at_level("INFO", logger="assistant.sse"), anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
     assert "client disconnected from the stream" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_send_that_stalls_later_is_dropped_at_the_slow_client_timeout_even_below_the_heartbeat() -> None:
+    log = new_log()
+    sends = 0
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal sends
+        if message["type"] == "http.response.body":
+            sends += 1
+            if sends == 2:
+                await anyio.sleep(3600)
+
+    response = SSEResponse(log, heartbeat_seconds=3, retry_ms=1, slow_client_timeout_seconds=0.3)
+
+    async def append_later() -> None:
+        await anyio.sleep(0.5)
+        log.append(Event(RUN_CREATED, {}))  # the second send, at 0.5 s, never returns
+
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(append_later)
+            await response({"type": "http"}, never_disconnects, send)
+    assert 0.75 < time.monotonic() - started < 1.5
