@@ -4,8 +4,9 @@ The service's hot path is a relay: read an upstream SSE event, decode its JSON, 
 client's event, write it. These two servers do only that, so the benchmark can price the ground
 the service stands on at the same load (bench/run.py, scenario F):
 
-  raw        plain asyncio protocols on both sides, HTTP written and parsed by hand, no tasks:
-             the least a Python relay costs on this machine.
+  raw        plain asyncio protocols on both sides, HTTP written and parsed by hand, callbacks
+             only (a task per turn just to connect upstream): the least a Python relay costs
+             on this machine.
              `python bench/floor.py --upstream http://127.0.0.1:PORT [--port 0]`
   hypercorn  the same relay as a bare ASGI app under hypercorn (no framework, no run log, no
              tools): what the fixed server costs before the service does anything.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -75,10 +77,11 @@ class UpstreamCall(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data
         if not self.in_body:
-            head, found, buffer = buffer.partition(b"\r\n\r\n")
+            head, found, body = buffer.partition(b"\r\n\r\n")
             if not found:
-                self.buffer = head
+                self.buffer = buffer  # the head is not all here yet
                 return
+            buffer = body
             self.in_body = True
         frames, done = [], False
         # Chunked body; the fast upstream writes one SSE event per chunk.
@@ -122,13 +125,14 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class RawClient(asyncio.Protocol):
-    """The raw floor's client side: one request per connection, answered by callbacks alone."""
+class ClientConnection(asyncio.Protocol):
+    """The raw floor's side facing a client: one request per connection, answered by callbacks."""
 
     def __init__(self, origin: tuple[str, int]) -> None:
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.connecting: asyncio.Task[None] | None = None  # kept: the loop holds tasks weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -148,9 +152,15 @@ class RawClient(asyncio.Protocol):
         if path == b"/chat":
             self.transport.write(SSE_HEAD + chunk(CREATED))
             message = orjson.loads(body[:length])["message"]
-            asyncio.get_running_loop().create_task(UpstreamCall.start(self.origin, message, self.relay))
+            self.connecting = asyncio.get_running_loop().create_task(UpstreamCall.start(self.origin, message, self.relay))
+            self.connecting.add_done_callback(self.connected)
         else:
             self.transport.write(json_response(HEALTH if method == b"GET" else THREAD))
+
+    def connected(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # the upstream refused: so does this
+            assert self.transport is not None
+            self.transport.close()
 
     def relay(self, frames: bytes, done: bool) -> None:
         assert self.transport is not None
@@ -161,11 +171,42 @@ class RawClient(asyncio.Protocol):
             self.transport.write(chunk(frames))
 
 
+class Relayed:
+    """What the upstream relayed for one ASGI request and not yet sent, and its waiting sender."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.done = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def sink(self, frames: bytes, done: bool) -> None:
+        self.pending.append(frames)
+        self.done = self.done or done
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> bytes:
+        if not self.pending and not self.done:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        frames = b"".join(self.pending)
+        self.pending.clear()
+        return frames
+
+
+@functools.cache
+def upstream_origin() -> tuple[str, int]:
+    """The hypercorn floor's upstream, from FLOOR_UPSTREAM (read once)."""
+    url = urlsplit(os.environ["FLOOR_UPSTREAM"])
+    return url.hostname or "127.0.0.1", url.port or 80
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The hypercorn floor: the same relay as a bare ASGI app, one body message per upstream read."""
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
         return
     body = b""
@@ -181,26 +222,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
     await send({"type": "http.response.body", "body": CREATED, "more_body": True})
-    loop = asyncio.get_running_loop()
-    pending: list[bytes] = []
-    state = {"done": False, "waiter": None}
-
-    def sink(frames: bytes, done: bool) -> None:
-        pending.append(frames)
-        state["done"] = state["done"] or done
-        waiter = state["waiter"]
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    url = urlsplit(os.environ["FLOOR_UPSTREAM"])
-    await UpstreamCall.start((url.hostname or "127.0.0.1", url.port or 80), orjson.loads(body)["message"], sink)
+    relayed = Relayed()
+    await UpstreamCall.start(upstream_origin(), orjson.loads(body)["message"], relayed.sink)
     while True:
-        if not pending and not state["done"]:
-            state["waiter"] = loop.create_future()
-            await state["waiter"]
-        frames = b"".join(pending)
-        pending.clear()
-        if state["done"]:
+        frames = await relayed.take()
+        if relayed.done:
             await send({"type": "http.response.body", "body": frames + METADATA})
             return
         await send({"type": "http.response.body", "body": frames, "more_body": True})
@@ -209,7 +235,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def serve_raw(upstream: str, host: str, port: int) -> None:
     url = urlsplit(upstream)
     origin = (url.hostname or "127.0.0.1", url.port or 80)
-    server = await asyncio.get_running_loop().create_server(lambda: RawClient(origin), host, port, backlog=4096)
+    server = await asyncio.get_running_loop().create_server(lambda: ClientConnection(origin), host, port,
+                                                            backlog=4096)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     await server.serve_forever()
 

@@ -257,8 +257,10 @@ class Service:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_CONFIG_PREFIXES) and k.lower() not in _PROXY_VARS}
         env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
-                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1",
-                   FLOOR_UPSTREAM=f"http://127.0.0.1:{upstream.port}")
+                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1")
+        if floor:
+            env["FLOOR_UPSTREAM"] = f"http://127.0.0.1:{upstream.port}"
+        self.label = {"raw": "the raw floor", "hypercorn": "the hypercorn floor"}.get(floor or "", "the service")
         for attempt in range(3):  # the free port can be taken before hypercorn binds it
             fd, log_path = tempfile.mkstemp(prefix="bench-service-", suffix=".log")
             self.log_path = Path(log_path)
@@ -285,14 +287,14 @@ class Service:
         workers = [p for p in self.pids if "spawn_main" in cmdline(p)] if floor != "raw" else [self.proc.pid]
         if len(workers) != 1:
             self.stop()
-            raise RuntimeError(f"expected one hypercorn worker, found {workers}")
+            raise RuntimeError(f"{self.label}: expected one hypercorn worker, found {workers}")
         self.worker = workers[0]
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited ({self.proc.returncode}):\n{self.log_tail()}")
+                raise RuntimeError(f"{self.label} exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
                 if http_request(self.port, "GET", "/health", timeout=1.0)[0] == 200:
                     return
@@ -300,14 +302,28 @@ class Service:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"the service did not answer /health in time:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.label} did not answer /health in time:\n{self.log_tail()}")
 
     def cpu(self) -> float:
         """Parent + worker + resource tracker: every process the service's command started."""
-        return sum(proc_cpu_seconds(p) for p in self.pids)
+        try:
+            return sum(proc_cpu_seconds(p) for p in self.pids)
+        except FileNotFoundError:
+            self.check_alive()
+            raise
+
+    def check_alive(self) -> None:
+        """Raise, saying so, when the server (or its worker) has exited: a load run's own error
+        would only say that its connections failed."""
+        if self.proc.poll() is not None or not os.path.exists(f"/proc/{self.worker}"):
+            raise RuntimeError(f"{self.label} exited (status {self.proc.poll()}):\n{self.log_tail()}")
 
     def rss_kib(self) -> int:
-        return proc_rss_kib(self.worker)
+        try:
+            return proc_rss_kib(self.worker)
+        except FileNotFoundError:
+            self.check_alive()
+            raise
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -423,6 +439,7 @@ class Bench:
                     line = proc.stdout.readline().strip()
                     if line != word:
                         proc.wait(10)
+                        service.check_alive()
                         stderr.seek(0)
                         raise RuntimeError(f"load.py said {line!r}, not {word}:\n{stderr.read().decode()[-3000:]}")
 
@@ -449,6 +466,7 @@ class Bench:
                 wall = time.monotonic() - t0
                 if proc.returncode != 0 or not line.startswith("{"):
                     stderr.seek(0)
+                    service.check_alive()
                     raise RuntimeError(f"load.py failed ({proc.returncode}):\n{stderr.read().decode()[-3000:]}")
                 run = LoadRun(json.loads(line), cpu1 - cpu0, up1 - up0, wall, rss_before, rss_open, service.rss_kib())
                 if self.args.keep_raw:
@@ -759,10 +777,10 @@ def main() -> int:
         if set("ABC") & set(scenarios):
             retire(service)
 
-        # F: the floors. B's load (SSE) against bench/floor.py's relays instead of the service.
+        # F: the floors. D's then B's load (SSE) against bench/floor.py's relays instead of the service.
         if "F" in scenarios:
             for floor, label in (("raw", "raw asyncio relay"), ("hypercorn", "bare ASGI relay, hypercorn")):
-                progress(f"F {label}: {b_streams} x {b_deltas} deltas at {b_rate:g}/s")
+                progress(f"F {label}: {d_streams} idle streams, then {b_streams} x {b_deltas} deltas at {b_rate:g}/s")
                 relay = Service(bench.upstream, service_cpus, args.worker_class if floor == "hypercorn" else None,
                                 floor=floor)
                 services.append(relay)
