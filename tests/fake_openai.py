@@ -5,7 +5,7 @@ what it answers depends on the last user message (echo, `tool:`, `fixture:`, `fa
 and for Assistants runs `hosted:`), so a test picks the upstream behaviour it needs by what it
 types. Run it with `hypercorn tests.fake_openai:app --bind 127.0.0.1:PORT` from the repo root.
 A `slow-follow-up <delay>` line under `tool:` lines streams the reply to the tool outputs with
-that delay before each delta (so a client can hang up while it streams).
+that delay before each delta (so a client can hang up while it streams; Responses API only).
 
 Assistants flavour (threads, messages, runs, run steps under /v1/threads): a run answers the
 thread's last user message with the same echo / `tool:` rules; `hosted:code_interpreter` and
@@ -766,7 +766,10 @@ class FakeOpenAI:
                        for o in outputs]
             for line in text.splitlines():
                 if line.startswith("slow-follow-up "):
-                    turn.delay = float(line.split()[1])
+                    try:
+                        turn.delay = float(line.split()[1])
+                    except (ValueError, IndexError):
+                        raise APIError(400, f"fake_openai: bad directive {line!r}") from None
             return turn.model("Tool results: " + " | ".join(results))
         if text.startswith("tool:"):
             calls = [line[len("tool:") :].partition(" ") for line in text.splitlines() if line.startswith("tool:")]
