@@ -153,6 +153,28 @@ class ResponsesEngine:
         self, thread_id: str, items: list[dict[str, Any]]
     ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
         """Create a streamed response on the thread and give its events, in batches."""
+        response = await self._create_response(thread_id, items)
+        chunks = _body_chunks(response)
+        events = iterate_sse_events(chunks)
+        try:
+            yield events
+            await events.aclose()
+            # Read the body's end (the upstream closes it right after the last event), so the
+            # connection goes back to the pool instead of being dropped: no new TLS handshake.
+            with anyio.move_on_after(DRAIN_SECONDS):
+                try:
+                    async for _ in chunks:
+                        pass
+                except httpx.HTTPError:
+                    pass  # the response is complete; the connection is just not reused
+        finally:
+            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
+                await response.aclose()
+
+    async def _create_response(self, thread_id: str, items: list[dict[str, Any]]) -> httpx.Response:
+        """The streamed response, through retries and repairs. A method of its own, so that
+        nothing of the request (its parameters, the retry closures) stays alive while the
+        response streams: an idle stream holds ~0.6 KiB less."""
         params = {**self._base_params, "conversation": thread_id, "input": items}
         # A thread the upstream still holds (a dropped client's response) is retried for as long
         # as a turn may wait for a thread.
@@ -173,13 +195,12 @@ class ResponsesEngine:
         while True:
             taken = None
             try:
-                response = await call_with_retries(
+                return await call_with_retries(
                     create,
                     max_retries=self.settings.upstream_max_retries,
                     what="responses.create",
                     retry_if=not_applied,
                 )
-                break
             except Exception as exc:
                 repaired = repair_input(exc, params["input"])
                 if repaired is not None and repairs < MAX_REPAIRS:
@@ -195,22 +216,6 @@ class ResponsesEngine:
                 if not taken:  # outputs the conversation already holds are not sent again
                     self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc
-        chunks = _body_chunks(response)
-        events = iterate_sse_events(chunks)
-        try:
-            yield events
-            await events.aclose()
-            # Read the body's end (the upstream closes it right after the last event), so the
-            # connection goes back to the pool instead of being dropped: no new TLS handshake.
-            with anyio.move_on_after(DRAIN_SECONDS):
-                try:
-                    async for _ in chunks:
-                        pass
-                except httpx.HTTPError:
-                    pass  # the response is complete; the connection is just not reused
-        finally:
-            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
-                await response.aclose()
 
     async def _create_streaming_response(self, params: dict[str, Any]) -> httpx.Response:
         """POST /responses with `stream: true`; failures raise the SDK's own exceptions."""
