@@ -6,6 +6,8 @@ an `error` event with the same fields, so clients branch on `type`, never on mes
 
 from __future__ import annotations
 
+import logging
+
 
 class ServiceError(Exception):
     status_code = 500
@@ -93,3 +95,11 @@ class UpstreamTimeout(ServiceError):
 class ShuttingDown(ServiceError):
     status_code = 503
     type = "shutting_down"
+
+
+def log_refusal(error: ServiceError) -> None:
+    """A request the client got wrong: one INFO line, so the correlation ID of its error
+    payload leads to something in the logs."""
+    logging.getLogger("assistant.http").info(
+        "request refused with %s (%d): %s", error.type, error.status_code, error.message
+    )

@@ -24,6 +24,7 @@ from .errors import (
     PayloadTooLarge,
     ServiceError,
     UnsupportedMediaType,
+    log_refusal,
 )
 from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
@@ -73,6 +74,8 @@ async def handle_service_error(request: Request, exc: Exception) -> Response:
         logger.info(exc.message)
     elif exc.status_code >= 500:
         logger.warning("request failed with %s: %s", exc.type, exc.message)
+    else:
+        log_refusal(exc)
     return error_response(exc, request)
 
 
@@ -84,6 +87,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
         error = ServiceError(str(exc.detail), type="http_error", status_code=exc.status_code)
+    log_refusal(error)
     response = error_response(error, request)
     response.headers.update(exc.headers or {})  # a 405's Allow
     return response

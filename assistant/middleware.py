@@ -12,7 +12,7 @@ from starlette.middleware import cors
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BadRequest, Unauthorized
+from .errors import BadRequest, Unauthorized, log_refusal
 from .logs import correlation_id_var
 
 # A caller's own ID is kept only when it is a short token that is safe in headers and logs.
@@ -98,6 +98,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         error = Unauthorized("missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'")
+        log_refusal(error)
         correlation_id = scope.get("state", {}).get("correlation_id")
         answer = "http.response"
         if scope["type"] == "websocket":
@@ -131,6 +132,7 @@ class CORSMiddleware(cors.CORSMiddleware):
             return response
         reason = bytes(response.body).decode()  # "Disallowed CORS origin, headers"
         error = BadRequest(f"{reason} (CORS_ALLOW_ORIGINS and the headers the service takes)", type="cors_refused")
+        log_refusal(error)
         headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
         return Response(orjson.dumps(error.payload(correlation_id_var.get())), status_code=400, headers=headers,
                         media_type="application/json")

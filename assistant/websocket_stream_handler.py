@@ -41,6 +41,7 @@ CLOSE_GOING_AWAY = 1001
 
 def error_frame(error: ServiceError, correlation_id: str) -> str:
     """An error the client caused or should know of; the connection stays open."""
+    logger.info("error frame %s: %s", error.type, error.message)
     payload = error.payload(correlation_id)
     return orjson.dumps({"event": "error", "id": None, "data": payload, **payload}).decode()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect
 from app import create_app
 from assistant.config import load_settings
 from assistant.example_tools import calculator
+from assistant.logs import JsonFormatter
 from assistant.middleware import APIKeyMiddleware
 from assistant.upstream import create_openai_client
 from tests.conftest import fixtures_dir
@@ -850,3 +852,29 @@ def test_an_endpoint_must_be_async() -> None:
 
     with pytest.raises(TypeError):
         Endpoint(sync_endpoint)
+
+
+def test_a_request_the_client_got_wrong_leaves_one_log_line_with_its_correlation_id(client: TestClient) -> None:
+    """Its error payload's correlation ID must lead to something in the logs."""
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # formatted now, in the request's context
+            lines.append(orjson.loads(JsonFormatter().format(record)))
+
+    handler = Collect()
+    http_logger = logging.getLogger("assistant.http")
+    http_logger.addHandler(handler)
+    http_logger.setLevel(logging.INFO)
+    try:
+        bad = client.post("/chat", content=b"{not json", headers={"content-type": "application/json",
+                                                                  "X-Correlation-ID": "bad-body-1"})
+        missing = client.get("/no/such/route", headers={"X-Correlation-ID": "no-route-1"})
+    finally:
+        http_logger.removeHandler(handler)
+        http_logger.setLevel(logging.NOTSET)
+    assert bad.status_code == 400 and missing.status_code == 404
+    refusals = [(line["message"].split(" (")[0], line.get("correlation_id")) for line in lines
+                if line["message"].startswith("request refused with")]
+    assert refusals == [("request refused with invalid_request", "bad-body-1"),
+                        ("request refused with not_found", "no-route-1")]
