@@ -7,5 +7,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 : "${OPENAI_API_KEY:?set OPENAI_API_KEY (or run against a fake: see README)}"
 export PORT="${PORT:-8000}"
-echo "Serving on http://127.0.0.1:${PORT}/  (Ctrl+C to stop)"
+echo "Starting on port ${PORT}, every interface: open http://127.0.0.1:${PORT}/  (Ctrl+C to stop)"
 exec .venv/bin/hypercorn app:app --bind "0.0.0.0:${PORT}"
