@@ -190,7 +190,7 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
             result = await result
     if scope.cancelled_caught:
         logger.warning("tool %r timed out after %gs", call.name, registry.timeout, extra=extra)
-        return _error(call, correlation_id, f"tool {call.name!r} timed out after {registry.timeout:g} seconds")
+        return _error(call, correlation_id, f"tool {call.name!r} timed out after {registry.timeout:g} s")
 
     logger.debug("tool %r finished in %.3fs", call.name, time.perf_counter() - start, extra=extra)
     return ToolResult(tool_call_id=call.call_id, output=_encode(result), is_error=False)

@@ -315,7 +315,7 @@ def test_parallel_tool_calls_run_concurrently(client: TestClient, upstream: resp
     ("name", "arguments", "expected"),
     [
         ("failing_tool", "{}", "ValueError: boom"),
-        ("slow_tool", '{"seconds": 5}', "timed out after 0.3 seconds"),
+        ("slow_tool", '{"seconds": 5}', "timed out after 0.3 s"),
         ("calculator", '{"a": "x", "b": 1, "op": "add"}', "a"),
         ("calculator", "{not json", "JSON"),
         ("no_such_tool", "{}", "no_such_tool"),

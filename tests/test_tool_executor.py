@@ -622,7 +622,7 @@ async def test_timeout(func: Any) -> None:
     start = time.monotonic()
     result = await run(registry, "slow", "{}")
     assert time.monotonic() - start < 1
-    assert error_of(result) == "tool 'slow' timed out after 0.2 seconds"
+    assert error_of(result) == "tool 'slow' timed out after 0.2 s"
 
 
 @pytest.mark.anyio
@@ -788,7 +788,7 @@ async def test_sync_tools_run_in_daemon_threads_of_their_own_and_stuck_ones_are_
 
     registry = ToolRegistry({"hang": hang}, timeout=0.2)
     results = [await run(registry, "hang", "{}") for _ in range(3)]
-    assert [error_of(r) for r in results] == ["tool 'hang' timed out after 0.2 seconds"] * 3
+    assert [error_of(r) for r in results] == ["tool 'hang' timed out after 0.2 s"] * 3
     assert len(started) == 2 and all(t.daemon for t in started)  # the third found no free thread
     _release_sleepers.set()
     with anyio.fail_after(3):
