@@ -30,6 +30,11 @@ def runs_released_by_hand(monkeypatch: pytest.MonkeyPatch) -> dict[str, anyio.Ev
     return releases
 
 
+def release(releases: dict[str, anyio.Event], message: str) -> None:
+    """Let the run of `message` end (before or after it started)."""
+    releases.setdefault(message, anyio.Event()).set()
+
+
 @pytest.mark.anyio
 async def test_messages_on_a_busy_thread_wait_and_run_in_turn(runs_released_by_hand: dict[str, anyio.Event]) -> None:
     settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
@@ -48,16 +53,16 @@ async def test_messages_on_a_busy_thread_wait_and_run_in_turn(runs_released_by_h
                 tg.start_soon(send, "third")
                 await anyio.sleep(0.05)
                 assert started == ["first"]
-                runs_released_by_hand.setdefault("first", anyio.Event()).set()
+                release(runs_released_by_hand, "first")
                 while len(started) < 2:
                     await anyio.sleep(0.01)
                 assert started[1] in ("second", "third")  # one of the waiting two, the other still waits
                 await anyio.sleep(0.05)
                 assert len(started) == 2
-                runs_released_by_hand.setdefault(started[1], anyio.Event()).set()
+                release(runs_released_by_hand, started[1])
             last = ({"second", "third"} - set(started[1:2])).pop()
             assert started[2] == last
-            runs_released_by_hand.setdefault(last, anyio.Event()).set()
+            release(runs_released_by_hand, last)
             while manager.active_runs:
                 await anyio.sleep(0.01)
         assert manager._busy_threads == {}
@@ -73,8 +78,8 @@ async def test_a_message_waiting_past_the_thread_lock_timeout_is_thread_busy(
         with anyio.fail_after(3), pytest.raises(ThreadBusy):
             await manager.start_run("conv_1", "second", "corr")
         await manager.start_run("conv_2", "elsewhere", "corr")  # other threads are free
-        for release in ("first", "elsewhere"):
-            runs_released_by_hand.setdefault(release, anyio.Event()).set()
+        for message in ("first", "elsewhere"):
+            release(runs_released_by_hand, message)
         with anyio.fail_after(3):
             while manager.active_runs:
                 await anyio.sleep(0.01)
@@ -107,7 +112,7 @@ async def test_an_http_message_waiting_for_a_busy_thread_is_dropped_when_its_cli
         with anyio.fail_after(3), pytest.raises(ClientGone):
             await http_api.start_run(request_to(manager, hang_up_soon), "conv_1", "second")
         assert manager.active_runs == [first]  # nothing was started for the client that left
-        runs_released_by_hand.setdefault("first", anyio.Event()).set()
+        release(runs_released_by_hand, "first")
         with anyio.fail_after(3):
             await first.wait_finished()
         assert manager._busy_threads == {}
@@ -123,14 +128,14 @@ async def test_an_http_message_whose_client_stays_gets_the_thread_once_it_is_fre
 
         async def release_first() -> None:
             await anyio.sleep(0.05)
-            runs_released_by_hand.setdefault("first", anyio.Event()).set()
+            release(runs_released_by_hand, "first")
 
         with anyio.fail_after(3):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(release_first)
                 second = await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
         assert second.thread_id == "conv_1" and manager.active_runs == [second]
-        runs_released_by_hand.setdefault("second", anyio.Event()).set()
+        release(runs_released_by_hand, "second")
         with anyio.fail_after(3):
             await second.wait_finished()
 
@@ -145,4 +150,4 @@ async def test_an_http_message_whose_client_stays_past_the_thread_lock_timeout_i
 
         with anyio.fail_after(3), pytest.raises(ThreadBusy):  # itself, as the API answers it: 409
             await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
-        runs_released_by_hand.setdefault("first", anyio.Event()).set()
+        release(runs_released_by_hand, "first")

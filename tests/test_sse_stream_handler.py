@@ -19,6 +19,16 @@ async def never_disconnects() -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
+async def discard(message: dict[str, Any]) -> None:
+    """A server's send to a client that reads everything at once."""
+
+
+async def never_takes_the_bytes(message: dict[str, Any]) -> None:
+    """A server's send to a client that stopped reading: the body never goes out."""
+    if message["type"] == "http.response.body":
+        await anyio.sleep(3600)
+
+
 def new_log() -> RunLog:
     log = RunLog("run_t", "conv_t", "corr")
     log.append(Event(RUN_CREATED, {}))
@@ -54,14 +64,10 @@ async def test_keepalives_while_idle_and_after_a_slow_send() -> None:
 async def test_a_client_that_stops_reading_is_dropped() -> None:
     log = new_log()
 
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body":
-            await anyio.sleep(3600)  # the client never takes the bytes
-
     response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=0.3)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response({"type": "http"}, never_disconnects, send)
+        await response({"type": "http"}, never_disconnects, never_takes_the_bytes)
     assert 0.25 < time.monotonic() - started < 1.0
     assert not response.done
 
@@ -71,12 +77,9 @@ async def test_heartbeats_on_a_quiet_run_leave_no_waiters_on_its_log() -> None:
     """Each heartbeat wakes the sender; it must not leave its used event on the log each time."""
     log = new_log()
 
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
     response = SSEResponse(log, heartbeat_seconds=0.01, retry_ms=1, slow_client_timeout_seconds=5)
     with anyio.fail_after(3):
-        await response({"type": "http"}, disconnects_after(0.5), send)
+        await response({"type": "http"}, disconnects_after(0.5), discard)
     assert log._waiters == []
 
 
@@ -122,13 +125,10 @@ async def test_the_requests_own_body_message_is_read_past_not_taken_for_a_discon
     async def receive() -> dict[str, Any]:
         return messages.pop() if messages else await later()
 
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response({"type": "http"}, receive, send)
+        await response({"type": "http"}, receive, discard)
     assert 0.25 < time.monotonic() - started < 0.5
     assert not response.done
 
@@ -141,12 +141,9 @@ async def test_a_receive_that_fails_ends_the_stream(caplog: pytest.LogCaptureFix
         await anyio.sleep(0.1)
         raise OSError("the server's receive broke")
 
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
     with caplog.at_level("WARNING", logger="assistant.sse"), anyio.fail_after(3):
-        await response({"type": "http"}, receive, send)
+        await response({"type": "http"}, receive, discard)
     assert not response.done
     assert "the server's receive failed" in caplog.text
 
@@ -167,14 +164,11 @@ async def test_a_client_message_queued_as_the_stream_ends_starts_no_new_wait() -
         await anyio.sleep(3600)
         raise AssertionError("unreachable")
 
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
     # The run's last event lands in the next iteration, just before the receive task first runs.
     asyncio.get_running_loop().call_soon(log.append, Event(METADATA, {}))
     with anyio.fail_after(3):
-        await response({"type": "http"}, receive, send)
+        await response({"type": "http"}, receive, discard)
     await anyio.sleep(0.05)
     assert response.done and calls == 1
 
@@ -183,14 +177,10 @@ async def test_a_client_message_queued_as_the_stream_ends_starts_no_new_wait() -
 async def test_a_first_send_that_stalls_is_dropped_at_the_slow_client_timeout_even_below_the_heartbeat() -> None:
     log = new_log()
 
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body":
-            await anyio.sleep(3600)
-
     response = SSEResponse(log, heartbeat_seconds=2, retry_ms=1, slow_client_timeout_seconds=0.3)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response({"type": "http"}, never_disconnects, send)
+        await response({"type": "http"}, never_disconnects, never_takes_the_bytes)
     assert 0.25 < time.monotonic() - started < 0.6
 
 
