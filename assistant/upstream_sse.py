@@ -32,11 +32,16 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._pending: list[bytes] = []  # the event still arriving: no blank line in it yet
         self._pending_bytes = 0
-        self._started = False
+        self._started = False  # the stream's first bytes were checked for a byte-order mark
+        self._head = b""  # the first bytes while they could still be the start of one
         self._skip_lf = False  # the last chunk ended with CR: an LF opening the next one ends nothing
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         if not self._started and chunk:
+            chunk = self._head + chunk
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._head = chunk  # a read can end inside it
+                return []
             self._started = True
             if chunk.startswith(_BOM):  # one leading byte-order mark is not part of the stream
                 chunk = chunk[3:]

@@ -206,6 +206,15 @@ def test_a_leading_byte_order_mark_is_not_part_of_the_stream() -> None:
     assert feed_all([b"data: 1\n\n", b"\xef\xbb\xbfdata: 2\n\n"]) == [(b"", b"1")]
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_a_byte_order_mark_split_across_reads_is_still_dropped(split: int) -> None:
+    stream = b"\xef\xbb\xbfevent: a\ndata: {}\n\n"
+    assert feed_all([stream[:split], stream[split:]]) == [(b"a", b"{}")]
+    assert feed_all([stream[:1], stream[1:2], stream[2:3], stream[3:]]) == [(b"a", b"{}")]
+    # Bytes that only begin like a BOM are the stream's own: here they spoil the first field's name.
+    assert feed_all([b"\xef\xbb", b"data: 1\n\ndata: 2\n\n"]) == [(b"", b"2")]
+
+
 def test_a_large_event_in_many_reads_is_joined_once() -> None:
     """Each read is kept as it came, not appended to a growing buffer (16 MiB in 16 KiB reads
     took ~10 s that way: the copy grew with every read)."""
