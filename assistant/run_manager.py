@@ -46,9 +46,9 @@ class RunManager:
         self._runs: dict[str, RunLog] = {}
         self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # recently dropped run ids
-        # thread id -> set when its run ends; made only once a message waits for the thread (each
-        # Event is ~0.9 KiB, and most runs have no one waiting)
-        self._busy_threads: dict[str, anyio.Event | None] = {}
+        # thread id -> the queue of messages waiting for it, made only once one waits (a semaphore
+        # with its deque is ~0.8 KiB, and most runs have no one waiting)
+        self._busy_threads: dict[str, anyio.Semaphore | None] = {}
         self._task_group: TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
         # Called when the shutdown begins: open WebSockets, which then close once their turn ends.
@@ -96,17 +96,10 @@ class RunManager:
         """Start a run on the thread once the thread is free (or raise `ThreadBusy`)."""
         if not self.accepting or self._task_group is None:
             raise ShuttingDown("the service is shutting down; retry on another instance")
-        with anyio.move_on_after(self.settings.thread_lock_timeout_seconds):
-            while thread_id in self._busy_threads:
-                busy = self._busy_threads[thread_id]
-                if busy is None:
-                    busy = self._busy_threads[thread_id] = anyio.Event()
-                await busy.wait()
-        if thread_id in self._busy_threads:
-            raise ThreadBusy("another message on this thread is still being answered")
+        await self._take_thread(thread_id)
         if not self.accepting:
+            self._release_thread(thread_id)
             raise ShuttingDown("the service is shutting down; retry on another instance")
-        self._busy_threads[thread_id] = None
         self._expire()
         log = RunLog(
             new_run_id(),
@@ -123,10 +116,38 @@ class RunManager:
         try:
             await execute_run(self.engine, self.registry, self.settings, log, message)
         finally:
-            if (ended := self._busy_threads.pop(log.thread_id)) is not None:
-                ended.set()
+            self._release_thread(log.thread_id)
             self._finished.append(log)
             self._expire()
+
+    async def _take_thread(self, thread_id: str) -> None:
+        """Wait until the thread is this message's, in the order messages came; `ThreadBusy`
+        after THREAD_LOCK_TIMEOUT_SECONDS. A run's end hands the thread straight to the message
+        that waited longest, so one arriving in that moment cannot take it first."""
+        if thread_id not in self._busy_threads:
+            self._busy_threads[thread_id] = None
+            return
+        waiting = self._busy_threads[thread_id]
+        if waiting is None:
+            waiting = self._busy_threads[thread_id] = anyio.Semaphore(0)
+        try:
+            with anyio.move_on_after(self.settings.thread_lock_timeout_seconds):
+                await waiting.acquire()
+                return
+        finally:
+            # Handed the thread just as it gave up (timed out, or its client left), it passed it
+            # on; with no one else waiting the thread is free.
+            if waiting.value and self._busy_threads.get(thread_id) is waiting:
+                del self._busy_threads[thread_id]
+        raise ThreadBusy("another message on this thread is still being answered")
+
+    def _release_thread(self, thread_id: str) -> None:
+        """The thread's run ended: the next waiting message gets the thread, or it is free."""
+        waiting = self._busy_threads[thread_id]
+        if waiting is not None and waiting.statistics().tasks_waiting:
+            waiting.release()
+        else:
+            del self._busy_threads[thread_id]
 
     def resumable(self, run_id: str, after: int) -> RunLog:
         """The run's log, if every event after position `after` is still kept."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,7 +37,9 @@ def release(releases: dict[str, anyio.Event], message: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_messages_on_a_busy_thread_wait_and_run_in_turn(runs_released_by_hand: dict[str, anyio.Event]) -> None:
+async def test_messages_on_a_busy_thread_wait_and_run_in_the_order_they_came(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
     settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
     started: list[str] = []
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
@@ -48,23 +51,88 @@ async def test_messages_on_a_busy_thread_wait_and_run_in_turn(runs_released_by_h
         with anyio.fail_after(3):
             async with anyio.create_task_group() as tg:
                 await send("first")
-                tg.start_soon(send, "second")
-                await anyio.sleep(0.05)
-                tg.start_soon(send, "third")
-                await anyio.sleep(0.05)
+                for message in ("second", "third", "fourth"):
+                    tg.start_soon(send, message)
+                    await anyio.sleep(0.02)
                 assert started == ["first"]
-                release(runs_released_by_hand, "first")
-                while len(started) < 2:
-                    await anyio.sleep(0.01)
-                assert started[1] in ("second", "third")  # one of the waiting two, the other still waits
-                await anyio.sleep(0.05)
-                assert len(started) == 2
-                release(runs_released_by_hand, started[1])
-            last = ({"second", "third"} - set(started[1:2])).pop()
-            assert started[2] == last
-            release(runs_released_by_hand, last)
+                for done, expected in (("first", "second"), ("second", "third"), ("third", "fourth")):
+                    release(runs_released_by_hand, done)
+                    while started[-1] == done:
+                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.02)
+                    assert started[-1] == expected  # the one that waited longest, and only it
+            release(runs_released_by_hand, "fourth")
             while manager.active_runs:
                 await anyio.sleep(0.01)
+        assert started == ["first", "second", "third", "fourth"]
+        assert manager._busy_threads == {}
+
+
+@pytest.mark.anyio
+async def test_a_message_arriving_as_a_run_ends_queues_behind_those_waiting(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    """The run's end hands the thread to the longest waiting message: one that arrives in the
+    same moment does not take it first."""
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
+    started: list[str] = []
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+
+        async def send(message: str) -> None:
+            await manager.start_run("conv_1", message, "corr")
+            started.append(message)
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                await send("first")
+                tg.start_soon(send, "waiting")
+                await anyio.sleep(0.05)
+                release(runs_released_by_hand, "first")  # the first run ends in the next moment...
+                tg.start_soon(send, "late")  # ...and this message arrives right behind it
+                while len(started) < 2:
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.05)
+                assert started == ["first", "waiting"]
+                release(runs_released_by_hand, "waiting")
+                release(runs_released_by_hand, "late")
+        assert started == ["first", "waiting", "late"]
+
+
+@pytest.mark.anyio
+async def test_a_message_cancelled_as_the_thread_is_handed_to_it_leaves_the_thread_free(
+    runs_released_by_hand: dict[str, anyio.Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain task.cancel() (a server cancelling the request's task) landing between the hand-on
+    and the waiter's resumption: the waiter passes the thread on, here to no one."""
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        first = await manager.start_run("conv_1", "first", "corr")
+        waiter: asyncio.Task[None] | None = None
+        hand_on = manager._release_thread
+
+        def hand_on_then_cancel(thread_id: str) -> None:
+            hand_on(thread_id)  # the first run's end hands the thread on...
+            assert waiter is not None
+            waiter.cancel()  # ...and the waiting message's task is cancelled before it resumes
+
+        async def send() -> None:
+            await manager.start_run("conv_1", "cancelled", "corr")
+            raise AssertionError("it started a run")
+
+        monkeypatch.setattr(manager, "_release_thread", hand_on_then_cancel)
+        with anyio.fail_after(3):
+            waiter = asyncio.get_running_loop().create_task(send())
+            await anyio.sleep(0.05)
+            release(runs_released_by_hand, "first")
+            await first.wait_finished()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert manager._busy_threads == {} and not manager.thread_busy("conv_1")
+            monkeypatch.undo()
+            third = await manager.start_run("conv_1", "third", "corr")  # at once: the thread is free
+            assert manager.active_runs == [third]
+            release(runs_released_by_hand, "third")
+            await third.wait_finished()
         assert manager._busy_threads == {}
 
 
