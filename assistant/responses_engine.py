@@ -43,6 +43,16 @@ def tool_output_item(result: ToolResult) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": result.tool_call_id, "output": result.output}
 
 
+def undeliverable(items: list[dict[str, Any]], reason: str) -> list[dict[str, Any]] | None:
+    """The input with each tool output the upstream refused replaced by a short error saying so
+    (None: nothing to replace). A 400 is the same for the same input, so the outputs as they are
+    would be refused with every later message of the thread."""
+    if not any(i.get("type") == "function_call_output" for i in items):
+        return None
+    error = orjson.dumps({"error": f"the tool's output could not be delivered: {reason}"}).decode()
+    return [{**i, "output": error} if i.get("type") == "function_call_output" else i for i in items]
+
+
 _MISSING_OUTPUT = re.compile(r"No tool output found for function call (\S+?)\.?$")
 _UNKNOWN_CALL = re.compile(r"No tool call found for function call output with call_id (\S+?)\.?$")
 
@@ -181,6 +191,7 @@ class ResponsesEngine:
         deadline = anyio.current_time() + self.settings.thread_lock_timeout_seconds
         sent = items
         repairs = 0
+        replaced = False  # the tool outputs were refused once, and replaced by errors
 
         async def create() -> httpx.Response:
             return await self._create_streaming_response(params)
@@ -208,11 +219,22 @@ class ResponsesEngine:
                     params["input"] = sent = repaired
                     repairs += 1
                     continue
-                if is_thread_busy(exc) and anyio.current_time() < deadline:
+                busy = is_thread_busy(exc)
+                if busy and anyio.current_time() < deadline:
                     # The upstream is finishing an earlier response on this conversation.
                     logger.info("thread busy upstream; waiting to retry")
                     await anyio.sleep(1.0)
                     continue
+                if isinstance(exc, openai.BadRequestError) and not busy and not replaced:
+                    # Refused as they are (over 10 MiB, over the context window): the model is
+                    # told instead, in this turn, and nothing unsendable waits for the next one.
+                    replacement = undeliverable(params["input"], error_message(exc))
+                    if replacement is not None:
+                        logger.warning("the upstream refused the tool outputs (%s): sending errors in their place",
+                                       error_message(exc))
+                        params["input"] = sent = replacement
+                        replaced = True
+                        continue
                 if not taken:  # outputs the conversation already holds are not sent again
                     self._hold(thread_id, params["input"])
                 raise map_upstream_error(exc, thread_id=thread_id) from exc

@@ -52,6 +52,9 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 # Sync tool calls running at once, each in a thread of its own. A call past its timeout keeps its
 # thread (and its place here) until the function returns: stuck calls cannot pile up threads.
 MAX_TOOL_THREADS = 64
+# OpenAI refuses any input string longer than this (400 string_above_max_length): a longer result
+# could never reach the model, so the model is told instead.
+MAX_OUTPUT_CHARS = 10_485_760
 
 
 class ToolConfigError(ValueError):
@@ -193,7 +196,11 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
         return _error(call, correlation_id, f"tool {call.name!r} timed out after {registry.timeout:g} s")
 
     logger.debug("tool %r finished in %.3fs", call.name, time.perf_counter() - start, extra=extra)
-    return ToolResult(tool_call_id=call.call_id, output=_encode(result), is_error=False)
+    output = _encode(result)
+    if len(output) > MAX_OUTPUT_CHARS:
+        return _error(call, correlation_id, f"tool {call.name!r} returned {len(output)} characters; "
+                                            f"at most {MAX_OUTPUT_CHARS} can be sent to the model")
+    return ToolResult(tool_call_id=call.call_id, output=output, is_error=False)
 
 
 async def _run_in_thread(func: Callable[[], Any], slots: anyio.CapacityLimiter) -> Any:

@@ -437,6 +437,52 @@ def test_tool_outputs_a_5xx_refused_go_with_the_next_message_unless_the_conversa
     assert sent == (["message"] if taken else ["function_call_output", "message"])
 
 
+# How the Responses API refuses tool outputs it cannot take: any input string over 10 MiB, or an
+# input over the model's context window (with truncation disabled).
+TOO_LONG = ("Invalid 'input[0].output': string too long. Expected a string with maximum length 10485760, "
+            "but got a string with length 10485761 instead.", "string_above_max_length")
+OVER_CONTEXT = ("Your input exceeds the context window of this model. Please adjust your input and try again.",
+                "context_length_exceeded")
+
+
+@pytest.mark.parametrize(("message", "code"), [TOO_LONG, OVER_CONTEXT], ids=["too_long", "over_context"])
+def test_tool_outputs_the_upstream_refuses_are_replaced_by_an_error_the_model_can_answer(
+    client: TestClient, upstream: respx.MockRouter, message: str, code: str
+) -> None:
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    route = upstream.post("/responses").mock(side_effect=[
+        sse_response(calls), openai_error(400, message, code=code),
+        sse_response(text_events("The result did not come through.")), sse_response(text_events("next")),
+    ])
+    answer = chat(client, "go")
+    assert answer.status_code == 200 and answer.json()["responses"] == ["The result did not come through."]
+    [replaced] = request_body(route.calls[2])["input"]
+    assert replaced["type"] == "function_call_output" and replaced["call_id"] == call_id
+    assert orjson.loads(replaced["output"])["error"].startswith("the tool's output could not be delivered: ")
+    # Nothing is left over for the thread's next message: it goes alone, and is answered.
+    assert chat(client, "and now?").json()["responses"] == ["next"]
+    assert [i["type"] for i in request_body(route.calls[3])["input"]] == ["message"]
+
+
+def test_a_thread_whose_replaced_tool_outputs_are_refused_too_is_not_left_stuck(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """Refused again (the 400 was not about the outputs, say): the turn fails, and the thread's
+    next message carries the short error outputs, not the refused ones, once."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    route = upstream.post("/responses").mock(side_effect=[
+        sse_response(calls), openai_error(400, OVER_CONTEXT[0], code=OVER_CONTEXT[1]),
+        openai_error(400, OVER_CONTEXT[0], code=OVER_CONTEXT[1]), sse_response(text_events("next")),
+    ])
+    assert chat(client, "go").status_code == 502
+    assert len(route.calls) == 3  # one replacement, not a loop
+    assert chat(client, "and now?").json()["responses"] == ["next"]
+    held, message = request_body(route.calls[3])["input"]
+    assert held["type"] == "function_call_output" and "could not be delivered" in held["output"]
+    assert message["type"] == "message"
+
+
 def test_upstream_5xx_retried_when_the_conversation_ends_with_an_earlier_turn(
     client: TestClient, upstream: respx.MockRouter
 ) -> None:

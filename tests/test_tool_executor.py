@@ -718,6 +718,25 @@ async def test_a_cancelled_error_a_tool_raises_itself_is_its_error_not_a_cancell
 
 
 @pytest.mark.anyio
+async def test_a_result_longer_than_the_upstream_takes_is_an_error_result() -> None:
+    """OpenAI refuses any input string over 10 MiB (400 string_above_max_length): the model is told."""
+    limit = 10_485_760
+
+    def exactly_the_limit() -> str:
+        """Return a long text."""
+        return "x" * limit
+
+    def one_more() -> str:
+        """Return a longer text."""
+        return "x" * (limit + 1)
+
+    registry = ToolRegistry({"exactly_the_limit": exactly_the_limit, "one_more": one_more}, timeout=5)
+    assert len((await run(registry, "exactly_the_limit", "{}")).output) == limit
+    message = error_of(await run(registry, "one_more", "{}"))
+    assert message == "tool 'one_more' returned 10485761 characters; at most 10485760 can be sent to the model"
+
+
+@pytest.mark.anyio
 async def test_a_validator_raising_something_else_than_a_value_error_is_an_error_result() -> None:
     def save(note: PickyNote) -> str:
         return "saved"
