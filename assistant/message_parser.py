@@ -176,12 +176,14 @@ class MessageParser:
             self._fail(f"the response was cut short ({reason})", "run_incomplete", reason)
             return ()
         if kind == "error":
-            # Real streams nest the details under "error"; older ones put them at the top level.
-            error = event.get("error") if isinstance(event.get("error"), dict) else event
+            # Real streams nest the details under "error"; older ones put them at the top level,
+            # where "type" is the event's own ("error"), not the kind of error.
+            nested = event.get("error")
+            error = nested if isinstance(nested, dict) else event
             self._fail(
                 error.get("message") or "the upstream reported an error",
                 "run_failed",
-                error.get("code") or error.get("type"),
+                error.get("code") or (error.get("type") if error is nested else None),
             )
             return ()
         return ()

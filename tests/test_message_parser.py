@@ -232,6 +232,10 @@ def test_response_failed_without_error_details() -> None:
             ("old style", "run_failed", "server_error"),
         ),
         ({"type": "error", "error": {}}, ("the upstream reported an error", "run_failed", None)),
+        (  # the SDK's ResponseErrorEvent: top-level fields, code nullable; "error" is the event's own type
+            {"type": "error", "code": None, "message": "boom", "param": None, "sequence_number": 7},
+            ("boom", "run_failed", None),
+        ),
     ],
 )
 def test_error_event_shapes(event: dict[str, Any], expected: tuple[str, str, str | None]) -> None:
