@@ -24,6 +24,7 @@ class Settings:
     openai_api_key: str = field(repr=False)
     openai_base_url: str | None = None
     openai_model: str = DEFAULT_MODEL
+    truncation: str = "auto"
     engine: str = "responses"
     assistant_id: str | None = None
     instructions: str | None = None
@@ -52,6 +53,7 @@ class Settings:
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENGINES = ("responses", "assistants")
+_TRUNCATIONS = ("auto", "disabled")
 
 
 def _is_http_url(value: str) -> bool:
@@ -105,6 +107,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
 
+    truncation = (text("OPENAI_TRUNCATION") or "auto").lower()
+    if truncation not in _TRUNCATIONS:
+        raise ConfigError(f"OPENAI_TRUNCATION must be one of {', '.join(_TRUNCATIONS)}, got {truncation!r}")
+
     engine = (text("ASSISTANT_ENGINE") or "responses").lower()
     if engine not in _ENGINES:
         raise ConfigError(f"ASSISTANT_ENGINE must be one of {', '.join(_ENGINES)}, got {engine!r}")
@@ -121,6 +127,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         openai_api_key=api_key,
         openai_base_url=base_url,
         openai_model=text("OPENAI_MODEL") or DEFAULT_MODEL,
+        truncation=truncation,
         engine=engine,
         assistant_id=assistant_id,
         instructions=text("ASSISTANT_INSTRUCTIONS"),

@@ -102,7 +102,9 @@ class ResponsesEngine:
         self.client = client
         self.settings = settings
         # Everything but the conversation and the input is the same for every response.
-        self._base_params: dict[str, Any] = {"model": settings.openai_model}
+        # "auto": a conversation outgrowing the model's context window loses its oldest items
+        # instead of having every later message refused (OpenAI's default, "disabled").
+        self._base_params: dict[str, Any] = {"model": settings.openai_model, "truncation": settings.truncation}
         if settings.instructions:
             self._base_params["instructions"] = settings.instructions
         if registry.responses_tools:

@@ -156,13 +156,22 @@ def test_json_reply_and_upstream_request(client: TestClient, upstream: respx.Moc
     assert body["thread_id"] == "conv_test" and body["run_id"].startswith("run_")
     assert body["correlation_id"] == response.headers["x-correlation-id"]
     sent = request_body(route.calls[0])
-    assert sent["model"] == "test-model" and sent["stream"] is True
+    assert sent["model"] == "test-model" and sent["stream"] is True and sent["truncation"] == "auto"
     assert sent["conversation"] == "conv_test" and sent["instructions"] == "Be brief."
     assert sent["input"] == [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}]
     assert {t["name"] for t in sent["tools"]} == set(TOOLS)
     headers = route.calls[0].request.headers
     assert headers["authorization"] == "Bearer sk-test-secret-key"
     assert headers["content-type"] == "application/json" and headers["user-agent"].startswith("AsyncOpenAI/Python")
+
+
+def test_truncation_can_be_disabled(upstream: respx.MockRouter) -> None:
+    """Then a conversation outgrowing the model's context window is refused with a 400 (OpenAI's
+    default) instead of losing its oldest items."""
+    route = upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    with make_client(OPENAI_TRUNCATION="disabled") as client:
+        assert chat(client, "hello").status_code == 200
+    assert request_body(route.calls[0])["truncation"] == "disabled"
 
 
 def test_a_compressed_upstream_stream_is_decoded(client: TestClient, upstream: respx.MockRouter) -> None:

@@ -167,6 +167,16 @@ def test_base_url_rejected(url: str) -> None:
     assert str(info.value) == f"OPENAI_BASE_URL must be an http:// or https:// URL with a host, got {url!r}"
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, "auto"), ("auto", "auto"), (" Disabled ", "disabled")])
+def test_truncation(raw: str | None, expected: str) -> None:
+    assert (load() if raw is None else load(OPENAI_TRUNCATION=raw)).truncation == expected
+
+
+def test_truncation_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"^OPENAI_TRUNCATION must be one of auto, disabled, got 'last_messages'$"):
+        load(OPENAI_TRUNCATION="last_messages")
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [("debug", "DEBUG"), ("Info", "INFO"), ("WARNING", "WARNING"), ("error", "ERROR"), (" critical ", "CRITICAL")],
