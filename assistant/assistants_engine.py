@@ -114,7 +114,7 @@ class AssistantsParser:
             return (Event(MESSAGE_DELTA, {"delta": {"content": text}}),) if text else ()
         if kind.startswith("thread.run.step."):
             return self._step(kind, data)
-        if kind == "thread.message.completed":
+        if kind == "thread.message.completed" or kind == "thread.message.incomplete":
             message_id = str(data.get("id"))
             if message_id in self._completed_messages:
                 return ()
@@ -190,6 +190,10 @@ class AssistantsEngine:
         # its tool outputs went in without one) must not show an earlier round's messages again.
         self._shown_messages: dict[str, set[str]] = {}
         self._tools: list[dict[str, Any]] | None = None
+        # A thread's round in flight, until its stream names its run (the parser knows it then),
+        # so that a round given up before that still has its run cancelled.
+        self._continuing: dict[str, str] = {}  # thread id -> the run a tool-outputs round continues
+        self._attempts: dict[str, str] = {}  # thread id -> the marker of the run being created
 
     @property
     def runs(self) -> Any:
@@ -219,10 +223,23 @@ class AssistantsEngine:
 
     async def abandon_round(self, thread_id: str, parser: AssistantsParser, results: list[ToolResult]) -> None:
         """A run this turn gives up on is cancelled, so it does not hold the thread."""
-        if parser.run_id is not None:
-            self._forget(parser.run_id)
+        run_id = parser.run_id or self._continuing.get(thread_id)
+        marker = self._attempts.pop(thread_id, None)
+        self._continuing.pop(thread_id, None)
+        if run_id is None and marker is not None:  # stopped before the new run's stream named it
+            run_id = await self._find_attempt(thread_id, marker)
+        if run_id is not None:
+            self._forget(run_id)
             if parser.status not in TERMINAL:
-                await self._cancel_run_safely(thread_id, parser.run_id)
+                await self._cancel_run_safely(thread_id, run_id)
+
+    async def _find_attempt(self, thread_id: str, marker: str) -> str | None:
+        """The run created with this `service_attempt` marker; None if none was (or cannot tell)."""
+        try:
+            page = await self.runs.list(thread_id, limit=5)
+        except Exception:
+            return None
+        return next((run.id for run in page.data if (run.metadata or {}).get("service_attempt") == marker), None)
 
     # --- the rounds ---------------------------------------------------------------------------
 
@@ -235,6 +252,7 @@ class AssistantsEngine:
             run_id = None
         else:
             run_id = turn_input.run_id
+            self._continuing[thread_id] = run_id
             response = await self._submit_tool_outputs_with_backoff(thread_id, run_id, turn_input.results)
             if response is None:  # a failed attempt delivered them after all: no stream to read
                 yield self._poll(thread_id, run_id)
@@ -255,8 +273,10 @@ class AssistantsEngine:
                     if kind.startswith("thread.run.") and not kind.startswith("thread.run.step"):
                         run_id = event["data"].get("id") or run_id
                         status = event["data"].get("status")
+                        self._attempts.pop(thread_id, None)  # the parser knows the run now
+                        self._continuing.pop(thread_id, None)
                         self._track(run_id, status)
-                    elif kind == "thread.message.completed" and run_id is not None:
+                    elif kind in ("thread.message.completed", "thread.message.incomplete") and run_id is not None:
                         self._shown_messages.setdefault(run_id, set()).add(str(event["data"].get("id")))
                 yield batch
                 if status in TERMINAL or status == "requires_action":
@@ -318,15 +338,36 @@ class AssistantsEngine:
         wait for tool outputs, or at its end): its new messages, then its status."""
         status = run.get("status")
         events: list[dict[str, Any]] = []
-        if status == "completed":
-            shown = self._shown_messages.get(run_id, set())
-            for step in await self._list_run_steps(thread_id, run_id):
-                creation = (step.get("step_details") or {}).get("message_creation") or {}
-                if creation.get("message_id") and creation["message_id"] not in shown:
-                    message = await self.client.beta.threads.messages.retrieve(creation["message_id"], thread_id=thread_id)
-                    events.append({"type": "thread.message.completed", "data": message.model_dump()})
+        if status in ("completed", "requires_action", "incomplete"):  # what the round wrote stands
+            try:
+                events = await self._round_steps_read_back(thread_id, run_id)
+            except Exception as exc:  # an upstream failure, not a bug of the service
+                raise map_upstream_error(exc, thread_id=thread_id) from exc
         events.append({"type": f"thread.run.{status}", "data": run})
+        self._continuing.pop(thread_id, None)  # the parser learns the run from these events
         self._track(run_id, status)
+        return events
+
+    async def _round_steps_read_back(self, thread_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The run's messages not shown yet, and its (hosted) tool steps, so a step shown started ends."""
+        events: list[dict[str, Any]] = []
+        shown = self._shown_messages.setdefault(run_id, set())
+        for step in await self._list_run_steps(thread_id, run_id):
+            details = step.get("step_details") or {}
+            if details.get("type") == "tool_calls":
+                events.append({"type": f"thread.run.step.{step.get('status')}", "data": step})
+            message_id = (details.get("message_creation") or {}).get("message_id")
+            if message_id and message_id not in shown:
+                message = (await call_with_retries(
+                    lambda message_id=message_id: self.client.beta.threads.messages.retrieve(message_id, thread_id=thread_id),
+                    max_retries=self.settings.upstream_max_retries,
+                    what="messages.retrieve",
+                    retry_if=_always,
+                )).model_dump()
+                if message.get("status") == "in_progress":
+                    continue
+                shown.add(message_id)
+                events.append({"type": f"thread.message.{message.get('status') or 'completed'}", "data": message})
         return events
 
     async def _create_run(self, thread_id: str, text: str) -> Any:
@@ -357,6 +398,7 @@ class AssistantsEngine:
             return not any((run.metadata or {}).get("service_attempt") == attempt_marker for run in page.data)
 
         deadline = anyio.current_time() + self.settings.thread_lock_timeout_seconds
+        self._attempts[thread_id] = attempt_marker
         while True:
             try:
                 return await call_with_retries(
@@ -364,12 +406,15 @@ class AssistantsEngine:
                 )
             except Exception as exc:
                 if not is_thread_busy(exc) or anyio.current_time() >= deadline:
+                    self._attempts.pop(thread_id, None)
                     raise map_upstream_error(exc, thread_id=thread_id) from exc
                 try:
                     await self._clear_active_run(thread_id, exc, deadline)
                 except ThreadBusy:
+                    self._attempts.pop(thread_id, None)
                     raise
                 except Exception as clear_exc:  # a failed look-up is an upstream error, not a crash
+                    self._attempts.pop(thread_id, None)
                     raise map_upstream_error(clear_exc, thread_id=thread_id) from clear_exc
 
     async def _clear_active_run(self, thread_id: str, exc: BaseException, deadline: float) -> None:
@@ -430,13 +475,19 @@ class AssistantsEngine:
         )
 
     async def _list_run_steps(self, thread_id: str, run_id: str) -> list[dict[str, Any]]:
-        page = await call_with_retries(
-            lambda: self.runs.steps.list(run_id, thread_id=thread_id, order="asc"),
-            max_retries=self.settings.upstream_max_retries,
-            what="runs.steps.list",
-            retry_if=_always,
-        )
-        return [step.model_dump() for step in page.data]
+        steps: list[dict[str, Any]] = []
+        after: dict[str, str] = {}
+        while True:
+            page = await call_with_retries(
+                lambda: self.runs.steps.list(run_id, thread_id=thread_id, order="asc", limit=100, **after),
+                max_retries=self.settings.upstream_max_retries,
+                what="runs.steps.list",
+                retry_if=_always,
+            )
+            steps += [step.model_dump() for step in page.data]
+            if not page.has_more or not page.data:
+                return steps
+            after = {"after": page.data[-1].id}
 
     async def _submit_tool_outputs_with_backoff(self, thread_id: str, run_id: str, results: list[ToolResult]) -> Any:
         """Deliver the outputs (3 attempts), and give the stream of the run going on; None when
@@ -452,7 +503,12 @@ class AssistantsEngine:
             except (openai.APIStatusError, openai.APIConnectionError) as exc:
                 error = exc
                 if isinstance(exc, openai.APIStatusError) and exc.status_code < 500 and exc.status_code != 429:
-                    break  # the run will not take them (expired, cancelled, wrong ids): no point retrying
+                    # The run will not take them: it ended (expired, cancelled), an earlier attempt
+                    # delivered them after all (it went on: follow it), or they are wrong.
+                    if await self._took_outputs(thread_id, run_id, results):
+                        logger.warning("the run no longer waits for these tool outputs; reading it back")
+                        return None
+                    break  # no point retrying
                 if may_have_taken_effect(exc) and await self._took_outputs(thread_id, run_id, results):
                     logger.warning("the tool outputs went in despite %s", type(exc).__name__)
                     return None
@@ -460,6 +516,7 @@ class AssistantsEngine:
                     await anyio.sleep(retry_delay(attempt, exc))
         logger.warning("could not submit tool outputs; cancelling the run", extra={"upstream_run_id": run_id})
         self._forget(run_id)
+        self._continuing.pop(thread_id, None)  # settled here
         await self._cancel_run_safely(thread_id, run_id)
         mapped = map_upstream_error(error) if error is not None else UpstreamError("no attempt made")
         raise UpstreamError(f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})") from error

@@ -237,6 +237,8 @@ async def run_answer(log: RunLog, correlation_id: str) -> dict[str, Any]:
     if log.error is not None:
         raise log.error
     outcome = log.outcome_event
+    if outcome is not None and outcome.name == RUN_FAILED and outcome.data["type"] == "run_cancelled":
+        raise RunCancelled(outcome.data["error"])  # cancelled upstream: 409, as the README lists it
     if outcome is not None and outcome.name == RUN_FAILED:
         raise UpstreamError(outcome.data["error"], type=outcome.data["type"])
     if outcome is not None and outcome.name == RUN_CANCELLED:
