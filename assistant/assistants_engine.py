@@ -25,7 +25,14 @@ from .errors import ThreadBusy, UpstreamError, UpstreamTimeout
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, Event
 from .message_parser import MessageData, ToolTracker
 from .tool_executor import ToolCall, ToolRegistry, ToolResult
-from .upstream import call_with_retries, is_thread_busy, map_upstream_error, may_have_taken_effect, retry_delay
+from .upstream import (
+    call_with_retries,
+    is_thread_busy,
+    map_upstream_error,
+    may_have_taken_effect,
+    retry_delay,
+    waits_too_long,
+)
 from .upstream_sse import decode_named_events, iterate_sse_events
 
 # The SDK marks this API deprecated on every call; using it is this engine's whole point.
@@ -298,7 +305,13 @@ class AssistantsEngine:
         is read back until it waits for tools again or ends (its messages come whole, no deltas)."""
         self._track(run_id, "in_progress")
         deadline = anyio.current_time() + self.settings.upstream_idle_timeout_seconds
-        while (run := await self._retrieve_run(thread_id, run_id)).status not in TERMINAL | {"requires_action"}:
+        while True:
+            try:
+                run = await self._retrieve_run(thread_id, run_id)
+            except Exception as exc:  # an upstream failure, not a bug of the service
+                raise map_upstream_error(exc, thread_id=thread_id) from exc
+            if run.status in TERMINAL | {"requires_action"}:
+                break
             if anyio.current_time() > deadline:
                 raise UpstreamTimeout("the run did not go on after its tool outputs were delivered")
             await anyio.sleep(_POLL_SECONDS)
@@ -512,6 +525,8 @@ class AssistantsEngine:
                 if may_have_taken_effect(exc) and await self._took_outputs(thread_id, run_id, results):
                     logger.warning("the tool outputs went in despite %s", type(exc).__name__)
                     return None
+                if waits_too_long(exc):
+                    break
                 if attempt + 1 < SUBMIT_ATTEMPTS:
                     await anyio.sleep(retry_delay(attempt, exc))
         logger.warning("could not submit tool outputs; cancelling the run", extra={"upstream_run_id": run_id})
@@ -519,7 +534,11 @@ class AssistantsEngine:
         self._continuing.pop(thread_id, None)  # settled here
         await self._cancel_run_safely(thread_id, run_id)
         mapped = map_upstream_error(error) if error is not None else UpstreamError("no attempt made")
-        raise UpstreamError(f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})") from error
+        # The same type and status as the Responses engine gives the same failure (429, timeout).
+        raise UpstreamError(
+            f"the tool outputs could not be delivered, so the run was cancelled ({mapped.message})",
+            type=mapped.type, status_code=mapped.status_code, retry_after=mapped.retry_after,
+        ) from error
 
     async def _took_outputs(self, thread_id: str, run_id: str, results: list[ToolResult]) -> bool:
         """Whether the run no longer waits for these outputs (so a failed submit delivered them)."""

@@ -29,8 +29,16 @@ class ServiceError(Exception):
             self.status_code = status_code
         self.retry_after = retry_after
 
+    @property
+    def retry_after_seconds(self) -> int | None:
+        """The wait to pass on, in whole seconds as a Retry-After header gives it."""
+        return None if self.retry_after is None else max(1, round(self.retry_after))
+
     def payload(self, correlation_id: str | None) -> dict[str, object]:
-        return {"error": self.message, "type": self.type, "correlation_id": correlation_id}
+        payload: dict[str, object] = {"error": self.message, "type": self.type, "correlation_id": correlation_id}
+        if self.retry_after is not None:  # also in an error event, which has no header to carry it
+            payload["retry_after_seconds"] = self.retry_after_seconds
+        return payload
 
 
 class BadRequest(ServiceError):

@@ -63,8 +63,8 @@ def correlation_id(request: Request) -> str:
 
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
     headers = {}
-    if error.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(error.retry_after)))
+    if error.retry_after_seconds is not None:
+        headers["retry-after"] = str(error.retry_after_seconds)
     return JSONResponse(error.payload(correlation_id(request)), status_code=error.status_code, headers=headers)
 
 

@@ -198,7 +198,9 @@ class MessageParser:
             self._add_call(item)
             return None
         if kind in HOSTED_TOOL_ITEMS:
-            return self.tracker.finish(str(item.get("id")), _hosted_tool_summary(item))
+            # A hosted call that failed upstream is an error step, as with the Assistants engine.
+            return self.tracker.finish(str(item.get("id")), _hosted_tool_summary(item),
+                                       is_error=item.get("status") in ("failed", "incomplete"))
         return None
 
     def _add_call(self, item: dict[str, Any]) -> None:

@@ -155,6 +155,11 @@ def retry_delay(attempt: int, exc: BaseException | None = None) -> float:
     return random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
 
 
+def waits_too_long(exc: BaseException) -> bool:
+    """OpenAI asks for a longer wait than a request should spend: the client gets it instead."""
+    return (retry_after(exc) or 0.0) > _MAX_BACKOFF_SECONDS
+
+
 def may_have_taken_effect(exc: BaseException) -> bool:
     """Whether a failed POST may have been processed upstream (so a blind retry could repeat it)."""
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)) and not isinstance(
@@ -191,8 +196,8 @@ async def call_with_retries(
                 raise
             if may_have_taken_effect(exc) and (retry_if is None or not await retry_if(exc)):
                 raise
-            if (retry_after(exc) or 0.0) > _MAX_BACKOFF_SECONDS:
-                raise  # a longer wait than a request should: the client gets the Retry-After instead
+            if waits_too_long(exc):
+                raise
             delay = retry_delay(attempt, exc)
             logger.warning(
                 "retrying %s after %s", what, type(exc).__name__,

@@ -622,3 +622,55 @@ def test_an_upstream_failure_while_reading_a_run_back_is_an_upstream_error(
     with make_client(UPSTREAM_MAX_RETRIES="0") as test_client:
         response = chat(test_client, "hi", thread_id=THREAD)
         assert (response.status_code, response.json()["type"]) == (502, "upstream_error")
+
+
+# --------------------------------------------------------------------------------------------
+# Found by a review of the README's contract: the same failure answers as on the Responses engine
+
+
+def tool_round_then_submit(assistants_upstream: respx.MockRouter, **submit: object) -> respx.Route:
+    """A run asks for a calculator call; submitting its output answers as `submit` says."""
+    assistants_upstream.post(RUNS).mock(return_value=assistants_sse(
+        assistants_calls("run_1", ("call_a", "calculator", '{"a": 1, "b": 2, "op": "add"}'))))
+    assistants_upstream.get(f"{RUNS}/run_1").respond(200, json=run_object("run_1", "requires_action"))
+    assistants_upstream.post(f"{RUNS}/run_1/cancel").respond(200, json=run_object("run_1", "cancelling"))
+    return assistants_upstream.post(f"{RUNS}/run_1/submit_tool_outputs").mock(**submit)
+
+
+def test_a_rate_limited_submit_is_upstream_rate_limited(assistants_upstream: respx.MockRouter) -> None:
+    tool_round_then_submit(assistants_upstream, return_value=openai_error(429, "slow down", headers={"retry-after-ms": "10"}))
+    with make_client() as client:
+        response = chat(client, "go", thread_id=THREAD)
+    assert (response.status_code, response.json()["type"], response.headers.get("retry-after")) == (
+        502, "upstream_rate_limited", "1")
+
+
+def test_a_submit_asked_to_wait_longer_than_a_request_should_is_not_waited_for(
+    assistants_upstream: respx.MockRouter,
+) -> None:
+    submit = tool_round_then_submit(assistants_upstream, return_value=openai_error(429, "slow down", headers={"retry-after": "60"}))
+    started = time.monotonic()
+    with make_client() as client:
+        response = chat(client, "go", thread_id=THREAD)
+    assert time.monotonic() - started < 10 and submit.call_count == 1
+    assert (response.json()["type"], response.headers.get("retry-after")) == ("upstream_rate_limited", "60")
+
+
+def test_a_submit_that_times_out_is_upstream_timeout(assistants_upstream: respx.MockRouter) -> None:
+    tool_round_then_submit(assistants_upstream, side_effect=httpx.ReadTimeout("silent"))
+    with make_client() as client:
+        response = chat(client, "go", thread_id=THREAD)
+    assert (response.status_code, response.json()["type"]) == (504, "upstream_timeout")
+
+
+def test_a_failed_read_of_a_run_that_took_its_outputs_is_an_upstream_error(assistants_upstream: respx.MockRouter) -> None:
+    tool_round_then_submit(assistants_upstream, return_value=openai_error(500, "server error"))
+    # The first read (did the outputs go in?) says the run went on; reading it on then fails.
+    assistants_upstream.get(f"{RUNS}/run_1").mock(side_effect=[
+        httpx.Response(200, json=run_object("run_1", "in_progress")),
+        openai_error(500, "server error"), openai_error(500, "server error"),
+        httpx.Response(200, json=run_object("run_1", "in_progress")),  # before cancelling it
+    ])
+    with make_client(UPSTREAM_MAX_RETRIES="0") as client:
+        response = chat(client, "go", thread_id=THREAD)
+    assert (response.status_code, response.json()["type"]) == (502, "upstream_error")

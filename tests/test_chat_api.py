@@ -771,7 +771,30 @@ def test_rate_limited_answer_passes_on_retry_after(upstream: respx.MockRouter) -
     with make_client(UPSTREAM_MAX_RETRIES="0") as client:
         response = chat(client, "hi")
         assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
-        assert response.headers["retry-after"] == "7"
+        assert response.headers["retry-after"] == "7" and response.json()["retry_after_seconds"] == 7
+
+
+def test_a_streamed_rate_limited_error_carries_the_wait_too(upstream: respx.MockRouter) -> None:
+    """An error event has no header: the wait is in its data, for WebSocket and SSE clients alike."""
+    upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": "60"}))
+    with make_client() as client, client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"thread_id": "conv_test", "message": "hi"})
+        frames = [ws.receive_json()]
+        while frames[-1]["event"] not in ("metadata", "error"):
+            frames.append(ws.receive_json())
+    error = frames[-1]["data"]
+    assert error["type"] == "upstream_rate_limited" and error["retry_after_seconds"] == 60
+
+
+def test_a_tool_round_rate_limited_answers_as_the_first_request_would(upstream: respx.MockRouter) -> None:
+    upstream.post("/responses").mock(side_effect=[
+        sse_response(call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))),
+        openai_error(429, "slow down", headers={"retry-after": "60"}),
+    ])
+    with make_client() as client:
+        response = chat(client, "go")
+    assert (response.status_code, response.json()["type"], response.headers.get("retry-after")) == (
+        502, "upstream_rate_limited", "60")
 
 
 def test_a_retry_after_longer_than_a_request_should_wait_goes_to_the_client(upstream: respx.MockRouter) -> None:

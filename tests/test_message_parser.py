@@ -509,3 +509,12 @@ def test_finish_open_ends_only_the_steps_still_open() -> None:
     assert step["is_error"] is True and step["end"] is not None
     assert json.loads(step["output"]) == {"error": "cancelled by the client"}
     assert tracker.finish_open("again") == []
+
+
+def test_a_hosted_tool_call_that_failed_is_an_error_step_as_on_the_assistants_engine() -> None:
+    parser = MessageParser(ToolTracker())
+    parser.parse({"type": "response.output_item.added",
+                  "item": {"id": "ci_1", "type": "code_interpreter_call", "status": "in_progress"}})
+    [done] = parser.parse({"type": "response.output_item.done",
+                           "item": {"id": "ci_1", "type": "code_interpreter_call", "status": "failed", "code": "1/0"}})
+    assert done.data["step"]["is_error"] is True
