@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import ThreadBusy, UpstreamError, UpstreamTimeout
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, Event
 from .message_parser import MessageData, ToolTracker
-from .tool_executor import ToolCall, ToolRegistry, ToolResult
+from .tool_executor import MAX_TOOLS, ToolCall, ToolRegistry, ToolResult
 from .upstream import (
     call_with_retries,
     is_thread_busy,
@@ -475,7 +475,14 @@ class AssistantsEngine:
         except Exception as exc:
             raise map_upstream_error(exc) from exc
         hosted = [tool.model_dump(exclude_none=True) for tool in assistant.tools or () if tool.type != "function"]
-        return hosted + self.registry.assistants_tools
+        tools = hosted + self.registry.assistants_tools
+        if len(tools) > MAX_TOOLS:  # OpenAI would refuse every run with a 400
+            raise UpstreamError(  # the upstream's limit, as its own 400 would say
+                f"the assistant's {len(hosted)} hosted tools and this service's "
+                f"{len(self.registry.assistants_tools)} functions make {len(tools)} tools; "
+                f"OpenAI takes at most {MAX_TOOLS} in a run"
+            )
+        return tools
 
     # --- the resilient helpers ----------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, Optional, get_origin
 
 import anyio
 import orjson
@@ -55,6 +55,12 @@ MAX_TOOL_THREADS = 64
 # OpenAI refuses any input string longer than this (400 string_above_max_length): a longer result
 # could never reach the model, so the model is told instead.
 MAX_OUTPUT_CHARS = 10_485_760
+# OpenAI refuses a request with more tools than this (an assistant's hosted tools count too):
+# every turn would fail (400 array_above_max_length), so start-up does instead.
+MAX_TOOLS = 128
+# ... and a function description longer than this (string_above_max_length, reported for the
+# Chat Completions and Assistants shape): a longer docstring is cut, with a warning.
+MAX_DESCRIPTION_CHARS = 1024
 
 
 class ToolConfigError(ValueError):
@@ -94,6 +100,10 @@ class ToolRegistry:
         self._tools: dict[str, _Tool] = {}
         self.responses_tools: list[dict[str, Any]] = []
         self.assistants_tools: list[dict[str, Any]] = []
+        if len(tool_map) > MAX_TOOLS:
+            raise ToolConfigError(
+                f"TOOL_MAP has {len(tool_map)} tools; OpenAI takes at most {MAX_TOOLS} in a request"
+            )
         for name, func in tool_map.items():
             tool, description, parameters = _build_tool(name, func)
             self._tools[name] = tool
@@ -316,7 +326,14 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
             f"tool {name!r}: cannot read its signature: {type(exc).__name__}: {exc}"
         ) from exc
 
-    summary, param_docs = _parse_docstring(inspect.getdoc(func) or "")
+    documented = func
+    while isinstance(documented, functools.partial):  # partial's own docstring says nothing
+        documented = documented.func
+    summary, param_docs = _parse_docstring(inspect.getdoc(documented) or "")
+    if len(summary) > MAX_DESCRIPTION_CHARS:
+        logger.warning("tool %r: its description (the docstring before Args:) has %d characters; "
+                       "the model gets the first %d", name, len(summary), MAX_DESCRIPTION_CHARS)
+        summary = summary[:MAX_DESCRIPTION_CHARS]
     # A functools.partial's keyword arguments are its own (an API key, say): not the model's to
     # see or to set.
     bound = set(func.keywords) if isinstance(func, functools.partial) else set()
@@ -352,7 +369,11 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
             fields[field] = (Annotated[param.annotation, param.default], pydantic.Field(**options))
         else:
             default = ... if param.default is param.empty else param.default
-            fields[field] = (param.annotation, pydantic.Field(default, **options))
+            annotation = param.annotation
+            if default is None and not _accepts_none(annotation):
+                # `limit: int = None`: the function takes None, so the model may send null.
+                annotation = Optional[annotation]
+            fields[field] = (annotation, pydantic.Field(default, **options))
         params.append((field, param.name))
 
     try:
@@ -375,6 +396,14 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
         getattr(func, "__call__", None)
     )
     return _Tool(func, is_async, model, tuple(params)), summary, _parameters_schema(schema)
+
+
+def _accepts_none(annotation: Any) -> bool:
+    try:
+        pydantic.TypeAdapter(annotation).validate_python(None)
+    except Exception:  # a ValidationError, or a type pydantic cannot build (reported later)
+        return False
+    return True
 
 
 def _has_description(annotation: Any) -> bool:
@@ -449,4 +478,14 @@ def _strip_titles(schema: Any) -> Any:
     for key in _SCHEMA_VALUES:
         if key in cleaned:
             cleaned[key] = _strip_titles(cleaned[key])
+    kind = cleaned.get("type")
+    if (kind == "array" or (isinstance(kind, list) and "array" in kind)) and "items" not in cleaned:
+        # OpenAI refuses an array schema without `items`, strict or not ("array schema missing
+        # items"), and ignores `prefixItems`, which pydantic gives a fixed-length tuple instead.
+        # minItems/maxItems still fix the length; items says what the elements may be.
+        elements: list[Any] = []
+        for element in cleaned.get("prefixItems") or []:
+            if element not in elements:
+                elements.append(element)
+        cleaned["items"] = elements[0] if len(elements) == 1 else {"anyOf": elements} if elements else {}
     return cleaned

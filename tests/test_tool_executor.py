@@ -822,3 +822,105 @@ def test_load_tool_map_module_exiting_on_import(tool_module) -> None:
     tool_module("exits_on_import", "import sys\nsys.exit('no config file')\n")
     with pytest.raises(ToolConfigError, match="cannot import tool module 'exits_on_import': SystemExit: no config file"):
         load_tool_map("exits_on_import")
+
+
+# --- OpenAI's rules for function tools ---------------------------------------------------------
+
+
+def _array_schemas_without_items(schema: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where OpenAI would answer "In context=(...), array schema missing items" (400)."""
+    found: list[tuple[str, ...]] = []
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if (kind == "array" or (isinstance(kind, list) and "array" in kind)) and "items" not in schema:
+            found.append(path)
+        for key, value in schema.items():
+            if key in ("default", "enum", "const", "examples"):
+                continue
+            found += _array_schemas_without_items(value, (*path, key))
+    elif isinstance(schema, list):
+        for index, value in enumerate(schema):
+            found += _array_schemas_without_items(value, (*path, str(index)))
+    return found
+
+
+class _Box(pydantic.BaseModel):
+    corner: tuple[int, int]
+
+
+def _point(at: tuple[float, float]) -> str:
+    """Mark a point."""
+    return f"{at[0]} {at[1]}"
+
+
+def _view(path: str, view_range: tuple[int, int] | None = None) -> str:
+    """Show a file, or some of its lines."""
+    return path
+
+
+def _draw(box: _Box) -> str:
+    """Draw a box."""
+    return "ok"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("func", [_point, _view, _draw])
+async def test_a_tuple_parameter_gives_every_array_schema_items(func: Any) -> None:
+    """pydantic describes tuple[X, Y] with prefixItems and no items; OpenAI refuses such a tool
+    on every request even with strict: false ("Invalid schema for function 'view': In
+    context=('properties', 'view_range'), array schema missing items.")."""
+    registry = ToolRegistry({"tool": func}, timeout=5)
+    for tool in (registry.responses_tools[0]["parameters"], registry.assistants_tools[0]["function"]["parameters"]):
+        assert _array_schemas_without_items(tool) == []
+    if func is _point:  # validation still takes exactly two numbers
+        assert (await run(registry, "tool", '{"at": [1, 2.5]}')).output == "1.0 2.5"
+        assert "at" in error_of(await run(registry, "tool", '{"at": [1, 2, 3]}'))
+
+
+def test_more_tools_than_openai_takes_fail_at_start_up() -> None:
+    """An assistant (and a request) takes at most 128 tools; the 129th makes every run a 400."""
+    many = {f"tool_{index}": _ok for index in range(129)}
+    with pytest.raises(ToolConfigError, match="128"):
+        ToolRegistry(many, timeout=1)
+
+
+def test_a_description_longer_than_openai_takes_is_cut(caplog: pytest.LogCaptureFixture) -> None:
+    """OpenAI refuses a function description over 1024 characters
+    ("Invalid 'tools[0].function.description': string too long...")."""
+    def verbose(x: int) -> int:
+        return x
+
+    verbose.__doc__ = "Do a thing. " * 100  # 1,199 characters once joined
+    with caplog.at_level(logging.WARNING, logger="assistant.tools"):
+        registry = ToolRegistry({"verbose": verbose}, timeout=1)
+    for description in (registry.responses_tools[0]["description"], registry.assistants_tools[0]["function"]["description"]):
+        assert description == ("Do a thing. " * 100).strip()[:1024]
+    assert "'verbose': its description (the docstring before Args:) has 1199 characters" in caplog.text
+
+
+def test_a_partials_description_is_the_wrapped_functions() -> None:
+    def search(query: str, api_key: str) -> str:
+        """Search the web.
+
+        Args:
+            query: what to look for.
+        """
+        return query
+
+    tool = ToolRegistry({"search": functools.partial(search, api_key="k")}, timeout=1).responses_tools[0]
+    assert tool["description"] == "Search the web."
+    assert tool["parameters"]["properties"]["query"] == {"type": "string", "description": "what to look for."}
+
+
+@pytest.mark.anyio
+async def test_a_none_default_takes_an_explicit_null() -> None:
+    """`limit: int = None` is sent as {"type": "integer", "default": null}: the model is told null
+    is the default, and the function is called with None when it is left out, yet a null the
+    model sends is refused."""
+    def search(query: str, limit: int = None) -> str:  # type: ignore[assignment]
+        return f"{query} {limit}"
+
+    registry = ToolRegistry({"search": search}, timeout=5)
+    assert (await run(registry, "search", '{"query": "q"}')).output == "q None"
+    result = await run(registry, "search", '{"query": "q", "limit": null}')
+    assert result.is_error is False and result.output == "q None"
