@@ -64,6 +64,7 @@ class ChatConnection:
         self._sending_since: float | None = None
         self._close_with: tuple[int, str] | None = None  # the writer's last frame (a bad client, or going away)
         self._going_away = False  # the service is shutting down: close once no turn is running
+        self._client_gone = False  # the client's disconnect came (its close frame, or the socket's end)
 
     def go_away(self) -> None:
         """The service is shutting down: a client told so (1001) reconnects elsewhere at once,
@@ -80,11 +81,20 @@ class ChatConnection:
                 task_group.cancel_scope.cancel()
                 return
             # The writer sends the close frame after the frame it may be sending, and sends nothing
-            # after it; then it ends the connection (a turn still starting included). The
-            # slow-client timeout still bounds the wait.
+            # after it; the connection ends (a turn still starting included) when the client answers
+            # it, at the latest at the slow-client timeout.
+            if self._client_gone:
+                task_group.cancel_scope.cancel()
+                return
             since = self._sending_since or time.monotonic()
             task_group.cancel_scope.deadline = since + self.settings.slow_client_timeout_seconds
             self._wake_writer()
+            # The client's frames are still taken (and dropped) until then: hypercorn queues at
+            # most 10 for the app and, once it is full, blocks on the disconnect it puts after
+            # the app returned, and never closes the socket.
+            while (await self.websocket.receive())["type"] != "websocket.disconnect":
+                pass
+            task_group.cancel_scope.cancel()
 
     def _notify(self, frame: str) -> None:
         self._notices.append(frame)
@@ -101,9 +111,10 @@ class ChatConnection:
             if self._going_away and self._close_with is None and not self.turn_running and not self._notices:
                 self._close_with = (CLOSE_GOING_AWAY, "the service is shutting down")  # the turn's end went out
             if self._close_with is not None:
-                self._sending_since = time.monotonic()  # a close that cannot go out is watched too
+                # A close that cannot go out is watched too; so is the client's answer to it (the
+                # reader ends the connection then, or at the slow-client timeout).
+                self._sending_since = time.monotonic()
                 await self.websocket.close(*self._close_with)
-                scope.cancel()
                 return
             if self._notices:
                 await self._send(self._notices.popleft())
@@ -164,17 +175,23 @@ class ChatConnection:
     async def _read_frames(self, task_group: TaskGroup) -> None:
         while True:
             message = await self._receive()
-            if message is None or message["type"] == "websocket.disconnect":
+            if message is None:
+                return
+            if message["type"] == "websocket.disconnect":
+                self._client_gone = True
                 return
             if len(self._notices) >= MAX_NOTICES:
                 logger.warning("closing a WebSocket whose client sends bad frames and reads no answers")
                 self._close_with = (CLOSE_POLICY, "too many unanswered bad frames")
                 return
             text = message.get("text")
+            limit = self.settings.max_body_bytes
             if text is None:
+                if len(message.get("bytes") or b"") > limit:
+                    self._close_with = (CLOSE_TOO_BIG, "frame too large")
+                    return
                 self._notify(error_frame(BadRequest("binary frames are not accepted; send JSON text"), self.correlation_id))
                 continue
-            limit = self.settings.max_body_bytes
             if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):  # bytes, as over HTTP
                 self._close_with = (CLOSE_TOO_BIG, "frame too large")
                 return

@@ -275,10 +275,14 @@ def test_websocket_bad_frames_keep_the_connection(client: TestClient, upstream: 
         assert frames[-1]["event"] == "metadata"
 
 
-@pytest.mark.parametrize("frame", ["x" * 2000, "\u20ac" * 400], ids=["2000 characters", "1200 bytes in 400 characters"])
-def test_websocket_oversize_frame_closes_1009(upstream: respx.MockRouter, frame: str) -> None:
+@pytest.mark.parametrize("frame", ["x" * 2000, "\u20ac" * 400, b"x" * 5000],
+                         ids=["2000 characters", "1200 bytes in 400 characters", "a binary frame"])
+def test_websocket_oversize_frame_closes_1009(upstream: respx.MockRouter, frame: str | bytes) -> None:
     with make_client(MAX_BODY_BYTES="1000") as client, client.websocket_connect("/ws/chat") as ws:
-        ws.send_text(frame)  # MAX_BODY_BYTES counts bytes, as over HTTP
+        if isinstance(frame, bytes):
+            ws.send_bytes(frame)
+        else:
+            ws.send_text(frame)  # MAX_BODY_BYTES counts bytes, as over HTTP
         with pytest.raises(Exception) as info:
             ws.receive_json()
         assert getattr(info.value, "code", None) == 1009

@@ -24,6 +24,7 @@ class UnreadWebSocket:
         self.frames = frames
         self.sends_started = 0
         self.closed: tuple[int, str] | None = None
+        self.close_answered = anyio.Event()  # the client got the close frame and answered it
 
     async def accept(self) -> None:
         pass
@@ -32,8 +33,8 @@ class UnreadWebSocket:
         if self.frames:
             await anyio.sleep(0)
             return {"type": "websocket.receive", "text": self.frames.pop(0)}
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
+        await self.close_answered.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
 
     async def send_text(self, text: str) -> None:
         self.sends_started += 1
@@ -87,6 +88,7 @@ class SlowReadingWebSocket(UnreadWebSocket):
         self.closed = (code, reason)
         if self.close_takes_forever:
             await anyio.sleep_forever()
+        self.close_answered.set()
 
 
 @pytest.mark.anyio
@@ -126,8 +128,7 @@ class TimedWebSocket(SlowReadingWebSocket):
             frame, delay = self.timed_frames.pop(0)
             await anyio.sleep(delay)
             return {"type": "websocket.receive", "text": frame}
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
+        return await super().receive()
 
 
 class BusyThreads:
