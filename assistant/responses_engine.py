@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -19,9 +20,10 @@ import openai
 import orjson
 
 from .config import Settings
+from .errors import NotFound
 from .message_parser import MessageParser, ToolTracker
 from .tool_executor import ToolRegistry, ToolResult
-from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error
+from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error, may_have_taken_effect
 from .upstream_sse import iterate_sse_events
 
 logger = logging.getLogger("assistant.responses")
@@ -33,6 +35,11 @@ MAX_REPAIRS = 64
 # After a 5xx, how far back (newest first) the conversation is searched for the turn's input:
 # one page, as much as the API gives (a turn of many parallel tool calls makes many items).
 LOOK_BACK_ITEMS = 100
+# Threads whose undelivered tool outputs are kept for their next message, at most (the oldest
+# go first: a call left without output is answered "interrupted" by `repair_input` instead).
+MAX_HELD_THREADS = 10_000
+# How long a stopped turn may spend reading the conversation back to see what it took.
+READ_BACK_ON_CANCEL_SECONDS = 5.0
 
 
 def user_message_item(text: str) -> dict[str, Any]:
@@ -122,7 +129,7 @@ class ResponsesEngine:
         })
         # Outputs of function calls that could not be delivered (the follow-up failed): they are
         # sent with the thread's next message, since the upstream refuses new input until then.
-        self._undelivered: dict[str, list[dict[str, Any]]] = {}
+        self._undelivered: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
     async def create_thread(self) -> str:
         try:
@@ -159,6 +166,10 @@ class ResponsesEngine:
         outputs = [i for i in items if i.get("type") == "function_call_output"]
         if outputs:
             self._undelivered.setdefault(thread_id, []).extend(outputs)
+            self._undelivered.move_to_end(thread_id)
+            while len(self._undelivered) > MAX_HELD_THREADS:
+                dropped, _ = self._undelivered.popitem(last=False)
+                logger.warning("dropping the undelivered tool outputs of thread %s (MAX_HELD_THREADS)", dropped)
 
     @asynccontextmanager
     async def open_round(
@@ -195,51 +206,87 @@ class ResponsesEngine:
         repairs = 0
         replaced = False  # the tool outputs were refused once, and replaced by errors
 
-        async def create() -> httpx.Response:
-            return await self._create_streaming_response(params)
-
         taken: bool | None = None  # after a 5xx: whether the conversation holds our input
+        checked: BaseException | None = None  # the failure `taken` was read back for
+        doubtful: BaseException | None = None  # a failure of this turn that may have taken the input
+        in_flight = False  # a request is out (a cancel then leaves it unknown whether it went in)
+
+        async def create() -> httpx.Response:
+            nonlocal in_flight
+            in_flight = True  # and it stays so if the request is cancelled while it is out
+            try:
+                response = await self._create_streaming_response(params)
+            except Exception:
+                in_flight = False
+                raise
+            in_flight = False
+            return response
 
         async def not_applied(exc: BaseException) -> bool:
-            nonlocal taken
+            nonlocal taken, checked, doubtful
+            doubtful = checked = exc
             taken = await self._input_taken(thread_id, sent)
             return taken is False
 
-        while True:
-            taken = None
-            try:
-                return await call_with_retries(
-                    create,
-                    max_retries=self.settings.upstream_max_retries,
-                    what="responses.create",
-                    retry_if=not_applied,
-                )
-            except Exception as exc:
-                repaired = repair_input(exc, params["input"])
-                if repaired is not None and repairs < MAX_REPAIRS:
-                    logger.warning("repairing the thread's unanswered tool calls before retrying")
-                    params["input"] = sent = repaired
-                    repairs += 1
-                    continue
-                busy = is_thread_busy(exc)
-                if busy and anyio.current_time() < deadline:
-                    # The upstream is finishing an earlier response on this conversation.
-                    logger.info("thread busy upstream; waiting to retry")
-                    await anyio.sleep(1.0)
-                    continue
-                if isinstance(exc, openai.BadRequestError) and not busy and not replaced:
-                    # Refused as they are (over 10 MiB, over the context window): the model is
-                    # told instead, in this turn, and nothing unsendable waits for the next one.
-                    replacement = undeliverable(params["input"], error_message(exc))
-                    if replacement is not None:
-                        logger.warning("the upstream refused the tool outputs (%s): sending errors in their place",
-                                       error_message(exc))
-                        params["input"] = sent = replacement
-                        replaced = True
+        try:
+            while True:
+                taken = checked = None
+                try:
+                    return await call_with_retries(
+                        create,
+                        max_retries=self.settings.upstream_max_retries,
+                        what="responses.create",
+                        retry_if=not_applied,
+                    )
+                except Exception as exc:
+                    repaired = repair_input(exc, params["input"])
+                    if repaired is not None and repairs < MAX_REPAIRS:
+                        logger.warning("repairing the thread's unanswered tool calls before retrying")
+                        params["input"] = sent = repaired
+                        repairs += 1
                         continue
-                if not taken:  # outputs the conversation already holds are not sent again
+                    busy = is_thread_busy(exc)
+                    if busy:
+                        # The upstream is finishing an earlier response on this conversation:
+                        # maybe the one an earlier failed attempt of this turn started.
+                        waiting = anyio.current_time() < deadline
+                        if waiting:
+                            logger.info("thread busy upstream; waiting to retry")
+                            await anyio.sleep(1.0)
+                        if doubtful is not None:
+                            taken = await self._input_taken(thread_id, sent)
+                            if taken is not False:
+                                exc, waiting = doubtful, False  # it went in (or may have): not sent again
+                        if waiting:
+                            continue
+                    elif isinstance(exc, openai.BadRequestError) and not replaced:
+                        # Refused as they are (over 10 MiB, over the context window): the model is
+                        # told instead, in this turn, and nothing unsendable waits for the next one.
+                        replacement = undeliverable(params["input"], error_message(exc))
+                        if replacement is not None:
+                            logger.warning("the upstream refused the tool outputs (%s): sending errors in their place",
+                                           error_message(exc))
+                            params["input"] = sent = replacement
+                            replaced = True
+                            continue
+                    elif checked is not exc and may_have_taken_effect(exc) and _has_outputs(params["input"]):
+                        taken = await self._input_taken(thread_id, sent)  # the last attempt's failure
+                    error = map_upstream_error(exc, thread_id=thread_id)
+                    gone = isinstance(error, NotFound) and error.type == "thread_not_found"
+                    if not taken and not gone:  # outputs the conversation already holds are not sent again
+                        self._hold(thread_id, params["input"])
+                    raise error from exc
+        except anyio.get_cancelled_exc_class():
+            # Stopped (the client's cancel, the shutdown) before the upstream answered: the tool
+            # outputs are kept for the thread's next message, unless the conversation took them.
+            if _has_outputs(params["input"]):
+                taken = None
+                if in_flight or doubtful is not None:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(READ_BACK_ON_CANCEL_SECONDS):
+                        taken = await self._input_taken(thread_id, sent)
+                if not taken:  # unknown is held, as after a failure
                     self._hold(thread_id, params["input"])
-                raise map_upstream_error(exc, thread_id=thread_id) from exc
+            raise
 
     async def _create_streaming_response(self, params: dict[str, Any]) -> httpx.Response:
         """POST /responses with `stream: true`; failures raise the SDK's own exceptions."""
@@ -285,6 +332,10 @@ class ResponsesEngine:
             if _comes_before(stored, sent):
                 return False
         return False if len(page.data) < LOOK_BACK_ITEMS else None  # False: the whole conversation was read
+
+
+def _has_outputs(items: list[dict[str, Any]]) -> bool:
+    return any(i.get("type") == "function_call_output" for i in items)
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

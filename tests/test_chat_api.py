@@ -960,3 +960,149 @@ def test_a_request_the_client_got_wrong_leaves_one_log_line_with_its_correlation
                 if line["message"].startswith("request refused with")]
     assert refusals == [("request refused with invalid_request", "bad-body-1"),
                         ("request refused with not_found", "no-route-1")]
+
+
+# --- fault sequences found by a review of the Responses engine ----------------------------------
+
+
+CONVERSATION_LOCKED = openai_error(400, "Another process is currently operating on this conversation. Please retry in a few seconds.",
+                      code="conversation_locked")
+
+
+def conversation_page(items: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.Response(200, json={"object": "list", "data": items, "has_more": False})
+
+
+def test_a_5xx_then_conversation_locked_does_not_send_the_message_twice(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """The 502 came from a gateway while OpenAI went on with the response: the conversation shows
+    the input only with the response's outputs (README), so the read-back right after the 502
+    finds nothing and the retry meets conversation_locked. Once the lock is gone the conversation
+    holds the message and its answer; sending it again makes the model answer it twice."""
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(502, "bad gateway"), CONVERSATION_LOCKED, sse_response(text_events("answered a second time")),
+    ])
+    earlier = [conversation_item("assistant", "earlier answer"), conversation_item("user", "earlier question")]
+    later = [conversation_item("assistant", "the first answer"), conversation_item("user", "hi"), *earlier]
+    reads = upstream.get("/conversations/conv_test/items").mock(side_effect=[conversation_page(earlier), conversation_page(later), conversation_page(later)])
+    chat(client, "hi")
+    assert reads.call_count >= 1
+    # The message went in with the first POST: it must not be sent again.
+    assert route.call_count == 2, [request_body(c)["input"] for c in route.calls]
+
+
+def test_tool_outputs_taken_by_the_last_5xx_attempt_are_not_sent_again(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """UPSTREAM_MAX_RETRIES=3: the follow-up's three first 502s left nothing, the fourth (last)
+    one took the outputs. No read-back is made after the last attempt, so the outputs are held
+    and go out again with the thread's next message."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    route = upstream.post("/responses").mock(side_effect=[
+        sse_response(calls), *[openai_error(502, "bad gateway")] * 4, sse_response(text_events("next")),
+    ])
+    call = {"type": "function_call", "id": "fc_1", "call_id": call_id, "name": "calculator", "arguments": "{}",
+            "status": "completed"}
+    output = {"type": "function_call_output", "id": "fco_1", "call_id": call_id, "output": "3", "status": "completed"}
+    before = [call, conversation_item("user", "go")]
+    after = [conversation_item("assistant", "3"), output, *before]
+    upstream.get("/conversations/conv_test/items").mock(
+        side_effect=[conversation_page(before), conversation_page(before), conversation_page(before), conversation_page(after), conversation_page(after)]
+    )
+    assert chat(client, "go").status_code == 502
+    assert chat(client, "and now?").status_code == 200
+    sent = request_body(route.calls[-1])["input"]
+    assert [i["type"] for i in sent] == ["message"], sent  # the conversation already holds output "3"
+
+
+def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """The tools ran; the follow-up is refused with a 429 (nothing taken) and the run is stopped
+    (POST /runs/{id}/cancel) during the backoff. A run stopped while its tools run keeps their
+    outputs for the thread's next message; stopped a moment later, they are dropped, and the
+    next message has the call answered 'interrupted' by repair_input instead of its result."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    runs = client.app.state.runs  # type: ignore[attr-defined]
+    answered: list[list[dict[str, Any]]] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        n = len(answered)
+        answered.append(body["input"])
+        if n == 0:
+            return sse_response(calls)
+        if n == 1:  # the follow-up: refused, and the client stops the run meanwhile
+            [run] = runs.active_runs
+            runs.cancel(run.run_id, "cancelled by the client")
+            return openai_error(429, "slow down", code="rate_limit_exceeded", headers={"retry-after": "0.5"})
+        if not any(i.get("call_id") == call_id for i in body["input"]):
+            return openai_error(400, f"No tool output found for function call {call_id}.")
+        return sse_response(text_events("next"))
+
+    upstream.post("/responses").mock(side_effect=respond)
+    call = {"type": "function_call", "id": "fc_1", "call_id": call_id, "name": "calculator", "arguments": "{}",
+            "status": "completed"}
+    upstream.get("/conversations/conv_test/items").mock(return_value=conversation_page([call, conversation_item("user", "go")]))
+    response = chat(client, "go")
+    assert response.status_code == 409 and response.json()["type"] == "run_cancelled", response.text
+    assert chat(client, "and now?").json()["responses"] == ["next"]
+    [output] = [i for i in answered[-1] if i.get("type") == "function_call_output"]
+    assert output["output"] == "3", output  # the tool's result, not "interrupted"
+
+
+def test_held_outputs_of_a_run_cancelled_while_the_thread_is_locked_are_not_lost(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """Outputs held for the thread's next message (the follow-up failed) are popped by that
+    message's run; the run is stopped while OpenAI still holds the conversation (nothing was
+    taken), and the held outputs are gone for good."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    runs = client.app.state.runs  # type: ignore[attr-defined]
+    engine = runs.engine
+    answered: list[list[dict[str, Any]]] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        n = len(answered)
+        answered.append(body["input"])
+        if n == 0:
+            return sse_response(calls)
+        if n == 1:  # the follow-up: a 401 (not retried, nothing taken): the outputs are held
+            return openai_error(401, "Incorrect API key provided.")
+        if n == 2:  # the next message meets a locked conversation; the client stops it
+            [run] = runs.active_runs
+            runs.cancel(run.run_id, "cancelled by the client")
+            return CONVERSATION_LOCKED
+        if not any(i.get("call_id") == call_id for i in body["input"]):
+            return openai_error(400, f"No tool output found for function call {call_id}.")
+        return sse_response(text_events("next"))
+
+    upstream.post("/responses").mock(side_effect=respond)
+    assert chat(client, "go").status_code == 502
+    assert engine._undelivered.get("conv_test")
+    assert chat(client, "second").status_code == 409
+    assert engine._undelivered.get("conv_test"), "the held outputs were dropped"
+
+
+def test_outputs_held_for_a_thread_that_no_longer_exists_are_dropped(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """A thread whose follow-up failed keeps its outputs (each up to 10 MiB) until its next message
+    is accepted; one deleted upstream never will be, so they go (and at most MAX_HELD_THREADS
+    threads' are kept)."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    engine = client.app.state.runs.engine  # type: ignore[attr-defined]
+    upstream.post("/responses").mock(side_effect=[
+        sse_response(calls), openai_error(401, "Incorrect API key provided."),
+        *[httpx.Response(404, json={"error": {"message": "Conversation with id 'conv_test' not found.",
+                                              "type": "invalid_request_error", "param": "conversation", "code": None}})] * 3,
+    ])
+    assert chat(client, "go").status_code == 502
+    for _ in range(3):
+        assert chat(client, "hello?").json()["type"] == "thread_not_found"
+    assert "conv_test" not in engine._undelivered, engine._undelivered
