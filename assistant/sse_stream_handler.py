@@ -22,6 +22,10 @@ from .run_log import EventsDropped, RunLog, Wakeup
 logger = logging.getLogger("assistant.sse")
 
 KEEPALIVE = b": keepalive\n\n"
+# A body goes out in sends of at most this much (asyncio's write high-water mark), so the
+# slow-client timeout measures how long the client took no data, not how long one large batch
+# (a replay, a resume from early on, a big tool input or output) takes to cross a slow link.
+SEND_PIECE_BYTES = 64 * 1024
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -32,6 +36,21 @@ SSE_HEADERS = [
 def event_id(run_id: str, seq: int) -> str:
     """Ids name the run and the position, so a reconnecting client says where it stopped."""
     return f"{run_id}:{seq}"
+
+
+def body_pieces(body: bytes) -> list[bytes]:
+    """`body` cut into sends of at most SEND_PIECE_BYTES, never inside a UTF-8 character."""
+    if len(body) <= SEND_PIECE_BYTES:
+        return [body]
+    pieces = []
+    start = 0
+    while start < len(body):
+        end = min(start + SEND_PIECE_BYTES, len(body))
+        while end < len(body) and body[end] & 0xC0 == 0x80:  # a continuation byte: back to the character's start
+            end -= 1
+        pieces.append(body[start:end])
+        start = end
+    return pieces
 
 
 def frame_event(run_id: str, seq: int, event: Event) -> bytes:
@@ -161,8 +180,9 @@ class SSEResponse:
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     async def _send_body(self, send: Send, body: bytes) -> None:
-        self._sending_since = time.monotonic()
-        await send({"type": "http.response.body", "body": body, "more_body": True})
+        for piece in body_pieces(body):
+            self._sending_since = time.monotonic()  # the watch restarts with each piece the client took
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
         self._last_sent = time.monotonic()
         self._sending_since = None
 

@@ -233,3 +233,45 @@ async def test_a_send_that_stalls_later_is_dropped_at_the_slow_client_timeout_ev
             task_group.start_soon(append_later)
             await response({"type": "http"}, never_disconnects, send)
     assert 0.75 < time.monotonic() - started < 1.5
+
+
+def steady_reader(rate_bytes_per_second: float, received: list[bytes]) -> Any:
+    """hypercorn's send over asyncio, to a client that reads all the time at a steady rate: the
+    body goes into the transport's buffer and the send returns once that buffer is back under
+    asyncio's high-water mark (StreamWriter.drain, 64 KiB), as the client takes the bytes."""
+    high_water = 64 * 1024
+    state = {"buffered": 0, "at": time.monotonic()}
+
+    def take() -> None:
+        now = time.monotonic()
+        state["buffered"] = max(0, state["buffered"] - int((now - state["at"]) * rate_bytes_per_second))
+        state["at"] = now
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        take()
+        state["buffered"] += len(message.get("body", b""))
+        received.append(message.get("body", b""))
+        while state["buffered"] > high_water:
+            await anyio.sleep(0.01)
+            take()
+
+    return send
+
+
+@pytest.mark.anyio
+async def test_a_client_reading_steadily_is_not_dropped_while_a_large_batch_goes_out() -> None:
+    """README: a client that *takes no data* for SLOW_CLIENT_TIMEOUT_SECONDS is dropped. A replay
+    (or a resume from early on, or one big tool output) is one batch of up to
+    STREAM_MAX_BYTES_PER_RUN; a client taking it at 400 KB/s without pause must get it all."""
+    log = new_log()
+    for i in range(40):
+        log.append(Event("thread.message.delta", {"delta": {"content": f"{i}" + "x" * 20_000}}))  # ~800 KB
+    log.append(Event(METADATA, {}))
+    received: list[bytes] = []
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=1)
+    with anyio.fail_after(10):
+        await response({"type": "http"}, never_disconnects, steady_reader(400_000, received))
+    assert response.done, "a client that never stopped reading was dropped as a slow client"
+    assert b"".join(received).endswith(b"event: metadata\nid: run_t:42\ndata: {}\n\n")
