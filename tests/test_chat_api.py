@@ -1021,9 +1021,9 @@ def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
     client: TestClient, upstream: respx.MockRouter
 ) -> None:
     """The tools ran; the follow-up is refused with a 429 (nothing taken) and the run is stopped
-    (POST /runs/{id}/cancel) during the backoff. A run stopped while its tools run keeps their
-    outputs for the thread's next message; stopped a moment later, they are dropped, and the
-    next message has the call answered 'interrupted' by repair_input instead of its result."""
+    (POST /runs/{id}/cancel) during the backoff: the outputs are kept for the thread's next
+    message, as when a run is stopped while its tools run, so the model gets the tool's result
+    rather than an 'interrupted' answer from repair_input."""
     calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
     call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
     runs = client.app.state.runs  # type: ignore[attr-defined]
@@ -1058,8 +1058,8 @@ def test_held_outputs_of_a_run_cancelled_while_the_thread_is_locked_are_not_lost
     client: TestClient, upstream: respx.MockRouter
 ) -> None:
     """Outputs held for the thread's next message (the follow-up failed) are popped by that
-    message's run; the run is stopped while OpenAI still holds the conversation (nothing was
-    taken), and the held outputs are gone for good."""
+    message's run; stopped while OpenAI still holds the conversation (nothing was taken), the run
+    holds them again for the message after."""
     calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
     call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
     runs = client.app.state.runs  # type: ignore[attr-defined]

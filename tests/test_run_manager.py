@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,6 +37,16 @@ def release(releases: dict[str, anyio.Event], message: str) -> None:
     releases.setdefault(message, anyio.Event()).set()
 
 
+def sender(manager: RunManager, started: list[str]) -> Callable[[str], Awaitable[None]]:
+    """Sends a message on conv_1 and notes when its run has started."""
+
+    async def send(message: str) -> None:
+        await manager.start_run("conv_1", message, "corr")
+        started.append(message)
+
+    return send
+
+
 @pytest.mark.anyio
 async def test_messages_on_a_busy_thread_wait_and_run_in_the_order_they_came(
     runs_released_by_hand: dict[str, anyio.Event],
@@ -44,9 +55,7 @@ async def test_messages_on_a_busy_thread_wait_and_run_in_the_order_they_came(
     started: list[str] = []
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
 
-        async def send(message: str) -> None:
-            await manager.start_run("conv_1", message, "corr")
-            started.append(message)
+        send = sender(manager, started)
 
         with anyio.fail_after(3):
             async with anyio.create_task_group() as tg:
@@ -78,9 +87,7 @@ async def test_a_message_arriving_as_a_run_ends_queues_behind_those_waiting(
     started: list[str] = []
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
 
-        async def send(message: str) -> None:
-            await manager.start_run("conv_1", message, "corr")
-            started.append(message)
+        send = sender(manager, started)
 
         with anyio.fail_after(3):
             async with anyio.create_task_group() as tg:
