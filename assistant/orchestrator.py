@@ -32,7 +32,7 @@ from .events import (
 from .logs import redact, run_id_var, thread_id_var
 from .message_parser import ToolTracker
 from .run_log import RunLog
-from .tool_executor import ToolCall, ToolRegistry, ToolResult, execute_tool
+from .tool_executor import ToolCall, ToolRegistry, ToolResult, cancelled_from_outside, execute_tool
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -196,7 +196,15 @@ async def execute_run(
                         log.append(event)
             except ServiceError as exc:
                 log.error = exc
-    except Exception:  # a bug, here or in a task of the run's (a tool's): this run ends, not the service
+    except BaseException as exc:  # a bug, here or in a task of the run's (a tool's): this run ends, not the service
+        if isinstance(exc, anyio.get_cancelled_exc_class()) and cancelled_from_outside():
+            # The manager's task group itself is going: still end the log, so no reader waits for good.
+            if not log.finished:
+                error = log.error or ServiceError("the service stopped while running this message")
+                log.append(Event(ERROR, error.payload(log.correlation_id)))
+            raise
+        # Anything else (a BaseException subclass, a CancelledError a library raised by itself)
+        # would leave the log unended and, out of the run's task, cancel every other run.
         logger.exception("run crashed")
         log.error = ServiceError("the service failed while running this message")
     reason = log.cancel_reason or "the run was cancelled"

@@ -159,7 +159,7 @@ async def execute_tool(registry: ToolRegistry, call: ToolCall, *, correlation_id
     try:
         return await _execute(registry, call, correlation_id, extra)
     except anyio.get_cancelled_exc_class():
-        if _cancelled_from_outside():
+        if cancelled_from_outside():
             raise
         logger.warning("tool %r raised CancelledError", call.name, extra=extra)
         return _error(call, correlation_id, "CancelledError")
@@ -255,7 +255,7 @@ def _settle(
         done.set_exception(error)
 
 
-def _cancelled_from_outside() -> bool:
+def cancelled_from_outside() -> bool:
     """Whether a CancelledError is a real cancellation (the task was asked to stop), not one a
     tool raised by itself."""
     task = asyncio.current_task()

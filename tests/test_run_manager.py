@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +16,7 @@ from assistant import http_api, run_manager
 from assistant.config import Settings
 from assistant.errors import ClientGone, ThreadBusy
 from assistant.events import METADATA, Event
+from assistant.message_parser import MessageParser
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
 
@@ -226,3 +228,76 @@ async def test_an_http_message_whose_client_stays_past_the_thread_lock_timeout_i
         with anyio.fail_after(3), pytest.raises(ThreadBusy):  # itself, as the API answers it: 409
             await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
         release(runs_released_by_hand, "first")
+
+
+# --- a run's task lets nothing out: one run's crash is that run's end, not the service's -----------
+
+
+class Boom(BaseException):
+    """A BaseException subclass raised by a bug or a library (not a cancellation)."""
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, fail: dict[str, BaseException]) -> None:
+        self.fail = fail
+        self.slow = anyio.Event()
+
+    def new_parser(self, tracker: Any) -> MessageParser:
+        return MessageParser(tracker)
+
+    def first_input(self, thread_id: str, message: str) -> Any:
+        return message
+
+    def next_input(self, parser: Any, results: Any) -> Any:
+        return None
+
+    @asynccontextmanager
+    async def open_round(self, thread_id: str, turn_input: Any):  # type: ignore[no-untyped-def]
+        await anyio.sleep(0.05)
+        if thread_id in self.fail:
+            raise self.fail[thread_id]
+        await self.slow.wait()  # the other thread's run: long, healthy
+        raise AssertionError("not reached")
+        yield  # pragma: no cover
+
+    async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
+        pass
+
+
+async def _scenario(exc: BaseException) -> tuple[Any, Any, BaseException | None]:
+    settings = Settings(openai_api_key="sk-test", shutdown_grace_seconds=0.2)
+    engine = FakeEngine({"conv_bad": exc})
+    escaped: BaseException | None = None
+    healthy = bad = None
+    try:
+        async with RunManager(engine, None, settings) as manager:  # type: ignore[arg-type]
+            healthy = await manager.start_run("conv_ok", "hi", "corr")
+            bad = await manager.start_run("conv_bad", "hi", "corr")
+            with anyio.move_on_after(1):
+                await bad.wait_finished()
+            with anyio.move_on_after(0.5):
+                await healthy.wait_finished()
+    except BaseException as e:
+        escaped = e
+    return healthy, bad, escaped
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_base_exception_in_one_run_ends_that_run_only(anyio_backend: str) -> None:
+    healthy, bad, escaped = await _scenario(Boom("engine bug"))
+    # The failing run ends with `error`, the service (the task group, the other run) goes on.
+    assert bad is not None and bad.finished, "the failing run's log never ends: its readers hang"
+    assert bad.events()[-1].name == "error"
+    assert escaped is None, f"the run's exception took the manager's task group down: {escaped!r}"
+    assert healthy is not None and healthy.finished and healthy.events()[-1].name == "error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stray_cancelled_error_in_a_run_still_ends_its_log(anyio_backend: str) -> None:
+    # e.g. a library raising CancelledError of its own (a future it awaited was cancelled)
+    healthy, bad, escaped = await _scenario(asyncio.CancelledError())
+    assert bad is not None and bad.finished, "the run's log never ends: its readers hang for good"
