@@ -27,6 +27,7 @@ import httpx
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers
 MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line, or a trailer line
+WRITE_SLICE_BYTES = 64 * 1024  # a request body is written this much at a time
 PAUSE_READING_BYTES = 1024 * 1024  # a body not read this far ahead stops reading from the socket
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -175,6 +176,10 @@ class Connection(asyncio.Protocol):
                 continue
             headers = []
             for line in lines[1:]:
+                if line[:1] in (b" ", b"\t") and headers:  # obs-fold: RFC 9112 5.2, replaced by SP
+                    name, value = headers[-1]
+                    headers[-1] = (name, (value + b" " + line.strip()).strip())
+                    continue
                 name, sep, value = line.partition(b":")
                 if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
                     raise httpx.RemoteProtocolError(f"the upstream sent a malformed header line: {line[:100]!r}")
@@ -196,9 +201,11 @@ class Connection(asyncio.Protocol):
                 if value.strip().lower() != b"chunked":  # gzip, chunked: nothing here would undo the gzip
                     raise httpx.RemoteProtocolError(f"the upstream used an unsupported transfer coding: {value[:100]!r}")
                 chunked = True
-            elif lower == b"connection":
-                connection = value.lower()
+            elif lower == b"connection":  # may come as several fields: their tokens add up
+                connection += b"," + value.lower()
         self.keep_alive = (b"close" not in connection) if http11 else (b"keep-alive" in connection)
+        if chunked and not http11:  # RFC 9112 6.1: faulty framing, close after the message
+            self.keep_alive = False
         if self.no_body or status in _NO_BODY_STATUS:
             self._body_kind = _Body.NONE
         elif chunked:
@@ -328,8 +335,12 @@ class Connection(asyncio.Protocol):
         lines.append(b"\r\n")
         self.transport.write(b"".join(lines))
         async for part in request.stream:  # type: ignore[union-attr]
-            if part:
-                self.transport.write(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
+            # In slices: over TLS, asyncio only pauses the writer once its own buffer fills, and
+            # one large write goes straight to the socket transport's, so the write timeout
+            # would never start. A slice written while the socket is backed up is what pauses it.
+            for start in range(0, len(part), WRITE_SLICE_BYTES):
+                piece = part[start : start + WRITE_SLICE_BYTES]
+                self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                 await self._drain(write_timeout)
         if chunked:
             self.transport.write(b"0\r\n\r\n")

@@ -15,12 +15,15 @@ import json
 import os
 import random
 import socket
+import ssl
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -667,7 +670,8 @@ async def test_malformed_status_line(status_line: bytes) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("line", [b"NoColon", b"Name : space before colon", b" folded: continuation", b": no name"])
 async def test_malformed_header_line(line: bytes) -> None:
-    """A header line without a name and colon, with space before the colon, or folded raises RemoteProtocolError."""
+    """A header line without a name and colon, or with space before the colon, raises RemoteProtocolError;
+    so does a line folded onto Content-Length (an obs-fold is joined with a space: `0 folded: ...` is no length)."""
     async with serve(Reply([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + line + b"\r\n\r\n"])) as server:
         transport = UpstreamTransport()
         async with make_client(server, transport) as client:
@@ -1305,3 +1309,118 @@ async def test_an_answer_before_the_whole_request_was_taken_is_the_answer() -> N
             assert transport.connections == set()
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 9112 details, and TLS (a self-signed certificate for localhost in tests/tls/, valid until 2126)
+
+
+@pytest.mark.anyio
+async def test_second_connection_header_close_is_honoured() -> None:
+    """`Connection` may be sent as several fields; a `close` in any of them ends the connection."""
+    first = head(headers=[("Content-Length", "2"), ("Connection", "close"), ("Connection", "x-foo")]) + b"hi"
+    async with serve(Reply([first]), Reply([full(b"two")])) as server:
+        transport = UpstreamTransport()
+        async with make_client(server, transport) as client:
+            assert (await client.get("/")).content == b"hi"
+            assert transport.idle_connections == 0
+
+
+@pytest.mark.anyio
+async def test_obs_fold_is_replaced_by_a_space() -> None:
+    """RFC 9112 5.2: a user agent MUST replace an obs-fold in a response with SP."""
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Long: one\r\n two\r\n\r\nok"
+    async with serve(Reply([wire])) as server:
+        transport = UpstreamTransport()
+        async with make_client(server, transport) as client:
+            response = await client.get("/")
+            assert response.content == b"ok"
+            assert response.headers["x-long"] == "one two"
+
+
+@pytest.mark.anyio
+async def test_http10_chunked_is_not_reused() -> None:
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding: framing is faulty, close after it."""
+    wire = head(headers=[("Transfer-Encoding", "chunked"), ("Connection", "keep-alive")], version="HTTP/1.0") + b"2\r\nhi\r\n0\r\n\r\n"
+    async with serve(Reply([wire]), Reply([full(b"two")])) as server:
+        transport = UpstreamTransport()
+        async with make_client(server, transport) as client:
+            assert (await client.get("/")).content == b"hi"
+            assert transport.idle_connections == 0
+
+
+TLS_CERT = Path(__file__).parent / "tls" / "localhost-cert.pem"
+TLS_KEY = Path(__file__).parent / "tls" / "localhost-key.pem"
+
+
+def _tls_listener() -> tuple[ssl.SSLContext, socket.socket]:
+    """The server side's TLS context, and a listening socket on a free loopback port."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(TLS_CERT, TLS_KEY)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return server_ctx, listener
+
+
+def _tls_server(wire: bytes) -> tuple[int, ssl.SSLContext, socket.socket]:
+    """A TLS server answering one request with `wire`, then closing without close_notify."""
+    server_ctx, listener = _tls_listener()
+
+    def run() -> None:
+        raw, _ = listener.accept()
+        tls = server_ctx.wrap_socket(raw, server_side=True)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += tls.recv(65536)
+        tls.sendall(wire)
+        time.sleep(0.1)
+        tls.close()  # no unwrap(): TCP FIN without close_notify, as many servers do
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(TLS_CERT))
+    return listener.getsockname()[1], client_ctx, listener
+
+
+@pytest.mark.anyio
+async def test_tls_body_until_close_without_close_notify() -> None:
+    """A TLS body read to the close, the server closing without close_notify (httpcore accepts it)."""
+    port, ctx, listener = _tls_server(head(headers=[("Content-Type", "text/plain")]) + b"all of it")
+    transport = UpstreamTransport(ssl_context=ctx)
+    try:
+        async with make_client(f"https://localhost:{port}", transport) as client:
+            with anyio.fail_after(5):
+                response = await client.get("/")
+            assert response.content == b"all of it"
+    finally:
+        listener.close()
+
+
+@pytest.mark.anyio
+async def test_tls_write_timeout_when_server_does_not_read() -> None:
+    """Over TLS one large write would go straight to the socket transport's buffer, never pausing
+    the writer: the body goes out in slices, so the write timeout fires (httpx's own transport
+    raises it too)."""
+    server_ctx, listener = _tls_listener()
+    stop = threading.Event()
+
+    def run() -> None:
+        raw, _ = listener.accept()
+        tls = server_ctx.wrap_socket(raw, server_side=True)
+        tls.recv(100)
+        stop.wait(10)  # never reads again
+        raw.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    ctx = ssl.create_default_context(cafile=str(TLS_CERT))
+    transport = UpstreamTransport(ssl_context=ctx)
+    port = listener.getsockname()[1]
+    try:
+        async with make_client(f"https://localhost:{port}", transport, httpx.Timeout(5.0, write=0.5)) as client:
+            with anyio.fail_after(4):
+                with pytest.raises(httpx.WriteTimeout):
+                    await client.post("/", content=b"x" * (64 * 2**20))
+    finally:
+        stop.set()
+        listener.close()
