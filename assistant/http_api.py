@@ -166,7 +166,10 @@ def parse_event_id(value: str) -> tuple[str, int]:
     """`<run_id>:<n>`, as the service's event ids are written."""
     run_id, _, position = value.strip().rpartition(":")
     if not THREAD_ID.fullmatch(run_id) or not EVENT_POSITION.fullmatch(position):
-        raise BadRequest(f"{value!r} is not an event id of this service (they look like 'run_...:12')")
+        # Echo only a prefix: a WebSocket client that does not read would otherwise have
+        # MAX_NOTICES error frames each holding its whole (MAX_BODY_BYTES) value kept for it.
+        shown = value if len(value) <= 160 else value[:160] + "..."
+        raise BadRequest(f"{shown!r} is not an event id of this service (they look like 'run_...:12')")
     return run_id, int(position)
 
 

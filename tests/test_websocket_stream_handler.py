@@ -250,3 +250,31 @@ async def test_clients_leaving_a_quiet_turn_leave_no_waiters_on_its_log() -> Non
         with anyio.fail_after(5):
             await connection.serve()
     assert log._waiters == []
+
+
+@pytest.mark.anyio
+async def test_error_frames_held_for_a_client_that_does_not_read_are_bounded_in_bytes() -> None:
+    """A client that does not read, sending resume frames whose last_event_id is a large string:
+    up to MAX_NOTICES error frames wait for it until the slow-client timeout, and each quotes only
+    the start of that string (it would be in each twice: `data.error` and `error`)."""
+    limit = 262_144  # MAX_BODY_BYTES' default
+    frame = '{"resume":"run_x","last_event_id":"' + "a" * (limit - 64) + '"}'
+    assert len(frame) <= limit
+    websocket = UnreadWebSocket([frame] * (MAX_NOTICES + 10))
+    connection = ChatConnection(websocket, manager=None,  # type: ignore[arg-type]
+                                settings=settings(slow_client_timeout_seconds=1.0), correlation_id="cid")
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, sum(len(notice) for notice in connection._notices))
+            await anyio.sleep(0.01)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(watch)
+            await connection.serve()
+            task_group.cancel_scope.cancel()
+    # A few KiB per error frame would be plenty; 256 frames of ~1 KiB is 256 KiB.
+    assert peak < 4 * limit, f"{peak:,} bytes held for one client that sent {MAX_NOTICES} frames"
