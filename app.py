@@ -36,7 +36,7 @@ from assistant.http_api import (
     health,
     stream_run,
 )
-from assistant.logs import adopt_server_loggers, configure_logging
+from assistant.logs import adopt_server_loggers, configure_logging, register_secrets
 from assistant.middleware import APIKeyMiddleware, CORSMiddleware, CorrelationIdMiddleware
 from assistant.responses_engine import ResponsesEngine
 from assistant.run_manager import RunManager, on_termination_signal
@@ -69,6 +69,7 @@ def tune_garbage_collector() -> None:
 def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable[..., Any]] | None = None) -> Starlette:
     """The service as an ASGI app; `tool_map` overrides ASSISTANT_TOOLS when embedding it."""
     settings = settings or load_settings()
+    register_secrets(settings.openai_api_key, settings.service_api_key)
     if tool_map is None:
         tool_map = load_tool_map(settings.tools_module)
     registry = ToolRegistry(tool_map, timeout=settings.tool_timeout_seconds)

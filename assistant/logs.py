@@ -23,11 +23,21 @@ run_id_var: ContextVar[str | None] = ContextVar("run_id", default=None)
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 # Anything shaped like an OpenAI or bearer secret is masked wherever it appears in a log line.
-_SECRET = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+[A-Za-z0-9._\-]{6,})")
+_SECRET = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{6,})")
+# The service's own keys, whatever their shape (OPENAI_API_KEY of a compatible server, SERVICE_API_KEY).
+_KNOWN_SECRETS: set[str] = set()
+
+
+def register_secrets(*values: str | None) -> None:
+    """Mask these exact values wherever they appear, as well as anything shaped like a key."""
+    _KNOWN_SECRETS.update(v for v in values if v and len(v) >= 6)
 
 
 def redact(text: str) -> str:
     """Mask API keys and bearer tokens in free text (upstream error bodies, exception messages)."""
+    for secret in _KNOWN_SECRETS:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
     return _SECRET.sub("[redacted]", text)
 
 
