@@ -182,3 +182,107 @@ def test_page_behind_nginx_under_a_prefix(browser: object, nginx_proxy: NginxPro
         assert "output: 32" in step.inner_text()
     finally:
         context.close()
+
+
+# --- the page against the protocol: resume, stop, messages, a turn given up ---------------------
+
+
+def _sse(*events: tuple[str, str]) -> str:
+    return "".join(f"event: {name}\ndata: {data}\n\n" for name, data in events)
+
+
+def test_two_messages_of_one_run_stay_apart(page: object) -> None:
+    """A run that says something, calls a tool, then answers: two messages (the JSON answer's
+    `responses` has two). The page glues them into one bubble: 'Let me compute.The answer is 57.'"""
+    step = '{"id": "call_1", "name": "calculator", "type": "tool", "start": 1.0, "end": %s, "input": "{}", "show_input": true, "output": %s, "is_error": false}'
+    stream = _sse(
+        ("thread.run.created", '{"thread_id": "t", "run_id": "run_1", "stream_url": "chat/stream/run_1"}'),
+        ("thread.message.delta", '{"delta": {"content": "Let me compute."}}'),
+        ("thread.message.completed", '{"message": {"id": "msg_1", "author": "assistant", "content": "Let me compute."}}'),
+        ("thread.run.step.created", '{"step": %s}' % (step % ("null", "null"))),
+        ("thread.run.step.completed", '{"step": %s}' % (step % ("1.5", '"57"'))),
+        ("thread.message.delta", '{"delta": {"content": "The answer is 57."}}'),
+        ("thread.message.completed", '{"message": {"id": "msg_2", "author": "assistant", "content": "The answer is 57."}}'),
+        ("thread.run.completed", '{"thread_id": "t", "run_id": "run_1"}'),
+        ("metadata", '{"run_id": "run_1"}'),
+    )
+    page.route("**/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))  # type: ignore[attr-defined]
+    send(page, "19 times 3?", "sse")
+    wait_idle(page)
+    turn = page.locator(".turn.assistant").last.inner_text()  # type: ignore[attr-defined]
+    assert "Let me compute.The answer is 57." not in turn
+
+
+def test_enter_while_composing_does_not_send(page: object) -> None:
+    """Enter that confirms an IME composition (Japanese, Chinese...) is not a send."""
+    page.fill("#message", "にほん")  # type: ignore[attr-defined]
+    page.evaluate("""() => document.querySelector('#message').dispatchEvent(
+        new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))""")  # type: ignore[attr-defined]
+    page.wait_for_timeout(300)  # type: ignore[attr-defined]
+    assert page.locator(".turn.user").count() == 0  # type: ignore[attr-defined]
+    assert page.input_value("#message") == "にほん"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_new_thread_mid_turn_leaves_a_usable_page(page: object, transport: str) -> None:
+    """New thread while a reply streams: the new thread's composer stays disabled (no hint why)
+    until the old run ends, and nothing can stop it."""
+    send(page, "fault:slow 0.5 30", transport)  # ~15 s
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word0')"
+    )
+    first = page.inner_text("#thread")  # type: ignore[attr-defined]
+    page.click("#new-thread")  # type: ignore[attr-defined]
+    page.wait_for_function(f"() => document.querySelector('#thread').textContent !== {first!r}")  # type: ignore[attr-defined]
+    page.wait_for_selector("#send:not([disabled])", timeout=3_000)  # type: ignore[attr-defined]
+    send(page, "hello new thread", transport)
+    wait_idle(page)
+    assert last_reply(page) == "You said: hello new thread"
+
+
+CUT_AFTER_WORD1 = """() => {
+    // The first POST /chat's body breaks (as a dropped connection does) before the chunk with word2.
+    const original = window.fetch;
+    let used = false;
+    window.fetch = async (url, options) => {
+        const response = await original(url, options);
+        if (used || String(url) !== "chat") return response;
+        used = true;
+        const reader = response.body.getReader();
+        const body = new ReadableStream({ async pull(controller) {
+            const { value, done } = await reader.read();
+            if (done) return controller.close();
+            if (new TextDecoder().decode(value).includes("word2")) {
+                reader.cancel();
+                return controller.error(new TypeError("network error"));
+            }
+            controller.enqueue(value);
+        } });
+        return new Response(body, { status: response.status, headers: response.headers });
+    };
+}"""
+
+
+def test_a_dropped_sse_stream_is_resumed(page: object) -> None:
+    """The connection drops mid-reply: the run goes on (README: runs outlive connections, resume
+    with Last-Event-ID from thread.run.created's stream_url), but the page shows 'network error',
+    the rest of the reply is lost, and the thread stays busy until the run ends."""
+    page.evaluate(CUT_AFTER_WORD1)  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.3 16", "sse")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word15')",
+        timeout=15_000,
+    )
+    wait_idle(page)
+    assert last_reply(page) == " ".join(f"word{i}" for i in range(16))
+    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_stop_button_cancels_the_run(page: object, transport: str) -> None:
+    """README: a client stops a run with POST /runs/{run_id}/cancel; the page had no way to."""
+    send(page, "fault:slow 0.5 30", transport)
+    page.wait_for_selector("#stop:not([hidden])", timeout=5_000)  # type: ignore[attr-defined]
+    page.click("#stop")  # type: ignore[attr-defined]
+    wait_idle(page)
+    assert "Stopped:" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]

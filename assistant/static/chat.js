@@ -17,7 +17,18 @@ function addTurn(role, text) {
   el.append(steps, bubble);
   $("log").append(el);
   el.scrollIntoView({ block: "end" });
-  return { el, steps, bubble, stepEls: new Map() };
+  return { el, steps, bubble, stepEls: new Map(), sealed: false, runId: null, streamUrl: null, lastEventId: null };
+}
+
+// Each message of a run gets its own bubble, in order with the steps between them.
+function openBubble(turn) {
+  if (turn.sealed) {
+    turn.bubble = document.createElement("div");
+    turn.bubble.className = "bubble";
+    turn.el.append(turn.bubble);
+    turn.sealed = false;
+  }
+  return turn.bubble;
 }
 
 function showError(turn, message) {
@@ -44,7 +55,8 @@ function showStep(turn, step, done) {
     summary.textContent = `Tool: ${step.name}`;
     el.append(summary);
     if (step.show_input) el.append(pre("input", step.input));
-    turn.steps.append(el);
+    if (turn.bubble.textContent) { turn.el.append(el); turn.sealed = true; }  // after the text so far
+    else turn.bubble.before(el);
     turn.stepEls.set(step.id, el);
   }
   if (done) {
@@ -58,10 +70,20 @@ function showStep(turn, step, done) {
 
 // One handler for both transports: they carry the same events.
 function handleEvent(turn, name, data) {
+  if (turn !== state.turn) return; // a turn given up (New thread): its late events go nowhere
   switch (name) {
+    case "thread.run.created":
+      turn.runId = data.run_id;
+      turn.streamUrl = data.stream_url;
+      $("stop").hidden = false;
+      break;
     case "thread.message.delta":
-      turn.bubble.textContent += data.delta.content;
+      openBubble(turn).textContent += data.delta.content;
       turn.el.scrollIntoView({ block: "end" });
+      break;
+    case "thread.message.completed":
+      if (!turn.bubble.textContent || turn.sealed) openBubble(turn).textContent = data.message.content;
+      turn.sealed = true;
       break;
     case "thread.run.step.created":
       showStep(turn, data.step, false);
@@ -83,15 +105,17 @@ function handleEvent(turn, name, data) {
 }
 
 function endTurn() {
+  state.turn?.abort?.abort();
   state.turn = null;
   $("send").disabled = false;
+  $("stop").hidden = true;
 }
 
 // --- SSE over fetch (EventSource cannot POST) ----------------------------------------------------
 
 // WHATWG event-stream parsing: lines end in CRLF, CR or LF; `data` lines join with LF.
 function createSSEParser(onEvent) {
-  let buffer = "", data = [], event = "", skipLF = false;
+  let buffer = "", data = [], event = "", skipLF = false, lastId = null;
   return (chunk) => {
     if (skipLF && chunk.startsWith("\n")) chunk = chunk.slice(1); // the LF of a CRLF split in two
     skipLF = chunk.endsWith("\r");
@@ -100,7 +124,7 @@ function createSSEParser(onEvent) {
     buffer = lines.pop();
     for (const line of lines) {
       if (line === "") {
-        if (data.length) onEvent(event || "message", data.join("\n"));
+        if (data.length) onEvent(event || "message", data.join("\n"), lastId);
         data = []; event = "";
       } else if (!line.startsWith(":")) {
         const i = line.indexOf(":");
@@ -109,29 +133,70 @@ function createSSEParser(onEvent) {
         if (value.startsWith(" ")) value = value.slice(1);
         if (field === "data") data.push(value);
         else if (field === "event") event = value;
+        else if (field === "id" && !value.includes("\0")) lastId = value;
       }
     }
   };
 }
 
-async function sendOverSSE(turn, message) {
-  const response = await fetch("chat", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-    body: JSON.stringify({ thread_id: state.threadId, message }),
+function isEventStream(response) {
+  return response.ok && response.headers.get("content-type")?.startsWith("text/event-stream");
+}
+
+async function readStream(turn, response) {
+  const parse = createSSEParser((name, data, id) => {
+    if (id) turn.lastEventId = id;
+    handleEvent(turn, name, JSON.parse(data));
   });
-  if (!response.ok || !response.headers.get("content-type")?.startsWith("text/event-stream")) {
-    const body = await response.json().catch(() => ({ error: response.statusText, type: "http_error" }));
-    return handleEvent(turn, "error", body);
-  }
-  const parse = createSSEParser((name, data) => handleEvent(turn, name, JSON.parse(data)));
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
     parse(value);
   }
-  if (state.turn === turn) handleEvent(turn, "error", { type: "disconnected", error: "the stream ended early" });
+}
+
+async function sendOverSSE(turn, message) {
+  turn.abort = new AbortController();
+  const signal = turn.abort.signal;
+  let response = await fetch("chat", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    body: JSON.stringify({ thread_id: state.threadId, message }),
+    signal,
+  });
+  for (let attempt = 0; ; attempt++) {
+    if (response.status === 204) return endTurn(); // a resume with nothing left to send
+    if (!isEventStream(response)) {
+      const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
+      return handleEvent(turn, "error", body);
+    }
+    let failure = null;
+    try {
+      await readStream(turn, response);
+    } catch (error) {
+      failure = error;
+    }
+    if (state.turn !== turn) return;
+    // The run goes on without us (README "Resuming a stream"): read on after the last id seen.
+    if (!turn.streamUrl || attempt >= 5) {
+      if (failure) throw failure;
+      return handleEvent(turn, "error", { type: "disconnected", error: "the stream ended early" });
+    }
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, 500 * (attempt + 1)));
+      if (state.turn !== turn) return;
+      const headers = { Accept: "text/event-stream" };
+      if (turn.lastEventId) headers["Last-Event-ID"] = turn.lastEventId;
+      try {
+        response = await fetch(turn.streamUrl, { headers, signal });
+        break;
+      } catch (error) {
+        if (state.turn !== turn) return;
+        if (++attempt >= 5) throw error;
+      }
+    }
+  }
 }
 
 // --- WebSocket --------------------------------------------------------------------------------
@@ -147,12 +212,15 @@ function openSocket() {
     ws.onerror = () => reject(new Error("the WebSocket could not connect"));
   });
   ws.onmessage = (message) => {
+    if (ws !== state.ws) return; // a socket given up (New thread)
     const frame = JSON.parse(message.data);
     if (state.turn) handleEvent(state.turn, frame.event, frame.data);
-    else if (frame.event === "error") showError(null, `Error (${frame.type}): ${frame.error}`);
+    else if (frame.event === "error") showError(null, `Error (${frame.data.type}): ${frame.data.error}`);
   };
-  ws.onclose = () => {
-    if (state.turn) handleEvent(state.turn, "error", { type: "disconnected", error: "the WebSocket closed" });
+  ws.onclose = (event) => {
+    if (ws !== state.ws) return; // an old socket's close must not end the turn of a new one
+    const why = `the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
+    if (state.turn) handleEvent(state.turn, "error", { type: "disconnected", error: why });
   };
   return state.wsReady;
 }
@@ -165,6 +233,11 @@ async function sendOverWebSocket(turn, message) {
 // --- threads and the form ---------------------------------------------------------------------
 
 async function newThread() {
+  if (state.turn) {
+    // Give up reading the running turn (it goes on server-side, on its own thread).
+    if (state.ws && state.ws.readyState <= WebSocket.OPEN) { state.ws.close(); state.ws = null; }
+    endTurn();
+  }
   $("log").replaceChildren();
   state.threadId = null;
   $("thread").textContent = "";
@@ -194,13 +267,21 @@ async function send(event) {
   try {
     await ($("transport").value === "ws" ? sendOverWebSocket : sendOverSSE)(turn, message);
   } catch (error) {
-    handleEvent(turn, "error", { type: "network_error", error: error.message });
+    if (error.name !== "AbortError") handleEvent(turn, "error", { type: "network_error", error: error.message });
   }
 }
 
 $("composer").addEventListener("submit", send);
 $("message").addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) send(event);
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
+});
+$("stop").addEventListener("click", () => {
+  const turn = state.turn;
+  if (!turn?.runId) return;
+  if ($("transport").value === "ws" && state.ws) state.ws.send(JSON.stringify({ cancel: turn.runId }));
+  else fetch(`runs/${encodeURIComponent(turn.runId)}/cancel`, { method: "POST" })
+    .then((r) => (r.ok ? null : r.json().then((b) => showError(turn, `Could not stop (${b.type}): ${b.error}`))))
+    .catch(() => {});
 });
 $("new-thread").addEventListener("click", newThread);
 newThread();
