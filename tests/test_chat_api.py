@@ -1017,6 +1017,12 @@ def test_tool_outputs_taken_by_the_last_5xx_attempt_are_not_sent_again(
     assert [i["type"] for i in sent] == ["message"], sent  # the conversation already holds output "3"
 
 
+def stop_the_running_run(runs: Any) -> None:
+    """What POST /runs/{run_id}/cancel does, for the one run going on."""
+    [run] = runs.active_runs
+    runs.cancel(run.run_id, "cancelled by the client")
+
+
 def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
     client: TestClient, upstream: respx.MockRouter
 ) -> None:
@@ -1036,8 +1042,7 @@ def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
         if n == 0:
             return sse_response(calls)
         if n == 1:  # the follow-up: refused, and the client stops the run meanwhile
-            [run] = runs.active_runs
-            runs.cancel(run.run_id, "cancelled by the client")
+            stop_the_running_run(runs)
             return openai_error(429, "slow down", code="rate_limit_exceeded", headers={"retry-after": "0.5"})
         if not any(i.get("call_id") == call_id for i in body["input"]):
             return openai_error(400, f"No tool output found for function call {call_id}.")
@@ -1075,8 +1080,7 @@ def test_held_outputs_of_a_run_cancelled_while_the_thread_is_locked_are_not_lost
         if n == 1:  # the follow-up: a 401 (not retried, nothing taken): the outputs are held
             return openai_error(401, "Incorrect API key provided.")
         if n == 2:  # the next message meets a locked conversation; the client stops it
-            [run] = runs.active_runs
-            runs.cancel(run.run_id, "cancelled by the client")
+            stop_the_running_run(runs)
             return CONVERSATION_LOCKED
         if not any(i.get("call_id") == call_id for i in body["input"]):
             return openai_error(400, f"No tool output found for function call {call_id}.")
