@@ -200,8 +200,9 @@ async def execute_run(
         if isinstance(exc, anyio.get_cancelled_exc_class()) and cancelled_from_outside():
             # The manager's task group itself is going: still end the log, so no reader waits for good.
             if not log.finished:
-                error = log.error or ServiceError("the service stopped while running this message")
-                log.append(Event(ERROR, error.payload(log.correlation_id)))
+                # Also log.error: run_answer (a JSON client) must not read the cut-off run as completed.
+                log.error = log.error or ServiceError("the service stopped while running this message")
+                log.append(Event(ERROR, log.error.payload(log.correlation_id)))
             raise
         # Anything else (a BaseException subclass, a CancelledError a library raised by itself)
         # would leave the log unended and, out of the run's task, cancel every other run.

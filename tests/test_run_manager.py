@@ -14,9 +14,10 @@ from starlette.requests import Request
 
 from assistant import http_api, run_manager
 from assistant.config import Settings
-from assistant.errors import ClientGone, ThreadBusy
+from assistant.errors import ClientGone, ServiceError, ThreadBusy
 from assistant.events import METADATA, Event
 from assistant.message_parser import MessageParser
+from assistant.orchestrator import execute_run, run_answer
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
 
@@ -301,3 +302,21 @@ async def test_a_stray_cancelled_error_in_a_run_still_ends_its_log(anyio_backend
     # e.g. a library raising CancelledError of its own (a future it awaited was cancelled)
     healthy, bad, escaped = await _scenario(asyncio.CancelledError())
     assert bad is not None and bad.finished, "the run's log never ends: its readers hang for good"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_run_cancelled_from_outside_is_an_error_to_its_json_client(anyio_backend: str) -> None:
+    # The manager's task group is cancelled (the service stops) while a run waits upstream:
+    # execute_run ends the log with an `error` event, but run_answer (POST /chat without
+    # streaming) must not answer 200 as if the run had completed.
+    settings = Settings(openai_api_key="sk-test")
+    log = RunLog("run_x", "conv_ok", "corr", max_events=1000, max_bytes=10**6)
+    engine = FakeEngine({})  # conv_ok: a long healthy round
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(execute_run, engine, None, settings, log, "hi")
+        await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    assert log.finished and log.events()[-1].name == "error"
+    with pytest.raises(ServiceError):
+        await run_answer(log, "corr")
