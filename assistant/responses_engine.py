@@ -50,11 +50,15 @@ def tool_output_item(result: ToolResult) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": result.tool_call_id, "output": result.output}
 
 
+def _has_outputs(items: list[dict[str, Any]]) -> bool:
+    return any(i.get("type") == "function_call_output" for i in items)
+
+
 def undeliverable(items: list[dict[str, Any]], reason: str) -> list[dict[str, Any]] | None:
     """The input with each tool output the upstream refused replaced by a short error saying so
     (None: nothing to replace). A 400 is the same for the same input, so the outputs as they are
     would be refused with every later message of the thread."""
-    if not any(i.get("type") == "function_call_output" for i in items):
+    if not _has_outputs(items):
         return None
     error = orjson.dumps({"error": f"the tool's output could not be delivered: {reason}"}).decode()
     return [{**i, "output": error} if i.get("type") == "function_call_output" else i for i in items]
@@ -333,9 +337,6 @@ class ResponsesEngine:
                 return False
         return False if len(page.data) < LOOK_BACK_ITEMS else None  # False: the whole conversation was read
 
-
-def _has_outputs(items: list[dict[str, Any]]) -> bool:
-    return any(i.get("type") == "function_call_output" for i in items)
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

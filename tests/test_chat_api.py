@@ -6,7 +6,7 @@ import gc
 import logging
 import gzip
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -1017,6 +1017,21 @@ def test_tool_outputs_taken_by_the_last_5xx_attempt_are_not_sent_again(
     assert [i["type"] for i in sent] == ["message"], sent  # the conversation already holds output "3"
 
 
+def recorded(
+    answer: Callable[[int, dict[str, Any]], httpx.Response],
+) -> tuple[Callable[[httpx.Request], httpx.Response], list[list[dict[str, Any]]]]:
+    """A respx side effect answering the n-th request (and its body) with `answer`, and the inputs
+    it was sent, in order."""
+    inputs: list[list[dict[str, Any]]] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        inputs.append(body["input"])
+        return answer(len(inputs) - 1, body)
+
+    return respond, inputs
+
+
 def stop_the_running_run(runs: Any) -> None:
     """What POST /runs/{run_id}/cancel does, for the one run going on."""
     [run] = runs.active_runs
@@ -1033,12 +1048,8 @@ def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
     calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
     call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
     runs = client.app.state.runs  # type: ignore[attr-defined]
-    answered: list[list[dict[str, Any]]] = []
 
-    def respond(request: httpx.Request) -> httpx.Response:
-        body = orjson.loads(request.content)
-        n = len(answered)
-        answered.append(body["input"])
+    def answer(n: int, body: dict[str, Any]) -> httpx.Response:
         if n == 0:
             return sse_response(calls)
         if n == 1:  # the follow-up: refused, and the client stops the run meanwhile
@@ -1048,6 +1059,7 @@ def test_tool_outputs_of_a_run_cancelled_while_the_follow_up_waits_are_not_lost(
             return openai_error(400, f"No tool output found for function call {call_id}.")
         return sse_response(text_events("next"))
 
+    respond, answered = recorded(answer)
     upstream.post("/responses").mock(side_effect=respond)
     call = {"type": "function_call", "id": "fc_1", "call_id": call_id, "name": "calculator", "arguments": "{}",
             "status": "completed"}
@@ -1069,12 +1081,8 @@ def test_held_outputs_of_a_run_cancelled_while_the_thread_is_locked_are_not_lost
     call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
     runs = client.app.state.runs  # type: ignore[attr-defined]
     engine = runs.engine
-    answered: list[list[dict[str, Any]]] = []
 
-    def respond(request: httpx.Request) -> httpx.Response:
-        body = orjson.loads(request.content)
-        n = len(answered)
-        answered.append(body["input"])
+    def answer(n: int, body: dict[str, Any]) -> httpx.Response:
         if n == 0:
             return sse_response(calls)
         if n == 1:  # the follow-up: a 401 (not retried, nothing taken): the outputs are held
@@ -1086,6 +1094,7 @@ def test_held_outputs_of_a_run_cancelled_while_the_thread_is_locked_are_not_lost
             return openai_error(400, f"No tool output found for function call {call_id}.")
         return sse_response(text_events("next"))
 
+    respond, answered = recorded(answer)
     upstream.post("/responses").mock(side_effect=respond)
     assert chat(client, "go").status_code == 502
     assert engine._undelivered.get("conv_test")
