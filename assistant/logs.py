@@ -81,8 +81,9 @@ def configure_logging(level: str) -> None:
 async def adopt_server_loggers() -> None:
     """Send hypercorn's own records through the JSON handler instead of its plain-text one.
 
-    Hypercorn installs its handlers when it starts listening, just after the app's start-up,
-    so this waits (briefly) for them to appear and then removes them.
+    Started as the Procfile does, hypercorn installs none (hypercorn_config.py). Started without
+    that file, it installs them when it starts listening, just after the app's start-up, so this
+    waits (briefly) for them to appear and then removes them.
     """
     if not any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
         return  # logging was not configured by the service (embedded, or under tests)

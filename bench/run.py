@@ -5,8 +5,8 @@
                         [--json FILE]
 
 It starts bench/fast_upstream.py (a fake OpenAI that costs little CPU, whose deltas carry their
-send time) and the service exactly as the Procfile does (`hypercorn app:app --bind`, here on
-127.0.0.1), then drives it with bench/load.py, a separate process, once per scenario:
+send time) and the service exactly as the Procfile does (its command, bound to 127.0.0.1
+instead of $PORT), then drives it with bench/load.py, a separate process, once per scenario:
 
   A  one stream at full rate (rate=0)                 CPU per delta at best (events batch up)
   B  --streams x --deltas at --rate (200 x 50 at 20/s) CPU per delta all-in, per turn, latency, TTFD
@@ -40,6 +40,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -248,6 +249,13 @@ class Upstream:
         stop(self.proc)
 
 
+def procfile_command(bind: str) -> list[str]:
+    """The Procfile's web command (`hypercorn ...`) bound to `bind` instead of $PORT."""
+    words = shlex.split((REPO / "Procfile").read_text().split("web:", 1)[1])
+    words[words.index("--bind") + 1] = bind
+    return words
+
+
 class Service:
     """The service as the Procfile starts it, in front of the fast upstream; or with `floor`, one
     of bench/floor.py's relays in its place ("raw": plain asyncio; "hypercorn": a bare ASGI app)."""
@@ -268,9 +276,10 @@ class Service:
             if floor == "raw":
                 command = [sys.executable, str(BENCH / "floor.py"), "--upstream", env["FLOOR_UPSTREAM"],
                            "--port", str(self.port)]
+            elif floor == "hypercorn":
+                command = [sys.executable, "-m", "hypercorn", "bench.floor:app", "--bind", f"127.0.0.1:{self.port}"]
             else:
-                app = "bench.floor:app" if floor == "hypercorn" else "app:app"
-                command = [sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{self.port}"]
+                command = [sys.executable, "-m", *procfile_command(f"127.0.0.1:{self.port}")]
             if worker_class:
                 command += ["--worker-class", worker_class]
             with os.fdopen(fd, "wb") as log:

@@ -8,4 +8,4 @@ python3 -m venv .venv
 : "${OPENAI_API_KEY:?set OPENAI_API_KEY (or run against a fake: see README)}"
 export PORT="${PORT:-8000}"
 echo "Starting on port ${PORT}, every interface: open http://127.0.0.1:${PORT}/  (Ctrl+C to stop)"
-exec .venv/bin/hypercorn app:app --bind "0.0.0.0:${PORT}"
+exec .venv/bin/hypercorn --config file:hypercorn_config.py app:app --bind "0.0.0.0:${PORT}"

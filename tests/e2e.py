@@ -11,6 +11,7 @@ test module (`from tests.e2e import fake_upstream, service  # noqa: F401`).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -43,6 +44,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def procfile_hypercorn_args() -> tuple[str, ...]:
+    """The Procfile's hypercorn arguments besides the app and `--bind`: the service under test
+    starts as it is deployed."""
+    command = (REPO / "Procfile").read_text().split("web:", 1)[1].strip()
+    words = shlex.split(command)
+    assert words[0] == "hypercorn" and "app:app" in words, command
+    args = [word for word in words[1:] if word != "app:app"]
+    bind = args.index("--bind")
+    del args[bind : bind + 2]
+    return tuple(args)
 
 
 def clean_environment(**overrides: str) -> dict[str, str]:
@@ -217,7 +230,8 @@ def start_service(
     upstream_url: str, name: str = "service", hypercorn_args: tuple[str, ...] = (), **overrides: str
 ) -> ServerProcess:
     env = service_environment(upstream_url, **overrides)
-    return ServerProcess("app:app", env, health_path="/health", name=name, hypercorn_args=hypercorn_args).start()
+    args = (*procfile_hypercorn_args(), *hypercorn_args)
+    return ServerProcess("app:app", env, health_path="/health", name=name, hypercorn_args=args).start()
 
 
 @pytest.fixture(scope="module")

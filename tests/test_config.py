@@ -326,3 +326,12 @@ def test_import_app_with_missing_tool_module_exits_2(startups: dict[str, tuple[i
     assert lines[0].startswith("configuration error: cannot import tool module 'no_such_module'")
     assert "No module named 'no_such_module'" in lines[0]
     assert stdout == ""
+
+
+def test_start_script_runs_the_procfiles_command() -> None:
+    """`scripts/start.sh` (the README's run command) starts hypercorn with the Procfile's
+    arguments, so what a newcomer runs is what is deployed."""
+    procfile = (REPO / "Procfile").read_text().split("web:", 1)[1].strip()
+    start = (REPO / "scripts" / "start.sh").read_text().splitlines()[-1]
+    assert start.startswith("exec .venv/bin/"), start
+    assert start.removeprefix("exec .venv/bin/").replace('"0.0.0.0:${PORT}"', "0.0.0.0:$PORT") == procfile

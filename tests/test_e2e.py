@@ -334,6 +334,18 @@ async def test_health(service: ServerProcess) -> None:
 
 
 @pytest.mark.anyio
+def test_every_line_the_service_writes_is_a_json_log_line(service: ServerProcess) -> None:
+    """Started as the Procfile starts it, hypercorn's own lines ("Running on ...") are JSON log
+    lines like the service's, not plain text on stderr: a log shipper parses every line."""
+    lines = [line for line in service.output().splitlines() if line.strip()]
+    running = [line for line in lines if "Running on" in line]
+    assert len(running) == 1, lines
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= entry.keys(), line
+    assert json.loads(running[0])["logger"] == "hypercorn.error"
+
+
 async def test_threads_are_created_by_post_threads_and_get_start(service: ServerProcess) -> None:
     async with http_client() as client:
         created = await client.post(f"{service.url}/threads")
