@@ -286,3 +286,33 @@ def test_stop_button_cancels_the_run(page: object, transport: str) -> None:
     page.click("#stop")  # type: ignore[attr-defined]
     wait_idle(page)
     assert "Stopped:" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
+
+
+def test_a_dropped_websocket_is_resumed(page: object) -> None:
+    """The socket drops mid-reply: the page opens a new one and resumes the run after the last
+    event id it got (README: `{"resume": run_id, "last_event_id": id}`), instead of showing
+    'the WebSocket closed' and losing the rest of the reply."""
+    send(page, "fault:slow 0.3 16", "ws")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word1')"
+    )
+    page.evaluate("() => state.ws.close()")  # type: ignore[attr-defined]  # as a dropped connection ends it
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word15')",
+        timeout=15_000,
+    )
+    wait_idle(page)
+    assert last_reply(page) == " ".join(f"word{i}" for i in range(16))
+    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+    send(page, "still there?", "ws")  # the resumed socket carries the next turn
+    wait_idle(page)
+    assert last_reply(page) == "You said: still there?"
+
+
+def test_a_rate_limited_turn_says_when_to_try_again(page: object) -> None:
+    """OpenAI asked to wait longer than the service waits itself: the error's
+    `retry_after_seconds` is shown, so the user knows when to send again."""
+    send(page, "fault:status 429 60 x1", "sse")
+    wait_idle(page)
+    error = page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
+    assert "upstream_rate_limited" in error and "Try again in 60 s." in error

@@ -98,10 +98,11 @@ function handleEvent(turn, name, data) {
       showError(turn, `Stopped: ${data.reason}`);
       break;
     case "error":
-      showError(turn, `Error (${data.type}): ${data.error}`);
+      showError(turn, `Error (${data.type}): ${data.error}` +
+        (data.retry_after_seconds ? ` Try again in ${Math.ceil(data.retry_after_seconds)} s.` : ""));
       break;
   }
-  if (name === "metadata" || name === "error") endTurn();
+  if (name === "metadata" || name === "error" || (name === "thread.run.resumed" && data.complete)) endTurn();
 }
 
 function endTurn() {
@@ -214,15 +215,32 @@ function openSocket() {
   ws.onmessage = (message) => {
     if (ws !== state.ws) return; // a socket given up (New thread)
     const frame = JSON.parse(message.data);
+    if (state.turn && frame.id) state.turn.lastEventId = frame.id;
     if (state.turn) handleEvent(state.turn, frame.event, frame.data);
     else if (frame.event === "error") showError(null, `Error (${frame.data.type}): ${frame.data.error}`);
   };
   ws.onclose = (event) => {
     if (ws !== state.ws) return; // an old socket's close must not end the turn of a new one
+    const turn = state.turn;
+    if (!turn) return;
+    // The run goes on without us (README "Resuming a stream"): a new socket reads on after the last id.
+    if (turn.runId && (turn.resumes ?? 0) < 5) return resumeOverWebSocket(turn);
     const why = `the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
-    if (state.turn) handleEvent(state.turn, "error", { type: "disconnected", error: why });
+    handleEvent(turn, "error", { type: "disconnected", error: why });
   };
   return state.wsReady;
+}
+
+async function resumeOverWebSocket(turn) {
+  turn.resumes = (turn.resumes ?? 0) + 1;
+  await new Promise((resolve) => setTimeout(resolve, 500 * turn.resumes));
+  if (state.turn !== turn) return;
+  try {
+    await openSocket();
+  } catch {
+    return; // its close comes next, and tries again
+  }
+  state.ws.send(JSON.stringify({ resume: turn.runId, last_event_id: turn.lastEventId }));
 }
 
 async function sendOverWebSocket(turn, message) {
@@ -278,7 +296,7 @@ $("message").addEventListener("keydown", (event) => {
 $("stop").addEventListener("click", () => {
   const turn = state.turn;
   if (!turn?.runId) return;
-  if ($("transport").value === "ws" && state.ws) state.ws.send(JSON.stringify({ cancel: turn.runId }));
+  if ($("transport").value === "ws" && state.ws?.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ cancel: turn.runId }));
   else fetch(`runs/${encodeURIComponent(turn.runId)}/cancel`, { method: "POST" })
     .then((r) => (r.ok ? null : r.json().then((b) => showError(turn, `Could not stop (${b.type}): ${b.error}`))))
     .catch(() => {});
