@@ -263,19 +263,24 @@ CUT_AFTER_WORD1 = """() => {
 }"""
 
 
+def assert_whole_reply_without_error(page: object, words: int) -> None:
+    """`fault:slow`'s whole reply arrives (word0 ... word<n-1>), and no error shows."""
+    page.wait_for_function(  # type: ignore[attr-defined]
+        f"() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word{words - 1}')",
+        timeout=15_000,
+    )
+    wait_idle(page)
+    assert last_reply(page) == " ".join(f"word{i}" for i in range(words))
+    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+
+
 def test_a_dropped_sse_stream_is_resumed(page: object) -> None:
     """The connection drops mid-reply: the run goes on (README: runs outlive connections, resume
     with Last-Event-ID from thread.run.created's stream_url), but the page shows 'network error',
     the rest of the reply is lost, and the thread stays busy until the run ends."""
     page.evaluate(CUT_AFTER_WORD1)  # type: ignore[attr-defined]
     send(page, "fault:slow 0.3 16", "sse")
-    page.wait_for_function(  # type: ignore[attr-defined]
-        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word15')",
-        timeout=15_000,
-    )
-    wait_idle(page)
-    assert last_reply(page) == " ".join(f"word{i}" for i in range(16))
-    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+    assert_whole_reply_without_error(page, 16)
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])
@@ -297,13 +302,7 @@ def test_a_dropped_websocket_is_resumed(page: object) -> None:
         "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word1')"
     )
     page.evaluate("() => state.ws.close()")  # type: ignore[attr-defined]  # as a dropped connection ends it
-    page.wait_for_function(  # type: ignore[attr-defined]
-        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word15')",
-        timeout=15_000,
-    )
-    wait_idle(page)
-    assert last_reply(page) == " ".join(f"word{i}" for i in range(16))
-    assert page.locator(".error").count() == 0  # type: ignore[attr-defined]
+    assert_whole_reply_without_error(page, 16)
     send(page, "still there?", "ws")  # the resumed socket carries the next turn
     wait_idle(page)
     assert last_reply(page) == "You said: still there?"
