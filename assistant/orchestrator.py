@@ -195,7 +195,10 @@ async def execute_run(
                     async for event in events:
                         log.append(event)
             except ServiceError as exc:
-                log.error = exc
+                # Kept with the log for its retention: without the tracebacks, whose frames hold
+                # the run's tool inputs and outputs, its message and its next input (the events'
+                # caps bound what a retained run holds; these would not be counted).
+                log.error = _without_frames(exc)
     except BaseException as exc:  # a bug, here or in a task of the run's (a tool's): this run ends, not the service
         if isinstance(exc, anyio.get_cancelled_exc_class()) and cancelled_from_outside():
             # The manager's task group itself is going: still end the log, so no reader waits for good.
@@ -220,6 +223,17 @@ async def execute_run(
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))
     logger.info("run finished", extra={"events": log.last_seq, "elapsed_seconds": _elapsed(log)})
+
+
+def _without_frames(error: ServiceError) -> ServiceError:
+    """`error`, and the errors it came from, with no traceback (it is logged without one)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return error
 
 
 def _elapsed(log: RunLog) -> float:

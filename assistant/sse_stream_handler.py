@@ -118,6 +118,10 @@ class SSEResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
+        if scope.get("method") == "HEAD":  # the GET's head, no body: following the run would hold the connection
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.done = True
+            return
         with anyio.CancelScope() as self._scope:
             self._receive = receive
             self._watching = True

@@ -299,6 +299,32 @@ async def test_sse_stream_that_fell_behind_the_cap_ends_with_an_events_dropped_e
     assert events[-1]["data"]["correlation_id"] == "the-reader"  # the request's, not the run's
 
 
+@pytest.mark.anyio
+async def test_head_on_a_live_runs_stream_answers_the_headers_at_once() -> None:
+    """HEAD /chat/stream/{run_id} (Starlette answers HEAD on every GET route) gets the GET's status
+    and headers, then ends: the server sends no body for HEAD, so following the live run would only
+    hold the response open until the run ends, and with it the keep-alive connection, on which the
+    client's next request (the GET it checked for) then waits for the run's end instead of streaming."""
+    log = new_log()
+    log.append(delta(1))
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    with anyio.fail_after(1):
+        await sse_response_for(log, after=1)({"type": "http", "method": "HEAD"}, receive, send)
+    assert not log.finished
+    assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 200
+    assert dict(messages[0]["headers"])[b"content-type"].startswith(b"text/event-stream")
+    assert [m["type"] for m in messages[1:]] == ["http.response.body"]
+    assert messages[-1].get("body", b"") == b"" and not messages[-1].get("more_body", False)
+
+
 # ==============================================================================================
 # RunManager retention, with a stub engine
 
@@ -593,6 +619,73 @@ async def test_a_run_on_the_same_thread_pushes_out_the_oldest() -> None:
         second = await finished_run(runs, "thread_a", "two")
         expect_not_found(runs, first.run_id, "run_expired")
         assert runs.lookup(second.run_id) is second
+
+
+class FailingFollowUpEngine(SettlingEngine):
+    """Round 1 calls the `big` tool; the round with its output breaks upstream."""
+
+    def next_input(self, parser: Any, results: Any) -> list[str]:
+        return [result.output for result in results]  # as the real engines send the outputs on
+
+    @asynccontextmanager
+    async def open_round(self, thread_id: str, turn_input: Any) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+        async def batches() -> AsyncIterator[list[dict[str, Any]]]:
+            if turn_input != "hi":
+                raise UpstreamError("the upstream stream broke")
+            yield [{"type": "call"}, {"type": "end"}]
+
+        yield batches()
+
+    def new_parser(self, tracker: Any) -> StubParser:
+        parser = super().new_parser(tracker)
+        parse = parser.parse
+
+        def call_big(event: dict[str, Any]) -> list[Event]:
+            if event["type"] == "call":
+                call = ToolCall(call_id="call_big", name="big", arguments="{}")
+                parser.tool_calls.append(call)
+                return [tracker.start_call(call)]
+            return parse(event)
+
+        parser.parse = call_big  # type: ignore[method-assign]
+        return parser
+
+    async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_failed_run_kept_for_resuming_holds_no_more_than_its_capped_events() -> None:
+    """A run that failed is kept for STREAM_RETENTION_SECONDS like any other, and the README bounds
+    what it keeps by STREAM_MAX_BYTES_PER_RUN: its error must not hold the run's frames (its tool
+    outputs, message and next input) alive beside the log for all that time."""
+    import gc
+    import tracemalloc
+
+    async def big() -> str:
+        """A tool with a large output."""
+        return "x" * 4_000_000
+
+    settings = load_settings({"OPENAI_API_KEY": "sk-test", "STREAM_MAX_BYTES_PER_RUN": "1024"})
+    engine = FailingFollowUpEngine()
+    async with RunManager(engine, ToolRegistry({"big": big}, timeout=5), settings) as runs:  # type: ignore[arg-type]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            log = await runs.start_run("thread_big", "hi", "corr")
+            with anyio.fail_after(TIMEOUT):
+                await log.wait_finished()
+                while log not in runs._finished:  # its task has ended
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert log.events()[-1].name == ERROR and runs.lookup(log.run_id) is log  # kept, for resuming
+        assert log.size_bytes <= 1024 + 200
+        assert kept < 1_000_000, f"the failed run keeps {kept} bytes beside its {log.size_bytes} bytes of events"
 
 
 # ==============================================================================================
