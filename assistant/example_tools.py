@@ -53,8 +53,11 @@ def calculator(
         raise ValueError("the result is not a real number")
     if not math.isfinite(result):
         raise ValueError("the result is too large to represent")
-    # 19 * 3 reads better as 57 than 57.0.
-    return int(result) if float(result).is_integer() else result
+    # 19 * 3 reads better as 57 than 57.0. From 2**53 on a float is rounded (an operand, or the
+    # result), and an integer would look exact (10**23 as 100000000000000008388608): a float says
+    # it is not.
+    exact = max(abs(a), abs(b), abs(result)) < 2**53
+    return int(result) if exact and float(result).is_integer() else result
 
 
 def get_current_time(timezone: str = "UTC") -> str:

@@ -42,10 +42,11 @@ logger = logging.getLogger("assistant.tools")
 _DEFAULT_MODULE = "assistant.example_tools"
 _NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _SECTION_RE = re.compile(
-    r"(Args|Arguments|Parameters|Params|Returns?|Yields?|Raises|Examples?|Notes?|"
-    r"Attributes|See Also|Warnings?|Todo):"
+    r"(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Other Parameters|"
+    r"Returns?|Yields?|Raises?|Warns|Examples?|Notes?|Attributes|References|See Also|Warnings?|Todo):"
 )
-_PARAM_SECTIONS = {"Args", "Arguments", "Parameters", "Params"}
+# Google style (as Sphinx's napoleon reads it) puts keyword-only parameters under "Keyword Args:".
+_PARAM_SECTIONS = {"Args", "Arguments", "Parameters", "Params", "Keyword Args", "Keyword Arguments", "Other Parameters"}
 _PARAM_RE = re.compile(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -61,6 +62,8 @@ MAX_TOOLS = 128
 # ... and a function description longer than this (string_above_max_length, reported for the
 # Chat Completions and Assistants shape): a longer docstring is cut, with a warning.
 MAX_DESCRIPTION_CHARS = 1024
+# Invalid arguments: the first problems are listed, then how many more there are.
+MAX_LISTED_PROBLEMS = 10
 
 
 class ToolConfigError(ValueError):
@@ -174,8 +177,9 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
         available = ", ".join(registry.names) or "none"
         return _error(call, correlation_id, f"unknown tool {call.name!r}; available tools: {available}")
 
+    text = call.arguments.strip() or "{}"
     try:
-        arguments = orjson.loads(call.arguments.strip() or "{}")
+        arguments = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return _error(call, correlation_id, f"arguments for tool {call.name!r} are not valid JSON: {exc}")
     if not isinstance(arguments, dict):
@@ -185,9 +189,21 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
         )
 
     try:
-        validated = tool.model.model_validate(arguments)
+        # Validated as the JSON it is, not as the Python objects orjson made of it: a strict model
+        # or field takes a date as a string, an enum as its value, an array for a tuple, and an
+        # integer past 64 bits (a float to orjson) keeps every digit.
+        try:
+            validated = tool.model.model_validate_json(text)
+        except pydantic.ValidationError as exc:
+            if not all(error["type"] == "json_invalid" for error in exc.errors()):
+                raise
+            # orjson took it, pydantic's parser did not: nested over its 200 levels. As objects, then.
+            validated = tool.model.model_validate(arguments)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(_describe(error) for error in exc.errors(include_url=False))
+        errors = exc.errors(include_url=False)
+        problems = "; ".join(_describe(error) for error in errors[:MAX_LISTED_PROBLEMS])
+        if len(errors) > MAX_LISTED_PROBLEMS:  # one mistake repeated over a long list, most often
+            problems += f"; and {len(errors) - MAX_LISTED_PROBLEMS} more"
         return _error(call, correlation_id, f"invalid arguments for tool {call.name!r}: {problems}")
     kwargs = {param: getattr(validated, field) for field, param in tool.params}
 
@@ -227,6 +243,10 @@ async def _run_in_thread(func: Callable[[], Any], slots: anyio.CapacityLimiter) 
     def run() -> None:
         try:
             outcome: tuple[Any, BaseException | None] = (context.run(func), None)
+        except StopIteration as exc:  # `next()` on an empty iterator: a Future refuses it (TypeError),
+            error = RuntimeError("tool raised StopIteration")  # so say it as a coroutine would
+            error.__cause__ = exc
+            outcome = (None, error)
         except BaseException as exc:  # handed to the caller, as if raised there
             outcome = (None, exc)
         try:
@@ -366,7 +386,10 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
         # called `json`, `schema` or `_private` would otherwise clash with BaseModel.
         field = f"arg_{index}"
         if isinstance(param.default, FieldInfo):  # `x: int = Field(3, description=...)`
-            fields[field] = (Annotated[param.annotation, param.default], pydantic.Field(**options))
+            annotation = param.annotation
+            if param.default.default is None and not _accepts_none(annotation):
+                annotation = Optional[annotation]  # as below
+            fields[field] = (Annotated[annotation, param.default], pydantic.Field(**options))
         else:
             default = ... if param.default is param.empty else param.default
             annotation = param.annotation

@@ -924,3 +924,153 @@ async def test_a_none_default_takes_an_explicit_null() -> None:
     assert (await run(registry, "search", '{"query": "q"}')).output == "q None"
     result = await run(registry, "search", '{"query": "q", "limit": null}')
     assert result.is_error is False and result.output == "q None"
+
+
+# --- what a user's own tools module writes ------------------------------------------------------
+
+
+class _StrictBooking(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+
+    when: datetime
+    colour: Colour
+    seats: tuple[int, int]
+
+
+@pytest.mark.anyio
+async def test_a_strict_pydantic_model_takes_the_json_the_model_sends() -> None:
+    """The arguments are JSON, so they are validated as JSON: a strict model (or a field marked
+    `Strict()`) takes a date as a string, an enum as its value and an array for a tuple. Validated
+    as the Python objects orjson made of them, every one of those was refused ("Input should be
+    an instance of Colour"), and the tool could never be called."""
+    def book(booking: _StrictBooking, count: Annotated[int, pydantic.Strict()]) -> str:
+        return f"{booking.when:%Y-%m-%d} {booking.colour.value} {booking.seats} x{count}"
+
+    registry = ToolRegistry({"book": book}, timeout=5)
+    arguments = '{"booking": {"when": "2024-05-06T07:08:09", "colour": "red", "seats": [3, 4]}, "count": 2}'
+    assert await run(registry, "book", arguments) == ToolResult("call_1", "2024-05-06 red (3, 4) x2", False)
+    # Strict still means strict: a string for the integer is refused.
+    assert "count" in error_of(await run(registry, "book", arguments.replace('"count": 2', '"count": "2"')))
+
+
+@pytest.mark.anyio
+async def test_an_integer_past_64_bits_reaches_the_tool_with_every_digit() -> None:
+    """orjson reads an integer past 64 bits as a float: `n: int` refused it ("exceeded maximum
+    size"), and a `dict` or `Any` parameter got a rounded float instead of the number sent."""
+    def factor(n: int, extra: dict[str, Any]) -> str:
+        return f"{n} {extra['m']!r}"
+
+    registry = ToolRegistry({"factor": factor}, timeout=5)
+    big = "123456789012345678901234567890"
+    result = await run(registry, "factor", f'{{"n": {big}, "extra": {{"m": {big}}}}}')
+    assert result == ToolResult("call_1", f"{big} {big}", False)
+
+
+@pytest.mark.anyio
+async def test_arguments_nested_deeper_than_pydantics_json_parser_goes_are_still_taken() -> None:
+    """pydantic's JSON parser stops at 200 levels, orjson at 1024: what orjson reads is validated
+    as objects then, as it was before the arguments were validated as JSON."""
+    def store(data: Any) -> str:
+        return "stored"
+
+    deep = '{"data": ' + "[" * 300 + "]" * 300 + "}"
+    assert (await run(ToolRegistry({"store": store}, timeout=5), "store", deep)).output == "stored"
+
+
+@pytest.mark.anyio
+async def test_a_sync_tool_raising_stop_iteration_fails_at_once_not_at_its_timeout() -> None:
+    """`next(o for o in orders if ...)` with no match raises StopIteration. An asyncio Future
+    refuses that exception (TypeError in the loop's callback), so the call waited out
+    TOOL_TIMEOUT_SECONDS and the model was told the tool timed out."""
+    def find_order(order_id: str) -> dict[str, str]:
+        orders = [{"id": "ORD1"}]
+        return next(order for order in orders if order["id"] == order_id)
+
+    registry = ToolRegistry({"find_order": find_order}, timeout=3)
+    start = time.monotonic()
+    message = error_of(await run(registry, "find_order", '{"order_id": "ORD2"}'))
+    assert time.monotonic() - start < 1
+    assert "StopIteration" in message and "timed out" not in message
+    assert not registry.thread_slots.borrowed_tokens
+
+
+@pytest.mark.anyio
+async def test_a_field_defaulting_to_none_also_takes_an_explicit_null() -> None:
+    """The README: "A parameter defaulting to `None` also takes `null`". Written with a Field (to
+    describe it), `limit: int = Field(None, ...)` showed the model `"default": null` and then
+    refused the null it sent."""
+    def search(query: str, limit: int = pydantic.Field(None, description="at most this many")) -> str:
+        return f"{query} {limit}"
+
+    registry = ToolRegistry({"search": search}, timeout=5)
+    assert tool_schema(registry, "search")["parameters"]["properties"]["limit"]["description"] == "at most this many"
+    assert (await run(registry, "search", '{"query": "q"}')).output == "q None"
+    result = await run(registry, "search", '{"query": "q", "limit": null}')
+    assert result == ToolResult("call_1", "q None", False)
+    assert "limit" in error_of(await run(registry, "search", '{"query": "q", "limit": "many"}'))
+
+
+@pytest.mark.anyio
+async def test_arguments_wrong_everywhere_give_a_short_error_not_one_line_per_element() -> None:
+    """A model that sends 100,000 strings for a list[int] made one mistake; listing each element
+    made an 8 MB error result (16 times the arguments), sent back to the model in full and in the
+    client's step event."""
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    registry = ToolRegistry({"total": total}, timeout=5)
+    message = error_of(await run(registry, "total", orjson.dumps({"values": ["x"] * 100_000}).decode()))
+    assert len(message) < 2_000
+    assert message.startswith("invalid arguments for tool 'total': values.0: Input should be a valid integer")
+    assert message.endswith("and 99990 more")
+
+
+def test_keyword_args_sections_describe_keyword_only_parameters() -> None:
+    """Google style puts keyword-only parameters under "Keyword Args:" (or "Keyword Arguments:",
+    "Other Parameters:"). That header was not known: it ran into the summary or into the previous
+    parameter's description, and the parameters under it went undescribed."""
+    def search(query: str, *, limit: int = 10) -> str:
+        """Search the catalogue.
+
+        Args:
+            query: What to look for.
+
+        Keyword Args:
+            limit: How many results at most.
+        """
+        return query
+
+    def lookup(query: str, *, limit: int = 10, exact: bool = False) -> str:
+        """Look a word up.
+
+        Keyword Arguments:
+            limit: How many results at most.
+
+        Other Parameters:
+            exact: Only exact matches.
+        """
+        return query
+
+    registry = ToolRegistry({"search": search, "lookup": lookup}, timeout=1)
+    properties = tool_schema(registry, "search")["parameters"]["properties"]
+    assert tool_schema(registry, "search")["description"] == "Search the catalogue."
+    assert properties["query"]["description"] == "What to look for."
+    assert properties["limit"]["description"] == "How many results at most."
+    properties = tool_schema(registry, "lookup")["parameters"]["properties"]
+    assert tool_schema(registry, "lookup")["description"] == "Look a word up."
+    assert properties["limit"]["description"] == "How many results at most."
+    assert properties["exact"]["description"] == "Only exact matches."
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "op", "exact"),
+    [(10, 23, "power", 10**23), (123456789, 987654321, "multiply", 121932631112635269),
+     (9007199254740993, -2, "add", 9007199254740991)],
+)
+def test_the_calculator_never_shows_a_rounded_result_as_an_exact_integer(a: int, b: int, op: str, exact: int) -> None:
+    """The calculator tells the model its result is exact. Past 2**53 a float is rounded, and
+    its integer form looked exact while it was wrong (10**23 came out as
+    100000000000000008388608): such a result stays a float, which says it is approximate."""
+    result = calculator(a, b, op)  # type: ignore[arg-type]
+    assert not (type(result) is int and result != exact)
+    assert result == pytest.approx(exact)
