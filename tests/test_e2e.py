@@ -333,7 +333,6 @@ async def test_health(service: ServerProcess) -> None:
     assert HEX_ID.fullmatch(response.headers["x-correlation-id"])
 
 
-@pytest.mark.anyio
 def test_every_line_the_service_writes_is_a_json_log_line(service: ServerProcess) -> None:
     """Started as the Procfile starts it, hypercorn's own lines ("Running on ...") are JSON log
     lines like the service's, not plain text on stderr: a log shipper parses every line."""
@@ -346,6 +345,7 @@ def test_every_line_the_service_writes_is_a_json_log_line(service: ServerProcess
     assert json.loads(running[0])["logger"] == "hypercorn.error"
 
 
+@pytest.mark.anyio
 async def test_threads_are_created_by_post_threads_and_get_start(service: ServerProcess) -> None:
     async with http_client() as client:
         created = await client.post(f"{service.url}/threads")
