@@ -11,7 +11,28 @@ app closes those (1009) and reads on until the client answers.
 """
 
 import logging
+import math
+import os
 
 # hypercorn's own lines ("Running on ...", its errors) through the service's JSON log handler.
 # Given a name instead, hypercorn would give this logger a plain-text handler of its own.
 errorlog = logging.getLogger("hypercorn.error")
+
+# One process, serving itself (as `--workers 0`), not hypercorn's parent with one worker under it:
+# - the parent exits 0 whatever its worker's exit code (a bad setting, a crash, an OOM kill), so a
+#   crash loop would look like clean exits to systemd's Restart=on-failure or Docker's restart policy;
+# - a SIGTERM to the parent alone (`docker stop`, Kubernetes: PID 1 only) never reaches the app,
+#   so streams were cut by hypercorn without their `shutting_down` end; and one to the worker
+#   alone left it refusing every turn while the parent kept it up.
+workers = 0
+
+
+# hypercorn cuts open connections this long after SIGTERM: past SHUTDOWN_GRACE_SECONDS, so that
+# running turns end with `shutting_down` and their streams close before that. (Plain values only:
+# hypercorn takes every name in this file as a setting, and sends them to its workers.)
+try:
+    _grace = float(os.environ.get("SHUTDOWN_GRACE_SECONDS", "2"))
+except ValueError:  # the app refuses the value at start-up, saying why
+    _grace = 2.0
+graceful_timeout = max(3.0, _grace + 1.0) if math.isfinite(_grace) else 3.0
+del _grace

@@ -9,7 +9,10 @@ clients can read them again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -230,19 +233,28 @@ def on_termination_signal(callback: Callable[[], None]) -> None:
     """Call `callback` (in the event loop) on SIGTERM or SIGINT, before the server's own handling.
 
     hypercorn handles these itself and tells the app only after it stopped waiting for open
-    connections; chaining in front of its handler lets runs end cleanly within that time. (Its
-    worker sees the signal when it is sent to the whole process group, as Heroku, systemd and
-    a terminal's Ctrl+C do; a signal to hypercorn's parent process alone is not passed on.)
+    connections; chaining in front of its handler lets runs end cleanly within that time. (Under
+    `--workers 1` or more, its worker sees the signal when it is sent to the whole process group,
+    as Heroku, systemd and a terminal's Ctrl+C do; a signal to hypercorn's parent process alone is
+    not passed on. The Procfile's hypercorn is one process: hypercorn_config.py.)
     """
     if threading.current_thread() is not threading.main_thread():
         return  # signals can only be handled there (not the case under a test client)
     loop = asyncio.get_running_loop()
+    # In hypercorn's worker (`--workers 1` or more) the parent owns the shutdown and installs no
+    # handler here: a signal to the worker alone would leave it refusing turns for good, so it is
+    # passed on to the parent, whose shutdown then stops this worker as a group signal does.
+    parent = multiprocessing.parent_process()
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
+        owner = parent.pid if parent is not None and not callable(previous) else None
 
-        def handle(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+        def handle(signum: int, frame: FrameType | None, previous: Any = previous, owner: int | None = owner) -> None:
             loop.call_soon_threadsafe(callback)
             if callable(previous):
                 previous(signum, frame)
+            elif owner is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(owner, signum)
 
         signal.signal(signum, handle)

@@ -292,8 +292,9 @@ class Service:
                 if attempt == 2 or "address already in use" not in str(exc).lower():
                     raise
         # hypercorn's parent spawns the worker (and multiprocessing's resource tracker): find it.
+        # The service serves from the process itself (hypercorn_config.py: `workers = 0`).
         self.pids = [self.proc.pid, *descendants(self.proc.pid)]
-        workers = [p for p in self.pids if "spawn_main" in cmdline(p)] if floor != "raw" else [self.proc.pid]
+        workers = [p for p in self.pids if "spawn_main" in cmdline(p)] if floor == "hypercorn" else [self.proc.pid]
         if len(workers) != 1:
             self.stop()
             raise RuntimeError(f"{self.label}: expected one hypercorn worker, found {workers}")
