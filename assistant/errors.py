@@ -7,6 +7,7 @@ an `error` event with the same fields, so clients branch on `type`, never on mes
 from __future__ import annotations
 
 import logging
+import math
 
 
 class ServiceError(Exception):
@@ -31,8 +32,9 @@ class ServiceError(Exception):
 
     @property
     def retry_after_seconds(self) -> int | None:
-        """The wait to pass on, in whole seconds as a Retry-After header gives it."""
-        return None if self.retry_after is None else max(1, round(self.retry_after))
+        """The wait to pass on, in whole seconds as a Retry-After header gives it: rounded up, so a
+        client never retries before the upstream allows."""
+        return None if self.retry_after is None else max(1, math.ceil(self.retry_after))
 
     def payload(self, correlation_id: str | None) -> dict[str, object]:
         payload: dict[str, object] = {"error": self.message, "type": self.type, "correlation_id": correlation_id}

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from app import create_app
+from assistant import responses_engine
 from assistant.config import load_settings
 from assistant.example_tools import calculator
 from assistant.logs import JsonFormatter
@@ -142,6 +143,18 @@ def test_thread_creation_upstream_failure_is_502(client: TestClient, upstream: r
     response = client.post("/threads")
     assert response.status_code == 502
     assert "sk-test" not in response.text
+
+
+def test_thread_creation_is_retried_after_a_5xx(client: TestClient, upstream: respx.MockRouter) -> None:
+    """A 5xx from OpenAI is retried (README, Retries), also when creating a thread: a spare empty
+    conversation harms nothing, so the client gets its thread instead of a 502."""
+    route = upstream.post("/conversations").mock(side_effect=[
+        openai_error(500, "server error", headers={"retry-after-ms": "10"}),
+        httpx.Response(200, json={"id": "conv_test", "object": "conversation", "created_at": 1, "metadata": {}}),
+    ])
+    response = client.post("/threads")
+    assert response.status_code == 200 and response.json()["thread_id"] == "conv_test", response.text
+    assert route.call_count == 2
 
 
 # --- a text reply, three ways ----------------------------------------------------------------
@@ -286,6 +299,22 @@ def test_websocket_oversize_frame_closes_1009(upstream: respx.MockRouter, frame:
         with pytest.raises(Exception) as info:
             ws.receive_json()
         assert getattr(info.value, "code", None) == 1009
+
+
+@pytest.mark.parametrize("frame", ['"' + "x" * 998 + '"', '"' + "\u20ac" * 332 + 'xx"', b"x" * 1000],
+                         ids=["1000 characters", "1000 bytes in 336 characters", "a binary frame of 1000 bytes"])
+def test_websocket_frame_of_exactly_the_limit_is_answered_not_closed(upstream: respx.MockRouter, frame: str | bytes) -> None:
+    """Only a frame *over* MAX_BODY_BYTES closes the socket (as a body over it is a 413): one of
+    exactly that size gets its answer (here an error frame) and the connection stays open."""
+    with make_client(MAX_BODY_BYTES="1000") as client, client.websocket_connect("/ws/chat") as ws:
+        assert len(frame if isinstance(frame, bytes) else frame.encode()) == 1000
+        if isinstance(frame, bytes):
+            ws.send_bytes(frame)
+        else:
+            ws.send_text(frame)
+        assert ws.receive_json()["type"] == "invalid_request"
+        ws.send_text("not json")
+        assert ws.receive_json()["type"] == "invalid_request"
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -521,6 +550,56 @@ def test_upstream_5xx_not_retried_when_the_input_was_taken(client: TestClient, u
     assert route.call_count == 1
 
 
+def test_upstream_5xx_not_retried_when_the_conversation_cannot_be_read_back(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """After a 5xx the message is sent again only once the conversation shows it was not taken:
+    when the conversation cannot be read, nobody can tell, so the client gets the 502 and the
+    message is not risked twice."""
+    route = upstream.post("/responses").mock(side_effect=[openai_error(500, "server error"), sse_response(text_events("twice"))])
+    upstream.get("/conversations/conv_test/items").mock(return_value=openai_error(500, "server error"))
+    assert chat(client, "hi").status_code == 502
+    assert route.call_count == 1
+
+
+def test_upstream_5xx_not_retried_when_the_newest_page_does_not_reach_the_previous_turn(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """The read-back sees one page (the newest items): a page full of a response's outputs that
+    reaches neither our message nor the previous user message cannot tell whether the message
+    went in (it may sit below those outputs), so it is not sent again."""
+    route = upstream.post("/responses").mock(side_effect=[openai_error(500, "server error"), sse_response(text_events("twice"))])
+    outputs = [conversation_item("assistant", f"part {i}") for i in range(100)]
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": outputs, "has_more": True})
+    assert chat(client, "hi").status_code == 502
+    assert route.call_count == 1
+
+
+def test_upstream_5xx_retried_for_a_message_that_repeats_an_older_turns(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """The read-back stops at the previous user message: an older turn with the same text ("yes"
+    again, some turns later) is not taken for this one, so the message is retried and answered."""
+    route = upstream.post("/responses").mock(side_effect=[openai_error(502, "bad gateway"), sse_response(text_events("ok"))])
+    newest_first = [conversation_item("assistant", "Sure?"), conversation_item("user", "delete it"),
+                    conversation_item("assistant", "Done."), conversation_item("user", "yes")]
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": newest_first, "has_more": False})
+    assert chat(client, "yes").json()["responses"] == ["ok"]
+    assert route.call_count == 2
+
+
+def test_an_unknown_call_refusal_that_names_no_output_of_ours_is_not_retried_in_a_loop(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """The input is repaired only when the repair changes it: a refusal naming a call output the
+    input does not hold is answered with one 502, not with a new request per possible repair."""
+    route = upstream.post("/responses").mock(
+        return_value=openai_error(400, "No tool call found for function call output with call_id call_elsewhere.")
+    )
+    assert chat(client, "hi").status_code == 502
+    assert route.call_count == 1
+
+
 def test_rate_limit_honours_retry_after(client: TestClient, upstream: respx.MockRouter) -> None:
     route = upstream.post("/responses").mock(side_effect=[
         openai_error(429, "slow down", code="rate_limit_exceeded", headers={"retry-after": "0.3"}),
@@ -609,6 +688,17 @@ def test_once_the_service_takes_no_new_turns_health_chat_and_websockets_say_so(c
     assert response.status_code == 503 and response.json() == {"status": "shutting_down"}
     refused = chat(client, "hi")
     assert refused.status_code == 503 and refused.json()["type"] == "shutting_down"
+
+
+@pytest.mark.timeout(10)  # without the close, the receive below waits for good
+def test_a_websocket_opened_after_the_shutdown_began_is_told_to_go_away(client: TestClient) -> None:
+    """README: WebSockets close with 1001 once no turn runs: also one that connects after the
+    service stopped taking new turns (it would only get `shutting_down` errors here)."""
+    client.portal.call(client.app.state.runs.begin_shutdown)  # type: ignore[attr-defined,union-attr]
+    with client.websocket_connect("/ws/chat") as ws:
+        with pytest.raises(WebSocketDisconnect) as gone:
+            ws.receive_json()
+        assert gone.value.code == 1001
 
 
 def test_stream_cut_without_terminal_event(client: TestClient, upstream: respx.MockRouter) -> None:
@@ -715,6 +805,56 @@ def test_body_too_large_is_413_even_without_content_length(upstream: respx.MockR
         assert response.status_code == 413 and response.json()["type"] == "payload_too_large"
 
 
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "application/merge-patch+json"],
+                         ids=["no Content-Type", "application/json with a charset", "a +json type"])
+def test_bodies_read_as_json(client: TestClient, upstream: respx.MockRouter, content_type: str | None) -> None:
+    """README: a body without Content-Type is read as JSON, and so is any `*+json` type."""
+    upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    headers = {} if content_type is None else {"content-type": content_type}
+    request = client.build_request("POST", "/chat", content=b'{"thread_id": "conv_test", "message": "hi"}', headers=headers)
+    assert ("content-type" in request.headers) is (content_type is not None)
+    response = client.send(request)
+    assert response.status_code == 200, response.text
+    assert response.json()["responses"] == ["ok"]
+
+
+def test_a_body_of_exactly_max_body_bytes_is_taken(upstream: respx.MockRouter) -> None:
+    """Only a body *over* MAX_BODY_BYTES is a 413: with or without a Content-Length."""
+    upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    head = b'{"thread_id": "conv_test", "message": "'
+    body = head + b"x" * (1000 - len(head) - 2) + b'"}'
+    assert len(body) == 1000
+    with make_client(MAX_BODY_BYTES="1000") as client:
+        declared = client.post("/chat", content=body, headers=JSON)
+        assert declared.status_code == 200, declared.text
+
+        def chunks() -> Iterator[bytes]:
+            yield body[:500]
+            yield body[500:]
+
+        streamed = client.post("/chat", content=chunks(), headers=JSON)
+        assert streamed.status_code == 200, streamed.text
+
+
+@pytest.mark.anyio
+async def test_a_client_that_hangs_up_while_sending_its_body_is_client_gone_not_a_bug() -> None:
+    """A hang-up mid-body is the client's doing: ClientGone (logged as such), not an unhandled
+    error logged with a stack trace as a bug in the service."""
+    from starlette.requests import Request
+
+    from assistant.errors import ClientGone
+    from assistant.http_api import read_json_body
+
+    messages = [{"type": "http.request", "body": b'{"thread_id": ', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/chat", "headers": [(b"content-type", b"application/json")]}
+    with pytest.raises(ClientGone):
+        await read_json_body(Request(scope, receive), 1000)
+
+
 def test_routing_errors_are_json(client: TestClient) -> None:
     missing = client.get("/nope")
     assert missing.status_code == 404 and missing.json()["type"] == "not_found"
@@ -765,6 +905,34 @@ def test_unknown_accept_gets_json(client: TestClient, upstream: respx.MockRouter
     assert response.status_code == 200 and response.json()["responses"] == ["ok"]
 
 
+@pytest.mark.parametrize("accept", ["text/event-stream, application/json;q=0.5", "application/json, text/event-stream"])
+def test_an_accept_listing_the_event_stream_among_others_gets_the_stream(
+    client: TestClient, upstream: respx.MockRouter, accept: str
+) -> None:
+    upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    response = chat(client, "hi", headers={**JSON, "accept": accept})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert events_of(response.text)[-1]["event"] == "metadata"
+
+
+def test_the_longest_safe_correlation_id_is_kept_and_one_longer_is_replaced(client: TestClient) -> None:
+    """README: a caller's ID is kept when it is a safe token of 1 to 64 characters."""
+    longest = "a" * 64
+    assert client.get("/health", headers={"x-correlation-id": longest}).headers["x-correlation-id"] == longest
+    replaced = client.get("/health", headers={"x-correlation-id": longest + "b"}).headers["x-correlation-id"]
+    assert replaced != longest + "b" and len(replaced) == 32
+
+
+def test_a_missing_service_api_key_is_a_401_that_names_the_bearer_scheme(upstream: respx.MockRouter) -> None:
+    """A 401 says how to authenticate (RFC 9110: WWW-Authenticate), in the service's JSON shape."""
+    with make_client(SERVICE_API_KEY="svc-key") as client:
+        refused = client.post("/threads", headers={"x-correlation-id": "no-key-1"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json() == {"error": "missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'",
+                                  "type": "unauthorized", "correlation_id": "no-key-1"}
+        assert client.post("/threads", headers={"authorization": "Bearer svc-key"}).status_code == 200
+
+
 def test_openai_errors_are_the_sdk_types() -> None:
     # The mapping relies on the SDK raising its typed errors for statuses; keep that honest.
     assert issubclass(openai.BadRequestError, openai.APIStatusError)
@@ -776,6 +944,86 @@ def test_rate_limited_answer_passes_on_retry_after(upstream: respx.MockRouter) -
         response = chat(client, "hi")
         assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
         assert response.headers["retry-after"] == "7" and response.json()["retry_after_seconds"] == 7
+
+
+@pytest.mark.parametrize(("given", "passed_on"), [("0.3", "1"), ("1.6", "2")])
+def test_a_short_retry_after_is_passed_on_in_whole_seconds_never_as_zero(
+    upstream: respx.MockRouter, given: str, passed_on: str
+) -> None:
+    """Retry-After is whole seconds: OpenAI's wait is rounded up, never shortened to 0 (which tells
+    a client to retry at once) nor cut down by most of a second."""
+    upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": given}))
+    with make_client(UPSTREAM_MAX_RETRIES="0") as client:
+        response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
+    assert response.headers["retry-after"] == passed_on and response.json()["retry_after_seconds"] == int(passed_on)
+
+
+def test_a_retry_after_given_as_an_http_date_is_honoured(upstream: respx.MockRouter) -> None:
+    """Retry-After may be an HTTP date (RFC 9110): a minute ahead is too long to wait inside a
+    request, so the client gets that wait instead of retries made too early."""
+    import email.utils
+
+    when = email.utils.formatdate(time.time() + 60, usegmt=True)
+    route = upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": when}))
+    with make_client() as client:
+        response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited"
+    assert 55 <= int(response.headers["retry-after"]) <= 61 and route.call_count == 1
+
+
+def test_an_upstream_404_naming_the_conversation_parameter_is_thread_not_found(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """A 404 is about the thread when its message names it or its `param` is the conversation."""
+    body = {"error": {"message": "Not found.", "type": "invalid_request_error", "param": "conversation", "code": None}}
+    upstream.post("/responses").mock(return_value=httpx.Response(404, json=body))
+    response = chat(client, "hi")
+    assert response.status_code == 404 and response.json()["type"] == "thread_not_found"
+
+
+def test_a_connection_that_failed_before_the_request_went_out_is_retried_without_a_read_back(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """README: connections that failed before the request was sent are retried; nothing reached
+    OpenAI, so the conversation is not read back first (no items route is mocked here)."""
+    route = upstream.post("/responses").mock(side_effect=[httpx.ConnectError("connection refused"),
+                                                          sse_response(text_events("ok"))])
+    response = chat(client, "hi")
+    assert response.status_code == 200 and response.json()["responses"] == ["ok"], response.text
+    assert route.call_count == 2 and [call.request.method for call in upstream.calls] == ["POST", "POST"]
+
+
+def test_retries_back_off_exponentially_with_jitter(
+    client: TestClient, upstream: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: retries use exponential backoff with (full) jitter: each wait is drawn between 0
+    and a bound that doubles with every attempt."""
+    from assistant import upstream as upstream_module
+
+    bounds: list[tuple[float, float]] = []
+
+    class Recorded:
+        @staticmethod
+        def uniform(low: float, high: float) -> float:
+            bounds.append((low, high))
+            return 0.0
+
+    monkeypatch.setattr(upstream_module, "random", Recorded)
+    upstream.post("/responses").mock(return_value=openai_error(500, "server error"))
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": [], "has_more": False})
+    assert chat(client, "hi").status_code == 502
+    assert bounds == [(0, 0.5), (0, 1.0), (0, 2.0)]
+
+
+def test_a_retry_after_passed_on_is_never_shorter_than_openais(upstream: respx.MockRouter) -> None:
+    """Retry-After counts whole seconds: a wait of 20.4 s (too long to spend inside a request)
+    is passed on as 21, not 20: a client that retries after 20 s would retry before OpenAI allows."""
+    route = upstream.post("/responses").mock(return_value=openai_error(429, "slow down", headers={"retry-after": "20.4"}))
+    with make_client() as client:
+        response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["type"] == "upstream_rate_limited" and route.call_count == 1
+    assert response.headers["retry-after"] == "21" and response.json()["retry_after_seconds"] == 21
 
 
 def test_a_streamed_rate_limited_error_carries_the_wait_too(upstream: respx.MockRouter) -> None:
@@ -1119,3 +1367,108 @@ def test_outputs_held_for_a_thread_that_no_longer_exists_are_dropped(
     for _ in range(3):
         assert chat(client, "hello?").json()["type"] == "thread_not_found"
     assert "conv_test" not in engine._undelivered, engine._undelivered
+
+
+def test_a_5xx_then_conversation_locked_with_an_unreadable_conversation_does_not_send_the_message_twice(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """As above, but once the lock is gone the conversation cannot be read back: whether the first
+    POST took the message is unknown, so it is not sent again (the client gets the 502)."""
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(502, "bad gateway"), CONVERSATION_LOCKED, sse_response(text_events("answered a second time")),
+    ])
+    earlier = [conversation_item("assistant", "earlier answer"), conversation_item("user", "earlier question")]
+    upstream.get("/conversations/conv_test/items").mock(side_effect=[
+        conversation_page(earlier), *[openai_error(500, "server error")] * 3,
+    ])
+    assert chat(client, "hi").status_code == 502
+    assert route.call_count == 2, [request_body(c)["input"] for c in route.calls]
+
+
+def test_tool_outputs_a_run_stopped_during_its_follow_up_request_got_in_are_not_sent_again(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """Stopped (POST /runs/{id}/cancel) while the follow-up request carrying the tool outputs is
+    out: the conversation is read back, and outputs it already took are not sent again with the
+    thread's next message."""
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    call_id = next(e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done")
+    runs = client.app.state.runs  # type: ignore[attr-defined]
+    inputs: list[list[dict[str, Any]]] = []
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        inputs.append(orjson.loads(request.content)["input"])
+        if len(inputs) == 1:
+            return sse_response(calls)
+        if len(inputs) == 2:  # the follow-up: OpenAI takes it, and the client stops the run meanwhile
+            stop_the_running_run(runs)
+            await anyio.sleep(5)
+        return sse_response(text_events("next"))
+
+    upstream.post("/responses").mock(side_effect=respond)
+    call = {"type": "function_call", "id": "fc_1", "call_id": call_id, "name": "calculator", "arguments": "{}",
+            "status": "completed"}
+    output = {"type": "function_call_output", "id": "fco_1", "call_id": call_id, "output": "3", "status": "completed"}
+    upstream.get("/conversations/conv_test/items").mock(
+        return_value=conversation_page([output, call, conversation_item("user", "go")])
+    )
+    response = chat(client, "go")
+    assert response.status_code == 409 and response.json()["type"] == "run_cancelled", response.text
+    assert chat(client, "and now?").json()["responses"] == ["next"]
+    assert [i["type"] for i in inputs[-1]] == ["message"], inputs[-1]  # the conversation holds output "3"
+
+
+def test_a_run_stopped_while_its_tools_run_keeps_the_results_of_those_that_finished(
+    upstream: respx.MockRouter,
+) -> None:
+    """Stopped while one of two parallel tools still runs: the thread's next message carries the
+    finished tool's real result (it ran; the model should know what it did) and an error saying
+    the other was interrupted by the stop."""
+    holder: dict[str, Any] = {}
+
+    async def press_stop() -> str:
+        """A long tool during which the client presses Stop."""
+        await anyio.sleep(0.3)  # the calculator's result is in by then
+        stop_the_running_run(holder["runs"])
+        await anyio.sleep(5)
+        return "never"
+
+    settings = load_settings({"OPENAI_API_KEY": "sk-test-secret-key", "OPENAI_BASE_URL": BASE_URL,
+                              "TOOL_TIMEOUT_SECONDS": "10"})
+    calls = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'), ("press_stop", "{}"))
+    calc_id, stop_id = [e["item"]["call_id"] for e in calls if e["type"] == "response.output_item.done"]
+    route = upstream.post("/responses").mock(side_effect=[sse_response(calls), sse_response(text_events("next"))])
+    with TestClient(create_app(settings, tool_map={**TOOLS, "press_stop": press_stop}),
+                    raise_server_exceptions=False) as client:
+        holder["runs"] = client.app.state.runs  # type: ignore[attr-defined]
+        response = chat(client, "go")
+        assert response.status_code == 409 and response.json()["type"] == "run_cancelled", response.text
+        assert chat(client, "and now?").json()["responses"] == ["next"]
+    outputs = {i["call_id"]: i["output"] for i in request_body(route.calls[-1])["input"]
+               if i["type"] == "function_call_output"}
+    assert outputs[calc_id] == "3", outputs
+    assert orjson.loads(outputs[stop_id]) == {"error": "cancelled by the client"}
+
+
+def test_outputs_held_for_the_newest_threads_are_kept_when_the_oldest_go(
+    client: TestClient, upstream: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_HELD_THREADS threads keep undelivered tool outputs: past that, the thread held
+    longest loses them (repair_input answers its calls later), not the one whose follow-up just
+    failed, whose next message still carries its tool's result."""
+    monkeypatch.setattr(responses_engine, "MAX_HELD_THREADS", 1)
+    first = call_events(("calculator", '{"a": 1, "b": 2, "op": "add"}'))
+    second = call_events(("calculator", '{"a": 2, "b": 2, "op": "add"}'))
+    second_id = next(e["item"]["call_id"] for e in second if e["type"] == "response.output_item.done")
+    route = upstream.post("/responses").mock(side_effect=[
+        sse_response(first), openai_error(401, "Incorrect API key provided."),
+        sse_response(second), openai_error(401, "Incorrect API key provided."),
+        sse_response(text_events("next")),
+    ])
+    assert chat(client, "go", thread_id="conv_old").status_code == 502
+    assert chat(client, "go", thread_id="conv_new").status_code == 502
+    assert chat(client, "and now?", thread_id="conv_new").json()["responses"] == ["next"]
+    sent = request_body(route.calls[-1])["input"]
+    assert [(i["type"], i.get("call_id"), i.get("output")) for i in sent[:1]] == [
+        ("function_call_output", second_id, "4")
+    ], sent

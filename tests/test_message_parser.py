@@ -518,3 +518,17 @@ def test_a_hosted_tool_call_that_failed_is_an_error_step_as_on_the_assistants_en
     [done] = parser.parse({"type": "response.output_item.done",
                            "item": {"id": "ci_1", "type": "code_interpreter_call", "status": "failed", "code": "1/0"}})
     assert done.data["step"]["is_error"] is True
+
+
+@pytest.mark.parametrize(("status", "is_error"), [("incomplete", True), ("failed", True), ("completed", False)])
+def test_a_hosted_tool_call_cut_short_upstream_is_an_error_step_too(status: str, is_error: bool) -> None:
+    """A hosted call the upstream left `incomplete` did not do its work: like a `failed` one, the
+    client sees its step end with `is_error` (a completed one is not an error). Its output is the
+    bare status when the item names no action."""
+    parser = MessageParser(ToolTracker())
+    parser.parse({"type": "response.output_item.added",
+                  "item": {"id": "ws_1", "type": "web_search_call", "status": "in_progress"}})
+    [done] = parser.parse({"type": "response.output_item.done",
+                           "item": {"id": "ws_1", "type": "web_search_call", "status": status}})
+    assert done.data["step"]["is_error"] is is_error
+    assert done.data["step"]["output"] == status

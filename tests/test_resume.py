@@ -17,6 +17,7 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
+from assistant import run_manager
 from assistant.config import load_settings
 from assistant.errors import NotFound, ServiceError, UpstreamError
 from assistant.events import (
@@ -461,6 +462,19 @@ async def test_finished_runs_expire_after_the_retention_time() -> None:
         assert runs.lookup(running.run_id) is running  # its retention starts when it ends
         await anyio.sleep(0.35)
         expect_not_found(runs, running.run_id, "run_expired")
+
+
+@pytest.mark.anyio
+async def test_the_most_recently_dropped_runs_are_the_ones_still_reported_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids of dropped runs are remembered, within a bound, for a clearer 404: past the bound
+    the oldest are forgotten, so a run dropped just now is still `run_expired`, and only one
+    dropped long before reads as never known (`run_not_found`)."""
+    monkeypatch.setattr(run_manager, "_FORGOTTEN_IDS", 2)
+    async with manager(STREAM_RETENTION_SECONDS="0") as (runs, _engine):
+        dropped = [(await finished_run(runs, f"thread_{i}")).run_id for i in range(3)]
+        expect_not_found(runs, dropped[0], "run_not_found")
+        for run_id in dropped[1:]:
+            expect_not_found(runs, run_id, "run_expired")
 
 
 @pytest.mark.anyio
@@ -995,6 +1009,24 @@ def test_websocket_resume_and_its_errors(client: TestClient, upstream: respx.Moc
             assert error["event"] == "error" and error["type"] == type, (frame, error)
         ws.send_json({"resume": run_id, "last_event_id": f"{run_id}:{len(events) - 1}"})
         assert [f["event"] for f in ws_resumed(ws)] == [METADATA]  # the connection survived the errors
+
+
+def test_websocket_resume_says_whether_anything_is_left_to_send(client: TestClient, upstream: respx.MockRouter) -> None:
+    """README: the resume's first frame has `complete` true when nothing is left to send (the
+    client had the run's last event); then nothing follows it, and the connection takes the
+    next frame."""
+    run_id, events = sse_run(client, upstream)
+    last = len(events)
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"resume": run_id, "last_event_id": f"{run_id}:{last - 1}"})
+        resumed = ws.receive_json()
+        assert resumed["event"] == "thread.run.resumed" and resumed["data"]["complete"] is False
+        assert [f["event"] for f in ws_until_end(ws)] == [METADATA]
+        ws.send_json({"resume": run_id, "last_event_id": f"{run_id}:{last}"})
+        resumed = ws.receive_json()
+        assert resumed["event"] == "thread.run.resumed" and resumed["data"]["complete"] is True, resumed
+        ws.send_text("not json")  # the next frame the connection sends is the answer to this one
+        assert ws.receive_json()["type"] == "invalid_request"
 
 
 def test_websocket_resume_of_dropped_events(upstream: respx.MockRouter) -> None:

@@ -14,10 +14,10 @@ from starlette.requests import Request
 
 from assistant import http_api, run_manager
 from assistant.config import Settings
-from assistant.errors import ClientGone, ServiceError, ThreadBusy
+from assistant.errors import ClientGone, ServiceError, ShuttingDown, ThreadBusy
 from assistant.events import METADATA, Event
 from assistant.message_parser import MessageParser
-from assistant.orchestrator import execute_run, run_answer
+from assistant.orchestrator import execute_run, run_answer, wait_until_accepted
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
 
@@ -320,3 +320,104 @@ async def test_a_run_cancelled_from_outside_is_an_error_to_its_json_client(anyio
     assert log.finished and log.events()[-1].name == "error"
     with pytest.raises(ServiceError):
         await run_answer(log, "corr")
+
+
+class HeldRoundEngine(FakeEngine):
+    """A round the upstream answered at once and that then goes on (a long answer, a tool):
+    it streams one delta, then waits until the test lets it end; settling it takes `settle` s."""
+
+    def __init__(self, settle: float = 0.0) -> None:
+        super().__init__({})
+        self.settle = settle
+        self.settled = False
+
+    @asynccontextmanager
+    async def open_round(self, thread_id: str, turn_input: Any):  # type: ignore[no-untyped-def]
+        async def batches():  # type: ignore[no-untyped-def]
+            yield [{"type": "response.created", "response": {"id": "resp_1"}},
+                   {"type": "response.output_text.delta", "delta": "Hel"}]
+            await self.slow.wait()
+            yield [{"type": "response.completed", "response": {"output": []}}]
+
+        yield batches()
+
+    async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
+        await anyio.sleep(self.settle)
+        self.settled = True
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_streamed_run_is_accepted_as_soon_as_the_upstream_answers(anyio_backend: str) -> None:
+    """A streaming client waits (at most SSE_HEARTBEAT_SECONDS) for the upstream to accept the
+    run, only to answer an early refusal with a plain HTTP error: once the upstream answers, the
+    stream starts at once and its events flow live, long before the run ends or that time is up."""
+    settings = Settings(openai_api_key="sk-test")
+    log = RunLog("run_x", "conv_ok", "corr", max_events=1000, max_bytes=10**6)
+    engine = HeldRoundEngine()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(execute_run, engine, None, settings, log, "hi")
+        with anyio.fail_after(2):
+            await wait_until_accepted(log, 30)
+        assert not log.finished
+        engine.slow.set()
+    assert [e.name for e in log.events()][-2:] == ["thread.run.completed", "metadata"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_run_the_shutdown_stopped_keeps_shutting_down_when_the_server_cancels_it_while_it_settles(
+    anyio_backend: str,
+) -> None:
+    """After the grace the shutdown ends a run with `shutting_down`; if the server then cancels
+    the runs' task group while that run still settles its round upstream, the run's clients still
+    get `shutting_down` (send the message again), not a generic service failure."""
+    settings = Settings(openai_api_key="sk-test")
+    log = RunLog("run_x", "conv_ok", "corr", max_events=1000, max_bytes=10**6)
+    engine = HeldRoundEngine(settle=0.3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(execute_run, engine, None, settings, log, "hi")
+        with anyio.fail_after(2):
+            await wait_until_accepted(log, 30)
+        # What RunManager.shutdown does once the grace is over...
+        log.error = ShuttingDown("the service is shutting down; send the message again")
+        assert log.cancel_scope is not None
+        log.cancel_scope.cancel()
+        await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()  # ...and the server stops waiting while the round settles
+    assert engine.settled
+    assert log.finished and log.events()[-1].name == "error"
+    assert log.events()[-1].data["type"] == "shutting_down"
+    with pytest.raises(ShuttingDown):
+        await run_answer(log, "corr")
+
+
+@pytest.mark.anyio
+async def test_a_message_waiting_for_its_thread_when_the_shutdown_begins_is_not_started(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    """No new turn once the shutdown began: a message that was waiting for its thread is refused
+    with `shutting_down` when the thread frees up, and nothing is started (or sent upstream) for it."""
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5, shutdown_grace_seconds=2)
+    outcome: list[BaseException] = []
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        first = await manager.start_run("conv_1", "first", "corr")
+
+        async def send_second() -> None:
+            try:
+                await manager.start_run("conv_1", "second", "corr")
+            except ServiceError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_second)
+                await anyio.sleep(0.05)
+                manager.begin_shutdown()
+                release(runs_released_by_hand, "first")  # ends within the grace: the thread frees up
+                await first.wait_finished()
+        started = "second" in runs_released_by_hand  # its run, had one started, waits there
+        release(runs_released_by_hand, "second")  # (so a run wrongly started ends too)
+        assert not started, "a run was started after the shutdown began"
+        assert [type(e) for e in outcome] == [ShuttingDown]
+        assert [log.run_id for log in manager._runs.values()] == [first.run_id]

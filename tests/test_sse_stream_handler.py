@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from typing import Any
 
 import anyio
 import pytest
 
-from assistant.events import METADATA, RUN_CREATED, Event
+from assistant.events import MESSAGE_DELTA, METADATA, RUN_CREATED, RUN_RESUMED, Event
 from assistant.run_log import RunLog
-from assistant.sse_stream_handler import KEEPALIVE, SSEResponse
+from assistant.sse_stream_handler import KEEPALIVE, SEND_PIECE_BYTES, SSEResponse
 
 
 async def never_disconnects() -> dict[str, Any]:
@@ -60,14 +62,25 @@ async def test_keepalives_while_idle_and_after_a_slow_send() -> None:
     assert bodies[-2][1].startswith(b"event: metadata") and bodies[-1] == (bodies[-1][0], b"")
 
 
+async def stalls_at_the_end(message: dict[str, Any]) -> None:
+    if message["type"] == "http.response.body" and not message.get("more_body"):
+        await anyio.sleep(3600)
+
+
 @pytest.mark.anyio
-async def test_a_client_that_stops_reading_is_dropped() -> None:
+@pytest.mark.parametrize(("ended", "send"), [(False, never_takes_the_bytes), (True, stalls_at_the_end)],
+                         ids=["mid-stream", "at-the-last-send"])
+async def test_a_client_that_stops_reading_is_dropped(ended: bool, send: Any) -> None:
+    """Every send is watched, the one that ends the response too: a client that takes none of
+    it is dropped at SLOW_CLIENT_TIMEOUT_SECONDS, not held for good."""
     log = new_log()
+    if ended:
+        log.append(Event(METADATA, {}))
 
     response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=0.3)
     started = time.monotonic()
     with anyio.fail_after(3):
-        await response({"type": "http"}, never_disconnects, never_takes_the_bytes)
+        await response({"type": "http"}, never_disconnects, send)
     assert 0.25 < time.monotonic() - started < 1.0
     assert not response.done
 
@@ -275,3 +288,99 @@ async def test_a_client_reading_steadily_is_not_dropped_while_a_large_batch_goes
         await response({"type": "http"}, never_disconnects, steady_reader(400_000, received))
     assert response.done, "a client that never stopped reading was dropped as a slow client"
     assert b"".join(received).endswith(b"event: metadata\nid: run_t:42\ndata: {}\n\n")
+
+
+@pytest.mark.anyio
+async def test_a_resumed_stream_opens_with_its_resumed_event_at_once_while_the_run_is_quiet() -> None:
+    """A client resuming a running run at its newest event gets `retry:` and
+    `thread.run.resumed` straight away, not only when the run's next event or the next
+    keepalive comes (up to SSE_HEARTBEAT_SECONDS later)."""
+    log = new_log()
+    log.append(Event(MESSAGE_DELTA, {"delta": {"content": "a"}}))  # the client saw both events
+    sent: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append((time.monotonic() - started, message.get("body", b"")))
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5, after=2, resumed=True)
+    with anyio.fail_after(3):
+        await response({"type": "http"}, disconnects_after(0.3), send)
+    bodies = [(at, body) for at, body in sent if body]
+    assert bodies, "nothing was sent in 0.3 s on a resumed stream"
+    at, body = bodies[0]
+    assert at < 0.2 and body.startswith(b"retry: 1\n\nevent: " + RUN_RESUMED.encode() + b"\n"), bodies
+
+
+@pytest.mark.anyio
+async def test_no_keepalive_comments_while_events_keep_flowing() -> None:
+    """README: a keepalive goes out when nothing was sent for SSE_HEARTBEAT_SECONDS, not on a
+    stream that sends an event every few milliseconds."""
+    log = new_log()
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message.get("body", b""))
+
+    async def run() -> None:
+        for i in range(25):  # an event every 20 ms for 0.5 s
+            await anyio.sleep(0.02)
+            log.append(Event(MESSAGE_DELTA, {"delta": {"content": str(i)}}))
+        log.append(Event(METADATA, {}))
+
+    response = SSEResponse(log, heartbeat_seconds=0.1, retry_ms=1, slow_client_timeout_seconds=5)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run)
+            await response({"type": "http"}, never_disconnects, send)
+    assert response.done and KEEPALIVE not in sent
+
+
+@pytest.mark.anyio
+async def test_a_finished_stream_stops_watching_its_client() -> None:
+    """Once the stream has ended, its wait for the client's next message is cancelled and its
+    timer gone: nothing of it (nor of the run's log it holds) stays alive on the event loop."""
+    log = new_log()
+    receive_cancelled = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            receive_cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    response = SSEResponse(log, heartbeat_seconds=0.05, retry_ms=1, slow_client_timeout_seconds=5)
+    asyncio.get_running_loop().call_later(0.1, log.append, Event(METADATA, {}))  # the client is watched by then
+    with anyio.fail_after(3):
+        await response({"type": "http"}, receive, discard)
+        await receive_cancelled.wait()
+    assert response.done
+    ref = weakref.ref(response)
+    del response
+    await anyio.sleep(0.1)  # two heartbeat intervals: a live timer would have rescheduled itself
+    gc.collect()
+    assert ref() is None, "the finished stream is still referenced (by its timer)"
+
+
+@pytest.mark.anyio
+async def test_a_large_batch_is_sent_in_pieces_cut_between_characters() -> None:
+    """A batch over SEND_PIECE_BYTES goes out in several sends; each is valid UTF-8 on its own, so
+    a client decoding each chunk it reads never sees a character cut in two."""
+    log = new_log()
+    log.append(Event(MESSAGE_DELTA, {"delta": {"content": "\u20ac" * 50_000}}))  # 150 KB of 3-byte characters
+    log.append(Event(METADATA, {}))
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            sent.append(message["body"])
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with anyio.fail_after(3):
+        await response({"type": "http"}, never_disconnects, send)
+    assert len(sent) >= 3 and all(len(piece) <= SEND_PIECE_BYTES for piece in sent)
+    for piece in sent:
+        piece.decode("utf-8")  # raises on a piece that starts or ends inside a character
+    assert "\u20ac" * 50_000 in b"".join(sent).decode()

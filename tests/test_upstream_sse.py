@@ -188,6 +188,7 @@ async def test_cr_only_stream_yields_its_last_event() -> None:
         ("data:x", b"x"),
         ("data:  x", b" x"),  # only one space is removed
         ("data:", None),  # an empty data buffer dispatches nothing (WHATWG)
+        ("data: ", None),  # nor does one whose only space is the separator's
         ("data", None),  # a field name without colon: the whole line is the name, the value empty
         ("data:\ndata:", b"\n"),  # two empty lines are a line break: dispatched
         ("data: a: b", b"a: b"),  # only the first colon separates
@@ -254,6 +255,21 @@ def test_blocks_without_data_dispatch_nothing(lines: list[str]) -> None:
 def test_comment_lines_do_not_break_an_event_in_progress() -> None:
     data = b'event: e\n: keepalive\ndata: 1\n: another\ndata: 2\n\n'
     assert feed_all([data]) == [(b"e", b"1\n2")]
+
+
+def test_a_named_event_with_several_data_lines_joins_them() -> None:
+    """WHATWG: each `data:` line adds a line to the data, also after an `event:` line."""
+    assert feed_all([b"event: e\ndata: 1\ndata: 2\n\n"]) == [(b"e", b"1\n2")]
+    assert feed_all([b"event: e\ndata: 1\ndata:2\n\n"]) == [(b"e", b"1\n2")]
+
+
+def test_the_event_size_limit_is_per_event_not_per_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long stream of small events, read in pieces that each end inside an event, never
+    trips the limit on one event's size."""
+    monkeypatch.setattr(upstream_sse, "MAX_EVENT_BYTES", 1000)
+    stream = b"".join(b'event: e\ndata: {"i": %d}\n\n' % i for i in range(200))  # ~6 KB
+    pairs = feed_all(random_chunks(stream, seed=1, max_size=17))
+    assert len(pairs) == 200 and pairs[-1] == (b"e", b'{"i": 199}')
 
 
 def test_event_name_is_reset_after_each_dispatch() -> None:

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from assistant.config import Settings
-from assistant.events import MESSAGE_DELTA, METADATA, Event
+from assistant.errors import ThreadBusy
+from assistant.events import MESSAGE_DELTA, METADATA, RUN_CREATED, RUN_RESUMED, Event
 from assistant.run_log import RunLog
 from assistant.websocket_stream_handler import CLOSE_POLICY, CLOSE_TOO_BIG, MAX_NOTICES, ChatConnection
 
@@ -278,3 +279,169 @@ async def test_error_frames_held_for_a_client_that_does_not_read_are_bounded_in_
             task_group.cancel_scope.cancel()
     # A few KiB per error frame would be plenty; 256 frames of ~1 KiB is 256 KiB.
     assert peak < 4 * limit, f"{peak:,} bytes held for one client that sent {MAX_NOTICES} frames"
+
+
+CHAT = orjson.dumps({"thread_id": "conv_1", "message": "hi"}).decode()
+
+
+def finished_run(run_id: str, correlation_id: str = "cid") -> RunLog:
+    log = RunLog(run_id, "conv_1", correlation_id)
+    log.append(Event(RUN_CREATED, {}))
+    log.append(Event(METADATA, {}))
+    return log
+
+
+class Runs:
+    """A manager whose first `refused` messages are refused as the given error, and whose runs
+    otherwise end at once; it can also resume one given run."""
+
+    def __init__(self, refused: list[Exception] | None = None, resumable_log: RunLog | None = None) -> None:
+        self.refused = list(refused or [])
+        self.resumable_log = resumable_log
+        self.started: list[str] = []
+
+    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
+        if self.refused:
+            raise self.refused.pop(0)
+        self.started.append(message)
+        return finished_run(f"run_{len(self.started)}", correlation_id)
+
+    def resumable(self, run_id: str, after: int) -> RunLog:
+        assert self.resumable_log is not None
+        return self.resumable_log
+
+
+async def serve(websocket: ScriptedClient, runs: Runs) -> list[dict[str, Any]]:
+    """Serve the scripted client to its end; the frames it got."""
+    connection = ChatConnection(websocket, runs, settings(), correlation_id="cid")  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        await connection.serve()
+    return frames_of(websocket.sent)
+
+
+def frames_of(sent: list[str]) -> list[dict[str, Any]]:
+    return [orjson.loads(text) for text in sent]
+
+
+@pytest.mark.anyio
+async def test_a_message_that_could_not_start_gets_an_error_frame_and_the_connection_takes_the_next() -> None:
+    """A message refused before its run starts (a busy thread, say) is answered with an error
+    frame carrying the connection's correlation ID; it is not a turn still running, so the
+    client's next message is taken."""
+    websocket = ScriptedClient([(CHAT, 0), (CHAT, 1)], total=3)
+    runs = Runs(refused=[ThreadBusy("the thread is still busy")])
+    connection = ChatConnection(websocket, runs, settings(), correlation_id="cid")  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        await connection.serve()
+    frames = frames_of(websocket.sent)
+    assert frames[0]["event"] == "error" and frames[0]["data"]["type"] == "thread_busy"
+    assert frames[0]["data"]["correlation_id"] == "cid" == frames[0]["correlation_id"]
+    assert frames[1]["event"] == RUN_CREATED, frames  # not an error: turn_in_progress
+    assert runs.started == ["hi"]
+
+
+class AnswersAtOnce(UnreadWebSocket):
+    """A client that sends its next message as soon as it has a turn's metadata, while the
+    server's send of that frame has not returned yet (hypercorn's send returns after the write)."""
+
+    def __init__(self, turns: int) -> None:
+        super().__init__([])
+        self.turns = turns
+        self.handed = 0
+        self.sent: list[str] = []
+        self.metadata = 0
+        self.new_metadata = anyio.Event()
+
+    async def _wait_for_metadata(self, count: int) -> None:
+        while self.metadata < count:
+            await self.new_metadata.wait()
+            self.new_metadata = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self._wait_for_metadata(self.handed)  # the last turn's end
+        if self.handed < self.turns:
+            self.handed += 1
+            return {"type": "websocket.receive", "text": CHAT}
+        await anyio.sleep(0.05)  # whatever else comes
+        return {"type": "websocket.disconnect"}
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        if '"event":"metadata"' in text:
+            self.metadata += 1
+            self.new_metadata.set()
+            await anyio.sleep(0.02)  # the frame is on the wire, the send not yet back
+
+
+class ScriptedClient(UnreadWebSocket):
+    """Sends each frame once the server has sent `after` frames; then, once it has `total`
+    frames (or after a while), hangs up."""
+
+    def __init__(self, script: list[tuple[str, int]], total: int) -> None:
+        super().__init__([])
+        self.script = script
+        self.total = total
+        self.sent: list[str] = []
+
+    async def _until_sent(self, count: int) -> None:
+        while len(self.sent) < count:
+            await anyio.sleep(0.001)
+
+    async def receive(self) -> dict[str, Any]:
+        if self.script:
+            frame, after = self.script.pop(0)
+            await self._until_sent(after)
+            return {"type": "websocket.receive", "text": frame}
+        with anyio.move_on_after(0.5):
+            await self._until_sent(self.total)
+        return {"type": "websocket.disconnect"}
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        await anyio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_the_next_message_sent_as_soon_as_the_metadata_arrives_is_taken() -> None:
+    """A turn is over for the connection once its last event is on its way: a client that
+    answers the metadata at once (before the server's send returned) starts its next turn."""
+    websocket = AnswersAtOnce(turns=3)
+    runs = Runs()
+    connection = ChatConnection(websocket, runs, settings(), correlation_id="cid")  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        await connection.serve()
+    events = [frame["event"] for frame in frames_of(websocket.sent)]
+    assert "error" not in events, frames_of(websocket.sent)
+    assert events == [RUN_CREATED, METADATA] * 3 and runs.started == ["hi"] * 3
+
+
+@pytest.mark.anyio
+async def test_a_message_while_a_resumed_run_streams_is_refused_as_turn_in_progress() -> None:
+    """A resumed run is the connection's turn: a chat message before its end is refused and
+    starts nothing, and the resumed run's events go on."""
+    log = RunLog("run_live", "conv_1", "cid")
+    log.append(Event(RUN_CREATED, {}))  # still running
+    resume = orjson.dumps({"resume": "run_live", "last_event_id": "run_live:1"}).decode()
+    websocket = ScriptedClient([(resume, 0), (CHAT, 1)], total=2)
+    runs = Runs(resumable_log=log)
+    frames = await serve(websocket, runs)
+    assert frames[0]["event"] == RUN_RESUMED and frames[0]["data"]["complete"] is False
+    assert frames[1]["event"] == "error" and frames[1]["data"]["type"] == "turn_in_progress", frames
+    assert runs.started == []
+
+
+@pytest.mark.anyio
+async def test_after_an_events_dropped_error_the_connection_takes_the_next_message() -> None:
+    """A client that fell further behind a run than its log keeps gets `events_dropped`; that
+    ends its turn, so it can resume from a later event or send a message."""
+    log = RunLog("run_long", "conv_1", "cid", max_events=3)
+    for i in range(10):
+        log.append(Event(MESSAGE_DELTA, {"i": i}))
+    log.append(Event(METADATA, {}))
+    from_start = orjson.dumps({"resume": "run_long"}).decode()  # its first events are gone by now
+    websocket = ScriptedClient([(from_start, 0), (CHAT, 2)], total=4)
+    runs = Runs(resumable_log=log)
+    frames = await serve(websocket, runs)
+    assert [f["event"] for f in frames[:2]] == [RUN_RESUMED, "error"] and frames[1]["data"]["type"] == "events_dropped"
+    assert frames[2]["event"] == RUN_CREATED, frames  # the message was taken: no turn_in_progress
+    assert runs.started == ["hi"]
