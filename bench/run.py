@@ -291,8 +291,8 @@ class Service:
             except RuntimeError as exc:
                 if attempt == 2 or "address already in use" not in str(exc).lower():
                     raise
-        # hypercorn's parent spawns the worker (and multiprocessing's resource tracker): find it.
-        # The service serves from the process itself (hypercorn_config.py: `workers = 0`).
+        # The service serves from its one process (hypercorn_config.py: `workers = 0`); the bare
+        # hypercorn floor from the worker its parent spawns (beside multiprocessing's resource tracker).
         self.pids = [self.proc.pid, *descendants(self.proc.pid)]
         workers = [p for p in self.pids if "spawn_main" in cmdline(p)] if floor == "hypercorn" else [self.proc.pid]
         if len(workers) != 1:
