@@ -61,8 +61,13 @@ def correlation_id(request: Request) -> str:
     return request.scope["state"]["correlation_id"]
 
 
+# For what must never be reused from a cache: a thread id handed out by GET /start (one
+# client's thread served to the next), a health or an error from another moment, a 204 "all sent".
+NO_STORE = {"cache-control": "no-store"}
+
+
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
-    headers = {}
+    headers = dict(NO_STORE)
     if error.retry_after_seconds is not None:
         headers["retry-after"] = str(error.retry_after_seconds)
     return JSONResponse(error.payload(correlation_id(request)), status_code=error.status_code, headers=headers)
@@ -139,8 +144,8 @@ async def chat_page(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """503 once the service takes no new turns (shutting down), so a load balancer moves on."""
     if not request.app.state.runs.accepting:
-        return JSONResponse({"status": "shutting_down"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "shutting_down"}, status_code=503, headers=NO_STORE)
+    return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
 
 async def create_thread(request: Request) -> Response:
@@ -151,7 +156,8 @@ async def create_thread(request: Request) -> Response:
             "thread_id": thread_id,
             "initial_message": state.settings.initial_message,
             "correlation_id": correlation_id(request),
-        }
+        },
+        headers=NO_STORE,
     )
 
 
@@ -240,7 +246,7 @@ async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> R
 
 def resumed_stream(request: Request, log: RunLog, after: int, *, resumed: bool) -> Response:
     if log.finished and after >= log.last_seq:
-        return Response(status_code=204)  # all delivered: this also stops EventSource reconnecting
+        return Response(status_code=204, headers=NO_STORE)  # all delivered: this also stops EventSource reconnecting
     return event_stream(request, log, after, resumed=resumed)  # type: ignore[return-value]
 
 

@@ -117,6 +117,7 @@ class APIKeyMiddleware:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"www-authenticate", b"Bearer"),
+                    (b"cache-control", b"no-store"),
                 ],
             }
         )

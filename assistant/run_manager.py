@@ -61,6 +61,7 @@ class RunManager:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._shutdown_when_requested, name="shutdown on request")
+        self._task_group.start_soon(self._expire_until_shutdown, name="expire finished runs")
         return self
 
     async def __aexit__(
@@ -197,6 +198,15 @@ class RunManager:
             self._forgotten[run_id] = None
             if len(self._forgotten) > _FORGOTTEN_IDS:
                 self._forgotten.popitem(last=False)
+
+    async def _expire_until_shutdown(self) -> None:
+        """Expiry on a timer as well, so a service gone quiet after a burst frees the burst's
+        logs (up to STREAM_MAX_RUNS of them) instead of holding them until its next request."""
+        period = min(max(self.settings.stream_retention_seconds, 0.05), 60.0)
+        while self.accepting:
+            with anyio.move_on_after(period):
+                await self._shutdown_requested.wait()
+            self._expire()
 
     def begin_shutdown(self) -> None:
         """Take no new runs from now on, and end the running ones after the grace period.

@@ -132,6 +132,8 @@ def test_create_thread_post_and_get_start(upstream: respx.MockRouter) -> None:
             assert body["thread_id"] == "conv_test"
             assert body["initial_message"] == "Hi! Ask me anything."
             assert body["correlation_id"] == response.headers["x-correlation-id"]
+            # A cached GET /start would hand one client's thread to the next.
+            assert response.headers["cache-control"] == "no-store"
 
 
 def test_initial_message_is_null_when_unset(client: TestClient, upstream: respx.MockRouter) -> None:
@@ -686,6 +688,7 @@ def test_once_the_service_takes_no_new_turns_health_chat_and_websockets_say_so(c
         assert gone.value.code == 1001
     response = client.get("/health")
     assert response.status_code == 503 and response.json() == {"status": "shutting_down"}
+    assert response.headers["cache-control"] == "no-store"  # a cached health check would be a lie
     refused = chat(client, "hi")
     assert refused.status_code == 503 and refused.json()["type"] == "shutting_down"
 
@@ -928,6 +931,7 @@ def test_a_missing_service_api_key_is_a_401_that_names_the_bearer_scheme(upstrea
     with make_client(SERVICE_API_KEY="svc-key") as client:
         refused = client.post("/threads", headers={"x-correlation-id": "no-key-1"})
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.headers["cache-control"] == "no-store"
         assert refused.json() == {"error": "missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'",
                                   "type": "unauthorized", "correlation_id": "no-key-1"}
         assert client.post("/threads", headers={"authorization": "Bearer svc-key"}).status_code == 200

@@ -465,6 +465,15 @@ async def test_finished_runs_expire_after_the_retention_time() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_quiet_service_frees_finished_runs_without_waiting_for_a_request() -> None:
+    async with manager(STREAM_RETENTION_SECONDS="0.2") as (runs, engine):
+        log = await finished_run(runs, "thread_a")
+        assert log.run_id in runs._runs
+        await anyio.sleep(0.6)  # nothing asks the manager anything meanwhile
+        assert log.run_id not in runs._runs and log.run_id in runs._forgotten
+
+
+@pytest.mark.anyio
 async def test_the_most_recently_dropped_runs_are_the_ones_still_reported_expired(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ids of dropped runs are remembered, within a bound, for a clearer 404: past the bound
     the oldest are forgotten, so a run dropped just now is still `run_expired`, and only one
@@ -836,10 +845,13 @@ def test_204_when_everything_was_delivered(client: TestClient, upstream: respx.M
     ):
         assert response.status_code == 204, response.text
         assert response.content == b""
+        assert response.headers["cache-control"] == "no-store"  # 204 is cacheable by default (RFC 9110)
 
 
 def test_unknown_run_is_404_run_not_found(client: TestClient, upstream: respx.MockRouter) -> None:
-    assert_error(client.get("/chat/stream/run_doesnotexist"), 404, "run_not_found")
+    response = client.get("/chat/stream/run_doesnotexist")
+    assert_error(response, 404, "run_not_found")
+    assert response.headers["cache-control"] == "no-store"  # a 404 is cacheable by default too
     assert_error(client.get("/chat/stream/run_doesnotexist", headers={"last-event-id": "run_doesnotexist:3"}),
                  404, "run_not_found")
     assert_error(chat(client, "hello", headers={**SSE, "last-event-id": "run_doesnotexist:3"}), 404, "run_not_found")
