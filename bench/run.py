@@ -21,8 +21,9 @@ instead of $PORT), then drives it with bench/load.py, a separate process, once p
      relays instead of the service                      bare ASGI relay under hypercorn, cost per delta
                                                         and per idle stream
 
-CPU is the service's (hypercorn parent + its spawned worker), from /proc/<pid>/stat utime+stime,
-over the measured part only (threads are created before it). RSS is the worker's VmRSS. D runs
+CPU is the service's (every process its command started: one, as hypercorn_config.py says
+`workers = 0`), from /proc/<pid>/stat utime+stime, over the measured part only (threads are
+created before it). RSS is the serving process's VmRSS ("worker RSS" in the table). D runs
 on a fresh service per transport, after a small warm-up, so memory freed by earlier scenarios
 cannot hide what the idle streams cost. With --pin the service runs on the first CPU, the fake
 upstream, the load and this script on the second, so the service's figures are one core's.
@@ -194,7 +195,7 @@ def launch(command: list[str], cpus: set[int] | None, **kwargs: Any) -> subproce
 
 
 def stop(proc: subprocess.Popen, extra_pids: list[int] = ()) -> None:
-    """SIGTERM (hypercorn then stops its worker), then SIGKILL whatever of ours is left."""
+    """SIGTERM (hypercorn then stops its worker, if it has one), then SIGKILL whatever of ours is left."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
