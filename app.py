@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
                 CORSMiddleware,
                 allow_origins=list(settings.cors_allow_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-Correlation-ID", "Last-Event-ID"],
+                allow_headers=["Authorization", "Content-Type", "X-Correlation-ID", "Last-Event-ID", "Idempotency-Key"],
                 expose_headers=["X-Correlation-ID"],
             )
         )

@@ -10,6 +10,8 @@ from .errors import BadRequest
 # OpenAI ids (conv_..., thread_...) are short tokens of this alphabet; anything else is a typo
 # or an attack, and is refused before it reaches a URL path upstream.
 THREAD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# An Idempotency-Key: printable ASCII, as a header can carry it (a UUID is the usual choice).
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 class ChatRequest(NamedTuple):
@@ -29,6 +31,12 @@ def check_run_id(value: Any, field: str = "run id") -> str:
     if not isinstance(value, str) or not THREAD_ID.fullmatch(value):
         raise BadRequest(f"{field} is not a valid run id (run_...)")
     return value
+
+
+def check_idempotency_key(value: Any, field: str = "Idempotency-Key") -> str:
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value.strip()):
+        raise BadRequest(f"{field} must be 1 to 255 printable ASCII characters (a UUID, say)")
+    return value.strip()
 
 
 def parse_chat_request(data: Any, *, max_message_chars: int) -> ChatRequest:

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .chat_request import THREAD_ID, check_run_id, parse_chat_request
+from .chat_request import THREAD_ID, check_idempotency_key, check_run_id, parse_chat_request
 from .errors import (
     BadRequest,
     ClientGone,
@@ -199,24 +199,33 @@ async def chat(request: Request) -> Response:
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
         return await resume_chat(request, thread_id, last_event_id)
-    log = await start_run(request, thread_id, message)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        key = check_idempotency_key(key)
+        earlier = state.runs.keyed_run(thread_id, key, message)
+        if earlier is not None:  # sent again: the run the first one started, from its start
+            if wants_event_stream(request):  # a run refused at once answers as it did the first time
+                await wait_until_accepted(earlier, first_upstream_wait=settings.sse_heartbeat_seconds)
+                return resumed_stream(request, earlier, 0, resumed=True)
+            return JSONResponse(await run_answer(earlier, correlation_id(request)))
+    log = await start_run(request, thread_id, message, key)
     if wants_event_stream(request):
         await wait_until_accepted(log, first_upstream_wait=settings.sse_heartbeat_seconds)
         return event_stream(request, log)  # type: ignore[return-value]
     return JSONResponse(await run_answer(log, correlation_id(request)))
 
 
-async def start_run(request: Request, thread_id: str, message: str) -> RunLog:
+async def start_run(request: Request, thread_id: str, message: str, key: str | None = None) -> RunLog:
     """Start the message's run. While it waits for a busy thread, a client that hangs up gets
     none: nothing goes upstream for a client that could neither read nor stop that run."""
     runs = request.app.state.runs
     if not runs.thread_busy(thread_id):
-        return await runs.start_run(thread_id, message, correlation_id(request))
+        return await runs.start_run(thread_id, message, correlation_id(request), key)
     started: RunLog | ServiceError | None = None
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(cancel_on_disconnect, request.receive, task_group.cancel_scope)
         try:
-            started = await runs.start_run(thread_id, message, correlation_id(request))
+            started = await runs.start_run(thread_id, message, correlation_id(request), key)
         except ServiceError as exc:  # raised in the task group, it would come out wrapped in a group
             started = exc
         task_group.cancel_scope.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -34,6 +35,12 @@ from .tool_executor import ToolRegistry
 logger = logging.getLogger("assistant.runs")
 
 _FORGOTTEN_IDS = 10_000  # how many dropped run ids are remembered, for a clearer 404
+_KEPT_KEYS = 10_000  # how many Idempotency-Keys are remembered (the oldest go first)
+
+
+def message_digest(message: str) -> bytes:
+    """What a key remembers of its message: enough to tell another message, not the text."""
+    return hashlib.sha256(message.encode("utf-8", "surrogatepass")).digest()
 
 
 def new_run_id() -> str:
@@ -49,6 +56,9 @@ class RunManager:
         self._runs: dict[str, RunLog] = {}
         self._finished: deque[RunLog] = deque()  # in the order they finished, for expiry
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # recently dropped run ids
+        # (thread id, Idempotency-Key) -> the message's digest and the run it started (None while
+        # that message still waits for its thread)
+        self._keys: OrderedDict[tuple[str, str], tuple[bytes, str | None]] = OrderedDict()
         # thread id -> the queue of messages waiting for it, made only once one waits (a semaphore
         # with its deque is ~0.8 KiB, and most runs have no one waiting)
         self._busy_threads: dict[str, anyio.Semaphore | None] = {}
@@ -96,13 +106,54 @@ class RunManager:
         """Whether a message on the thread would wait for an earlier one's run to end."""
         return thread_id in self._busy_threads
 
-    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
-        """Start a run on the thread once the thread is free (or raise `ThreadBusy`)."""
+    def keyed_run(self, thread_id: str, key: str, message: str) -> RunLog | None:
+        """The run a message sent earlier with this Idempotency-Key started (None: no such message).
+
+        A client that lost its connection before it learnt the run id sends the message again
+        with the same key, and reads that run instead of asking the model twice.
+        """
+        kept = self._keys.get((thread_id, key))
+        if kept is None:
+            return None
+        digest, run_id = kept
+        if digest != message_digest(message):
+            raise ServiceError(f"Idempotency-Key {key!r} was already used on this thread with another message",
+                               type="idempotency_key_reused", status_code=422)
+        if run_id is None:
+            raise ServiceError(f"the message sent with Idempotency-Key {key!r} is still waiting for its thread",
+                               type="idempotency_key_in_use", status_code=409)
+        if run_id not in self._runs:
+            raise NotFound(
+                f"the run Idempotency-Key {key!r} started ({run_id!r}) ended too long ago: its events are "
+                "no longer kept (STREAM_RETENTION_SECONDS, STREAM_MAX_RUNS)",
+                type="run_expired",
+            )
+        return self.resumable(run_id, 0)
+
+    async def start_run(self, thread_id: str, message: str, correlation_id: str, key: str | None = None) -> RunLog:
+        """Start a run on the thread once the thread is free (or raise `ThreadBusy`).
+
+        With an Idempotency-Key (`key`), call `keyed_run` first: the key is taken from the start,
+        so the same message sent again while this one waits for the thread is refused, not run twice
+        (and so is one that slipped in between a `keyed_run` and its `start_run`).
+        """
         if not self.accepting or self._task_group is None:
             raise ShuttingDown("the service is shutting down; retry on another instance")
-        await self._take_thread(thread_id)
+        if key is not None:
+            if self.keyed_run(thread_id, key, message) is not None:  # sent twice at once
+                raise ServiceError(f"the message sent with Idempotency-Key {key!r} has already started a run",
+                                   type="idempotency_key_in_use", status_code=409)
+            self._keys[(thread_id, key)] = (message_digest(message), None)
+            if len(self._keys) > _KEPT_KEYS:
+                self._keys.popitem(last=False)
+        try:
+            await self._take_thread(thread_id)
+        except BaseException:
+            self._forget_key(thread_id, key)  # never started: the same message may be sent again
+            raise
         if not self.accepting:
             self._release_thread(thread_id)
+            self._forget_key(thread_id, key)
             raise ShuttingDown("the service is shutting down; retry on another instance")
         self._expire()
         log = RunLog(
@@ -113,8 +164,14 @@ class RunManager:
             max_bytes=self.settings.stream_max_bytes_per_run,
         )
         self._runs[log.run_id] = log
+        if key is not None and (thread_id, key) in self._keys:
+            self._keys[(thread_id, key)] = (self._keys[(thread_id, key)][0], log.run_id)
         self._task_group.start_soon(self._run, log, message, name=f"run {log.run_id}")
         return log
+
+    def _forget_key(self, thread_id: str, key: str | None) -> None:
+        if key is not None and (thread_id, key) in self._keys and self._keys[(thread_id, key)][1] is None:
+            del self._keys[(thread_id, key)]
 
     async def _run(self, log: RunLog, message: str) -> None:
         try:

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from starlette.types import Message
 from starlette.websockets import WebSocket
 
-from .chat_request import ChatRequest, check_run_id, parse_chat_request
+from .chat_request import ChatRequest, check_idempotency_key, check_run_id, parse_chat_request
 from .config import Settings
 from .errors import BadRequest, ServiceError
 from .events import RUN_RESUMED, Event, stream_path
@@ -203,7 +203,8 @@ class ChatConnection:
             self._handle_frame(frame, task_group)
 
     def _handle_frame(self, frame: Any, task_group: TaskGroup) -> None:
-        """A chat message, `{"resume": run_id, "last_event_id": id}` or `{"cancel": run_id}`."""
+        """A chat message (with an optional `idempotency_key`), `{"resume": run_id, "last_event_id": id}`
+        or `{"cancel": run_id}`."""
         try:
             if isinstance(frame, dict) and "cancel" in frame:
                 self._cancel(frame["cancel"])
@@ -217,11 +218,19 @@ class ChatConnection:
                 self._resume(log, after)
                 return
             request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
+            key = None
+            if frame.get("idempotency_key") is not None:
+                key = check_idempotency_key(frame["idempotency_key"], "'idempotency_key'")
+                earlier = self.manager.keyed_run(request.thread_id, key, request.message)
+                if earlier is not None:  # sent again: the run the first one started, from its start
+                    self.turn_running = True
+                    self._resume(earlier, 0)
+                    return
         except ServiceError as exc:
             self._notify(error_frame(exc, self.correlation_id))
             return
         self.turn_running = True
-        task_group.start_soon(self._start_turn, request)
+        task_group.start_soon(self._start_turn, request, key)
 
     def _cancel(self, run_id: Any) -> None:
         self.manager.stop(check_run_id(run_id, "'cancel'"), "cancelled by the client")
@@ -242,9 +251,9 @@ class ChatConnection:
         self._following = (log, after)
         self._notify(orjson.dumps({"event": RUN_RESUMED, "id": None, "data": data}).decode())
 
-    async def _start_turn(self, request: ChatRequest) -> None:
+    async def _start_turn(self, request: ChatRequest, key: str | None) -> None:
         try:
-            log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id)
+            log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id, key)
         except ServiceError as exc:
             self.turn_running = False
             self._notify(error_frame(exc, self.correlation_id))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e import REPO, ServerProcess, fake_upstream, start_service  # noqa: F401  (fixture)
@@ -306,6 +307,49 @@ def test_a_dropped_websocket_is_resumed(page: object) -> None:
     send(page, "still there?", "ws")  # the resumed socket carries the next turn
     wait_idle(page)
     assert last_reply(page) == "You said: still there?"
+
+
+LOSE_THE_FIRST_ANSWER = """() => {
+    // The first POST /chat reaches the service, but its answer is lost before the first event
+    // (as when the connection drops): the page knows no run id to resume.
+    const original = window.fetch;
+    let used = false;
+    window.fetch = async (url, options) => {
+        const response = await original(url, options);
+        if (used || String(url) !== "chat") return response;
+        used = true;
+        response.body.cancel();
+        throw new TypeError("network error");
+    };
+}"""
+
+CLOSE_AFTER_THE_FIRST_MESSAGE = """() => {
+    // The socket drops right after the message went out, before thread.run.created came back.
+    const original = WebSocket.prototype.send;
+    let used = false;
+    WebSocket.prototype.send = function (data) {
+        original.call(this, data);
+        if (!used && JSON.parse(data).message) { used = true; this.close(); }
+    };
+}"""
+
+
+def responses_made(fake_upstream: ServerProcess, thread_id: str) -> int:
+    requests = httpx.get(f"{fake_upstream.url}/_fake/requests", trust_env=False).json()
+    return sum(1 for r in requests if r["path"] == "/v1/responses" and isinstance(r["body"], dict)
+               and r["body"].get("conversation") == thread_id)
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_message_whose_answer_was_lost_is_sent_again_and_answered_once(
+    page: object, fake_upstream: ServerProcess, transport: str  # noqa: F811
+) -> None:
+    """Lost before the run id came, the page cannot resume: it sends the message again with the
+    same Idempotency-Key and reads the run the first send started (the model asked once)."""
+    page.evaluate(LOSE_THE_FIRST_ANSWER if transport == "sse" else CLOSE_AFTER_THE_FIRST_MESSAGE)  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.05 8", transport)
+    assert_whole_reply_without_error(page, 8)
+    assert responses_made(fake_upstream, page.evaluate("() => state.threadId")) == 1  # type: ignore[attr-defined]
 
 
 def test_a_rate_limited_turn_says_when_to_try_again(page: object) -> None:

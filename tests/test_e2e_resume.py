@@ -474,6 +474,31 @@ async def test_finished_run_reconnect_is_204_and_unknown_is_404(service: ServerP
             assert body["type"] == "run_not_found" and body["correlation_id"] == response.headers["x-correlation-id"]
 
 
+@pytest.mark.anyio
+async def test_a_message_sent_again_with_its_key_after_a_lost_connection_is_one_run(
+    service: ServerProcess, fake_upstream: ServerProcess  # noqa: F811
+) -> None:
+    """A JSON client whose connection breaks before the answer (so before it learnt the run id)
+    sends the same message with the same Idempotency-Key: it gets that run's answer, and the
+    model was asked once; a streaming client gets the run replayed from its start."""
+    async with http_client() as client:
+        thread_id = await new_thread(client, service.url)
+        body = {"thread_id": thread_id, "message": SLOW}
+        with pytest.raises(httpx.ReadTimeout):  # the connection is closed mid-run
+            await client.post(f"{service.url}/chat", json=body, headers={"Idempotency-Key": "k-1"}, timeout=0.15)
+        with anyio.fail_after(15):
+            again = await client.post(f"{service.url}/chat", json=body, headers={"Idempotency-Key": "k-1"})
+        assert again.status_code == 200, again.text
+        assert again.json()["responses"] == [SLOW_TEXT]
+        replay = await sse_exchange(service, "POST", "/chat", headers={"Idempotency-Key": "k-1"}, json_body=body)
+        assert replay.status == 200
+        assert replay.events[0]["event"] == RESUMED and replay.events[0]["data"]["run_id"] == again.json()["run_id"]
+        assert text_of(replay.events) == SLOW_TEXT and replay.events[-1]["event"] == METADATA
+        made = [r for r in await responses_requests(client, fake_upstream.url)
+                if r["body"].get("conversation") == thread_id]
+        assert len(made) == 1, [r["body"]["input"] for r in made]
+
+
 # ---------------------------------------------------------------------------------------------
 # WebSocket resume
 

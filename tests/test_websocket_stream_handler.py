@@ -139,7 +139,7 @@ class BusyThreads:
         self.free = anyio.Event()
         self.started: list[str] = []
 
-    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
+    async def start_run(self, thread_id: str, message: str, correlation_id: str, key: str | None = None) -> RunLog:
         await self.free.wait()
         self.started.append(message)
         return RunLog("run_late", thread_id, correlation_id)
@@ -300,7 +300,7 @@ class Runs:
         self.resumable_log = resumable_log
         self.started: list[str] = []
 
-    async def start_run(self, thread_id: str, message: str, correlation_id: str) -> RunLog:
+    async def start_run(self, thread_id: str, message: str, correlation_id: str, key: str | None = None) -> RunLog:
         if self.refused:
             raise self.refused.pop(0)
         self.started.append(message)

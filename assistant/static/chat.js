@@ -157,45 +157,63 @@ async function readStream(turn, response) {
   }
 }
 
+// A key of the message's own, the same on every try: sent again, it is the run the first try
+// started, not a second answer (README "Sending a message again"). Not crypto.randomUUID(): that
+// exists only on https and localhost.
+function newIdempotencyKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 async function sendOverSSE(turn, message) {
   turn.abort = new AbortController();
   const signal = turn.abort.signal;
-  let response = await fetch("chat", {
+  const key = newIdempotencyKey();
+  const post = () => fetch("chat", {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    headers: { "Content-Type": "application/json", Accept: "text/event-stream", "Idempotency-Key": key },
     body: JSON.stringify({ thread_id: state.threadId, message }),
     signal,
   });
+  let response = null, failure = null;
+  try {
+    response = await post();
+  } catch (error) {
+    failure = error;
+  }
   for (let attempt = 0; ; attempt++) {
-    if (response.status === 204) return endTurn(); // a resume with nothing left to send
-    if (!isEventStream(response)) {
-      const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
-      return handleEvent(turn, "error", body);
+    if (response) {
+      if (response.status === 204) return endTurn(); // a resume with nothing left to send
+      if (!isEventStream(response)) {
+        const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
+        return handleEvent(turn, "error", body);
+      }
+      failure = null;
+      try {
+        await readStream(turn, response);
+      } catch (error) {
+        failure = error;
+      }
     }
-    let failure = null;
-    try {
-      await readStream(turn, response);
-    } catch (error) {
-      failure = error;
-    }
-    if (state.turn !== turn) return;
-    // The run goes on without us (README "Resuming a stream"): read on after the last id seen.
-    if (!turn.streamUrl || attempt >= 5) {
+    if (state.turn !== turn || failure?.name === "AbortError") return;
+    // The run goes on without us (README "Resuming a stream"): read on after the last id seen,
+    // or, lost before the run id came, send the message again with its key.
+    if (attempt >= 5) {
       if (failure) throw failure;
       return handleEvent(turn, "error", { type: "disconnected", error: "the stream ended early" });
     }
-    for (;;) {
-      await new Promise((resolve) => setTimeout(resolve, 500 * (attempt + 1)));
-      if (state.turn !== turn) return;
-      const headers = { Accept: "text/event-stream" };
-      if (turn.lastEventId) headers["Last-Event-ID"] = turn.lastEventId;
-      try {
+    await new Promise((resolve) => setTimeout(resolve, 500 * (attempt + 1)));
+    if (state.turn !== turn) return;
+    response = null;
+    try {
+      if (turn.streamUrl) {
+        const headers = { Accept: "text/event-stream" };
+        if (turn.lastEventId) headers["Last-Event-ID"] = turn.lastEventId;
         response = await fetch(turn.streamUrl, { headers, signal });
-        break;
-      } catch (error) {
-        if (state.turn !== turn) return;
-        if (++attempt >= 5) throw error;
+      } else {
+        response = await post();
       }
+    } catch (error) {
+      failure = error;
     }
   }
 }
@@ -224,7 +242,7 @@ function openSocket() {
     const turn = state.turn;
     if (!turn) return;
     // The run goes on without us (README "Resuming a stream"): a new socket reads on after the last id.
-    if (turn.runId && (turn.resumes ?? 0) < 5) return resumeOverWebSocket(turn);
+    if ((turn.runId || turn.message) && (turn.resumes ?? 0) < 5) return resumeOverWebSocket(turn);
     const why = `the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
     handleEvent(turn, "error", { type: "disconnected", error: why });
   };
@@ -240,12 +258,14 @@ async function resumeOverWebSocket(turn) {
   } catch {
     return; // its close comes next, and tries again
   }
-  state.ws.send(JSON.stringify({ resume: turn.runId, last_event_id: turn.lastEventId }));
+  // Lost before the run id came: the message again, with its key (README "Sending a message again").
+  state.ws.send(JSON.stringify(turn.runId ? { resume: turn.runId, last_event_id: turn.lastEventId } : turn.message));
 }
 
 async function sendOverWebSocket(turn, message) {
   await openSocket();
-  state.ws.send(JSON.stringify({ thread_id: state.threadId, message }));
+  turn.message = { thread_id: state.threadId, message, idempotency_key: newIdempotencyKey() };
+  state.ws.send(JSON.stringify(turn.message));
 }
 
 // --- threads and the form ---------------------------------------------------------------------
