@@ -10,9 +10,13 @@ a client that sent another frame behind the oversized one kept the socket open f
 app closes those (1009) and reads on until the client answers.
 """
 
+import errno
 import logging
 import math
 import os
+import sys
+import traceback
+import types
 
 # hypercorn's own lines ("Running on ...", its errors) through the service's JSON log handler.
 # Given a name instead, hypercorn would give this logger a plain-text handler of its own.
@@ -36,3 +40,21 @@ except ValueError:  # the app refuses the value at start-up, saying why
     _grace = 2.0
 graceful_timeout = max(3.0, _grace + 1.0) if math.isfinite(_grace) else 3.0
 del _grace
+
+
+def _cannot_listen(kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
+    """A port already taken (or not ours to take) stops the service as a bad setting does: one
+    line and exit code 2, not hypercorn's traceback. (hypercorn binds before it imports the app.)"""
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(tb)]
+    if isinstance(exc, OSError) and "_create_sockets" in frames:
+        binds = [sys.argv[i + 1] for i, arg in enumerate(sys.argv[:-1]) if arg in ("--bind", "-b")]
+        hint = " (another server holds it: stop that one or set PORT)" if exc.errno == errno.EADDRINUSE else ""
+        sys.stderr.write(f"configuration error: cannot listen on {', '.join(binds) or 'the bound address'}: "
+                         f"{exc.strerror or exc}{hint}\n")
+        sys.stderr.flush()
+        os._exit(2)
+    sys.__excepthook__(kind, exc, tb)
+
+
+sys.excepthook = _cannot_listen
+del _cannot_listen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -335,3 +336,24 @@ def test_start_script_runs_the_procfiles_command() -> None:
     start = (REPO / "scripts" / "start.sh").read_text().splitlines()[-1]
     assert start.startswith("exec .venv/bin/"), start
     assert start.removeprefix("exec .venv/bin/").replace('"0.0.0.0:${PORT}"', "0.0.0.0:$PORT") == procfile
+
+
+def test_a_port_already_in_use_stops_the_service_with_one_line_and_exit_code_2() -> None:
+    """hypercorn binds before it imports the app: without hypercorn_config.py's hook, this was
+    hypercorn's traceback (and the same exit status as a crash)."""
+    from tests.e2e import clean_environment, procfile_hypercorn_args
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        bind = f"127.0.0.1:{held.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "hypercorn", "app:app", "--bind", bind, *procfile_hypercorn_args()],
+            cwd=REPO, env=clean_environment(OPENAI_API_KEY="sk-test"), capture_output=True, text=True, timeout=30,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"configuration error: cannot listen on {bind}: Address already in use "
+        "(another server holds it: stop that one or set PORT)"
+    ], done.stderr
+    assert done.stdout == ""
