@@ -29,7 +29,7 @@ from .events import RUN_RESUMED, Event, stream_path
 from .http_api import parse_event_id
 from .run_log import EventsDropped, RunLog, Wakeup
 from .run_manager import RunManager
-from .sse_stream_handler import event_id
+from .sse_stream_handler import SEND_PIECE_BYTES, event_id
 
 logger = logging.getLogger("assistant.websocket")
 
@@ -61,7 +61,7 @@ class ChatConnection:
         self._notices: deque[str] = deque()  # frames to send before any more of the turn's events
         self._following: tuple[RunLog, int] | None = None  # the turn's log, and the last event sent
         self._wakeup: Wakeup | None = None
-        self._sending_since: float | None = None
+        self._send_deadline: float | None = None  # while a send is under way: when it counts as stuck
         self._close_with: tuple[int, str] | None = None  # the writer's last frame (a bad client, or going away)
         self._going_away = False  # the service is shutting down: close once no turn is running
         self._client_gone = False  # the client's disconnect came (its close frame, or the socket's end)
@@ -86,8 +86,7 @@ class ChatConnection:
             if self._client_gone:
                 task_group.cancel_scope.cancel()
                 return
-            since = self._sending_since or time.monotonic()
-            task_group.cancel_scope.deadline = since + self.settings.slow_client_timeout_seconds
+            task_group.cancel_scope.deadline = self._send_deadline or time.monotonic() + self.settings.slow_client_timeout_seconds
             self._wake_writer()
             # The client's frames are still taken (and dropped) until then: hypercorn queues at
             # most 10 for the app and, once it is full, blocks on the disconnect it puts after
@@ -113,7 +112,7 @@ class ChatConnection:
             if self._close_with is not None:
                 # A close that cannot go out is watched too; so is the client's answer to it (the
                 # reader ends the connection then, or at the slow-client timeout).
-                self._sending_since = time.monotonic()
+                self._send_deadline = time.monotonic() + self.settings.slow_client_timeout_seconds
                 await self.websocket.close(*self._close_with)
                 return
             if self._notices:
@@ -152,24 +151,29 @@ class ChatConnection:
         self.turn_running = False
 
     async def _send(self, frame: str) -> None:
-        self._sending_since = time.monotonic()  # asyncio's clock, as anyio.current_time() (1.7 us a call)
+        """Send one frame, watched by `_receive`. A frame cannot be cut as an SSE body is, so a large
+        one gets the slow-client timeout once for each SEND_PIECE_BYTES: a client reading steadily
+        over a slow link is held to the same least rate over both transports, not dropped mid-frame."""
+        allowed = self.settings.slow_client_timeout_seconds
+        if len(frame) > SEND_PIECE_BYTES // 4:  # may be over SEND_PIECE_BYTES once encoded
+            allowed *= max(1.0, len(frame.encode()) / SEND_PIECE_BYTES)
+        self._send_deadline = time.monotonic() + allowed  # asyncio's clock, as anyio.current_time() (1.7 us a call)
         await self.websocket.send_text(frame)
-        self._sending_since = None
+        self._send_deadline = None
 
     async def _receive(self) -> Message | None:
-        """The client's next message; None once one send waited past the slow-client timeout.
+        """The client's next message; None once a send is past its deadline (see `_send`).
 
         The watchdog lives here rather than in a task of its own (~4 KiB per open socket): the
         wait for the client is cut short whenever a send may have been stuck for that long.
         """
-        timeout = self.settings.slow_client_timeout_seconds
         while True:
-            since = self._sending_since
-            waited = 0.0 if since is None else time.monotonic() - since
-            if waited >= timeout:
+            deadline = self._send_deadline
+            left = self.settings.slow_client_timeout_seconds if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 return None
-            with anyio.move_on_after(timeout - waited):
+            with anyio.move_on_after(left):
                 return await self.websocket.receive()
 
     async def _read_frames(self, task_group: TaskGroup) -> None:
