@@ -34,9 +34,9 @@ def check_run_id(value: Any, field: str = "run id") -> str:
 
 
 def check_idempotency_key(value: Any, field: str = "Idempotency-Key") -> str:
-    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value.strip()):
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value):
         raise BadRequest(f"{field} must be 1 to 255 printable ASCII characters (a UUID, say)")
-    return value.strip()
+    return value
 
 
 def parse_chat_request(data: Any, *, max_message_chars: int) -> ChatRequest:

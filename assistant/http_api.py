@@ -206,7 +206,7 @@ async def chat(request: Request) -> Response:
         if earlier is not None:  # sent again: the run the first one started, from its start
             if wants_event_stream(request):  # a run refused at once answers as it did the first time
                 await wait_until_accepted(earlier, first_upstream_wait=settings.sse_heartbeat_seconds)
-                return resumed_stream(request, earlier, 0, resumed=True)
+                return resumed_stream(request, state.runs.resumable(earlier.run_id, 0), 0, resumed=True)
             return JSONResponse(await run_answer(earlier, correlation_id(request)))
     log = await start_run(request, thread_id, message, key)
     if wants_event_stream(request):

@@ -270,13 +270,22 @@ async def run_answer(log: RunLog, correlation_id: str) -> dict[str, Any]:
             "correlation_id": correlation_id}
 
 
+def nothing_but_an_error(log: RunLog) -> bool:
+    """Whether the run failed with nothing to show before its error (refused upstream, say)."""
+    return log.error is not None and log.last_seq <= 2 and all(e.name in (RUN_CREATED, ERROR) for e in log.events())
+
+
 async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> None:
-    """Wait (at most `first_upstream_wait`) for the upstream to accept a streaming run's first
-    request, so that a run refused at once (unknown thread, bad credentials, busy thread) is
-    raised and answered with a plain HTTP error status instead of a 200 stream holding only an
-    error. The client then reads the run with `RunLog.follow`.
+    """Wait (until `first_upstream_wait` after the run started) for the upstream to accept a
+    streaming run's first request, so that a run refused at once (unknown thread, bad credentials,
+    busy thread) is raised and answered with a plain HTTP error status instead of a 200 stream
+    holding only an error. The client then reads the run with `RunLog.follow`.
+
+    The window runs from the run's start, not the request's: a message sent again with its
+    Idempotency-Key gets the answer the first send got.
     """
-    with anyio.move_on_after(first_upstream_wait):
+    deadline = log.started + first_upstream_wait
+    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
         await log.wait_upstream_answered()
-    if log.error is not None and all(e.name in (RUN_CREATED, ERROR) for e in log.events()):
-        raise log.error  # nothing but the error to show: a plain HTTP error says it best
+    if nothing_but_an_error(log) and (log.finished_at or 0.0) <= deadline:
+        raise log.error  # type: ignore[misc]  # nothing but the error to show: a plain HTTP error says it best

@@ -28,14 +28,16 @@ from anyio.abc import TaskGroup
 
 from .config import Settings
 from .errors import BadRequest, NotFound, ServiceError, ShuttingDown, ThreadBusy
-from .orchestrator import Engine, execute_run
+from .orchestrator import Engine, execute_run, nothing_but_an_error
 from .run_log import RunLog
 from .tool_executor import ToolRegistry
 
 logger = logging.getLogger("assistant.runs")
 
 _FORGOTTEN_IDS = 10_000  # how many dropped run ids are remembered, for a clearer 404
-_KEPT_KEYS = 10_000  # how many Idempotency-Keys are remembered (the oldest go first)
+_KEPT_KEYS = 10_000  # how many Idempotency-Keys are remembered (the oldest ended runs' go first)
+# A run refused with one of these had not reached the model: its key may start it again.
+_REFUSALS_TO_RETRY = frozenset({"upstream_rate_limited", "thread_busy", "shutting_down"})
 
 
 def message_digest(message: str) -> bytes:
@@ -110,7 +112,9 @@ class RunManager:
         """The run a message sent earlier with this Idempotency-Key started (None: no such message).
 
         A client that lost its connection before it learnt the run id sends the message again
-        with the same key, and reads that run instead of asking the model twice.
+        with the same key, and reads that run instead of asking the model twice. A run refused
+        before it reached the model, for a reason that passes (OpenAI's rate limit, a busy
+        conversation, a shutdown), is no such message: it is sent again as new.
         """
         kept = self._keys.get((thread_id, key))
         if kept is None:
@@ -122,30 +126,33 @@ class RunManager:
         if run_id is None:
             raise ServiceError(f"the message sent with Idempotency-Key {key!r} is still waiting for its thread",
                                type="idempotency_key_in_use", status_code=409)
-        if run_id not in self._runs:
+        log = self._runs.get(run_id)
+        if log is None:
             raise NotFound(
                 f"the run Idempotency-Key {key!r} started ({run_id!r}) ended too long ago: its events are "
                 "no longer kept (STREAM_RETENTION_SECONDS, STREAM_MAX_RUNS)",
                 type="run_expired",
             )
-        return self.resumable(run_id, 0)
+        if log.finished and log.error is not None and log.error.type in _REFUSALS_TO_RETRY and nothing_but_an_error(log):
+            del self._keys[(thread_id, key)]
+            return None
+        return log
 
     async def start_run(self, thread_id: str, message: str, correlation_id: str, key: str | None = None) -> RunLog:
         """Start a run on the thread once the thread is free (or raise `ThreadBusy`).
 
-        With an Idempotency-Key (`key`), call `keyed_run` first: the key is taken from the start,
-        so the same message sent again while this one waits for the thread is refused, not run twice
-        (and so is one that slipped in between a `keyed_run` and its `start_run`).
+        With an Idempotency-Key (`key`), call `keyed_run` first, with no await in between: the key
+        is taken from the start, so the same message sent again while this one waits for the
+        thread is refused (409), not run twice.
         """
         if not self.accepting or self._task_group is None:
             raise ShuttingDown("the service is shutting down; retry on another instance")
         if key is not None:
-            if self.keyed_run(thread_id, key, message) is not None:  # sent twice at once
+            if self.keyed_run(thread_id, key, message) is not None:  # a caller that did not ask first
                 raise ServiceError(f"the message sent with Idempotency-Key {key!r} has already started a run",
                                    type="idempotency_key_in_use", status_code=409)
             self._keys[(thread_id, key)] = (message_digest(message), None)
-            if len(self._keys) > _KEPT_KEYS:
-                self._keys.popitem(last=False)
+            self._bound_keys()
         try:
             await self._take_thread(thread_id)
         except BaseException:
@@ -168,6 +175,17 @@ class RunManager:
             self._keys[(thread_id, key)] = (self._keys[(thread_id, key)][0], log.run_id)
         self._task_group.start_soon(self._run, log, message, name=f"run {log.run_id}")
         return log
+
+    def _bound_keys(self) -> None:
+        """Forget the oldest keys beyond _KEPT_KEYS whose runs have ended: forgetting one whose
+        message still waits or runs would let it be sent again as new, the double answer keys prevent."""
+        while len(self._keys) > _KEPT_KEYS:
+            for entry, (_, run_id) in self._keys.items():
+                if run_id is not None and (run_id not in self._runs or self._runs[run_id].finished):
+                    del self._keys[entry]
+                    break
+            else:
+                return  # every key kept is a message still waiting or running
 
     def _forget_key(self, thread_id: str, key: str | None) -> None:
         if key is not None and (thread_id, key) in self._keys and self._keys[(thread_id, key)][1] is None:

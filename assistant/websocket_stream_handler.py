@@ -222,14 +222,9 @@ class ChatConnection:
                 self._resume(log, after)
                 return
             request = parse_chat_request(frame, max_message_chars=self.settings.max_message_chars)
-            key = None
-            if frame.get("idempotency_key") is not None:
-                key = check_idempotency_key(frame["idempotency_key"], "'idempotency_key'")
-                earlier = self.manager.keyed_run(request.thread_id, key, request.message)
-                if earlier is not None:  # sent again: the run the first one started, from its start
-                    self.turn_running = True
-                    self._resume(earlier, 0)
-                    return
+            key = frame.get("idempotency_key")
+            if key is not None:
+                key = check_idempotency_key(key, "'idempotency_key'")
         except ServiceError as exc:
             self._notify(error_frame(exc, self.correlation_id))
             return
@@ -257,6 +252,11 @@ class ChatConnection:
 
     async def _start_turn(self, request: ChatRequest, key: str | None) -> None:
         try:
+            # keyed_run and start_run with no await between: a key cannot be taken in the gap
+            earlier = None if key is None else self.manager.keyed_run(request.thread_id, key, request.message)
+            if earlier is not None:  # sent again: the run the first one started, from its start
+                self._resume(self.manager.resumable(earlier.run_id, 0), 0)
+                return
             log = await self.manager.start_run(request.thread_id, request.message, self.correlation_id, key)
         except ServiceError as exc:
             self.turn_running = False

@@ -486,6 +486,10 @@ async def test_a_message_sent_again_with_its_key_after_a_lost_connection_is_one_
         body = {"thread_id": thread_id, "message": SLOW}
         with pytest.raises(httpx.ReadTimeout):  # the connection is closed mid-run
             await client.post(f"{service.url}/chat", json=body, headers={"Idempotency-Key": "k-1"}, timeout=0.15)
+        with anyio.fail_after(10):  # the first send reached the model (on a slow machine, after the timeout)
+            while not any(r["body"].get("conversation") == thread_id
+                          for r in await responses_requests(client, fake_upstream.url)):
+                await anyio.sleep(0.02)
         with anyio.fail_after(15):
             again = await client.post(f"{service.url}/chat", json=body, headers={"Idempotency-Key": "k-1"})
         assert again.status_code == 200, again.text
@@ -497,6 +501,35 @@ async def test_a_message_sent_again_with_its_key_after_a_lost_connection_is_one_
         made = [r for r in await responses_requests(client, fake_upstream.url)
                 if r["body"].get("conversation") == thread_id]
         assert len(made) == 1, [r["body"]["input"] for r in made]
+
+
+@pytest.mark.anyio
+async def test_the_same_keyed_message_sent_at_once_over_two_sockets_is_one_run(
+    service: ServerProcess, fake_upstream: ServerProcess  # noqa: F811
+) -> None:
+    """Two tries of one message race (a socket thought dropped, and its replacement): one starts
+    the run, the other reads it; neither is refused, and the model is asked once."""
+    url = service.url.replace("http://", "ws://") + "/ws/chat"
+
+    async def run_read(ws: ClientConnection) -> str:
+        first = orjson.loads(await ws.recv())
+        assert first["event"] in (RUN_CREATED, RESUMED), first
+        while orjson.loads(await ws.recv())["event"] != METADATA:
+            pass
+        return str(first["data"]["run_id"])
+
+    async with http_client() as client:
+        threads = [await new_thread(client, service.url) for _ in range(8)]
+        for thread_id in threads:
+            frame = orjson.dumps({"thread_id": thread_id, "message": "fault:slow 0.02 5", "idempotency_key": f"race-{thread_id}"}).decode()
+            with anyio.fail_after(15):
+                async with connect(url) as one, connect(url) as other:
+                    await asyncio.gather(one.send(frame), other.send(frame))
+                    run_ids = await asyncio.gather(run_read(one), run_read(other))
+            assert run_ids[0] == run_ids[1]
+        requests = await responses_requests(client, fake_upstream.url)
+        for thread_id in threads:
+            assert sum(r["body"].get("conversation") == thread_id for r in requests) == 1
 
 
 # ---------------------------------------------------------------------------------------------

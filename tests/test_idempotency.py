@@ -7,13 +7,15 @@ The end-to-end case (a real connection lost before the answer) is in tests/test_
 from __future__ import annotations
 
 import anyio
+import httpx
 import pytest
 import respx
 from starlette.testclient import TestClient
 
+from assistant import run_manager
 from assistant.errors import NotFound, ServiceError, ThreadBusy
-from assistant.events import METADATA, RUN_FAILED
-from tests.test_chat_api import JSON, SSE, chat, events_of
+from assistant.events import ERROR, METADATA, RUN_CREATED, RUN_FAILED
+from tests.test_chat_api import JSON, SSE, chat, events_of, make_client
 from tests.test_resume import (
     RESUMED,
     TEXT,
@@ -86,8 +88,9 @@ async def test_a_key_whose_message_still_waits_for_the_thread_is_in_use_and_free
 
 
 @pytest.mark.anyio
-async def test_the_same_key_sent_twice_at_once_starts_one_run() -> None:
-    """Both sends asked keyed_run before either started (two sockets, one frame each)."""
+async def test_start_run_refuses_a_key_that_already_names_a_run() -> None:
+    """A caller that did not ask keyed_run first (the endpoints do, with no await between) is
+    refused rather than starting a second run."""
     async with manager() as (runs, engine):
         log = await runs.start_run("thread_a", "hi", "corr", KEY)
         with pytest.raises(ServiceError) as twice:
@@ -97,6 +100,30 @@ async def test_the_same_key_sent_twice_at_once_starts_one_run() -> None:
             await runs.start_run("thread_a", "bye", "corr", KEY)
         assert reused.value.type == "idempotency_key_reused"
         assert runs.keyed_run("thread_a", KEY, "hi") is log and list(runs._runs) == [log.run_id]
+
+
+@pytest.mark.anyio
+async def test_keys_beyond_the_bound_go_oldest_ended_first_never_one_still_waiting_or_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run_manager, "_KEPT_KEYS", 3)
+    async with manager() as (runs, engine):
+        engine.gates["slow"] = anyio.Event()
+        running = await runs.start_run("thread_a", "slow", "corr", "running")
+        ended_keyed = await runs.start_run("thread_b", "hi", "corr", "ended")
+        with anyio.fail_after(TIMEOUT):
+            await ended_keyed.wait_finished()
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(runs.start_run, "thread_a", "next", "corr", "waiting")
+            await anyio.sleep(0.05)  # waiting for the thread
+            for i in range(2):  # other messages' keys push the oldest ended one out, and no other
+                await runs.start_run(f"thread_{i}", "x", "corr", f"other-{i}")
+            assert runs.keyed_run("thread_b", "ended", "hi") is None
+            assert runs.keyed_run("thread_a", "running", "slow") is running
+            with pytest.raises(ServiceError) as waiting:
+                runs.keyed_run("thread_a", "waiting", "next")
+            assert waiting.value.type == "idempotency_key_in_use"
+            engine.gates["slow"].set()
 
 
 @pytest.mark.anyio
@@ -205,6 +232,60 @@ def test_a_run_refused_at_once_is_refused_the_same_way_when_sent_again(
     assert route.call_count == 1
 
 
+def test_a_streamed_run_that_failed_after_its_stream_began_is_streamed_again(upstream: respx.MockRouter) -> None:
+    """Refused only after SSE_HEARTBEAT_SECONDS, the first send got a 200 stream holding the
+    error: so does the same message sent again (not a plain 404 it never got)."""
+    async def late_refusal(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.3)
+        return openai_error(404, "Conversation with id 'conv_test' not found.")
+
+    route = upstream.post("/responses").mock(side_effect=late_refusal)
+    with make_client(SSE_HEARTBEAT_SECONDS="0.05") as test_client:
+        first = chat(test_client, "hello", headers=with_key(SSE))
+        assert first.status_code == 200 and [e["event"] for e in events_of(first.text)] == [RUN_CREATED, ERROR]
+        again = chat(test_client, "hello", headers=with_key(SSE))
+        assert again.status_code == 200, again.text
+        assert_resumed(again.text, events_of(first.text)[0]["data"]["run_id"], 0, events_of(first.text))
+    assert route.call_count == 1
+
+
+def test_a_json_answer_is_given_again_after_the_runs_first_events_were_dropped(upstream: respx.MockRouter) -> None:
+    """A JSON answer needs only the run's messages, which are kept whole; a replay from the
+    start needs the events, and says they are gone."""
+    route = upstream.post("/responses").mock(return_value=sse_response(text_events(TEXT, chunks=18)))
+    with make_client(STREAM_MAX_EVENTS_PER_RUN="10") as test_client:
+        first = chat(test_client, "hello", headers=with_key(JSON))
+        again = chat(test_client, "hello", headers=with_key(JSON))
+        assert again.status_code == 200 and again.json()["responses"] == first.json()["responses"] == [TEXT]
+        assert_error(chat(test_client, "hello", headers=with_key(SSE)), 404, "events_dropped")
+        with test_client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"thread_id": "conv_test", "message": "hello", "idempotency_key": KEY})
+            error = ws.receive_json()
+            assert error["event"] == "error" and error["type"] == "events_dropped", error
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize("accept", [JSON, SSE], ids=["json", "sse"])
+def test_a_run_refused_for_a_reason_that_passes_is_sent_again_as_new(
+    client: TestClient, upstream: respx.MockRouter, accept: dict[str, str]
+) -> None:
+    """OpenAI's rate limit: the model was not asked, and the answer says to try again later. The
+    same key then starts the message afresh, instead of replaying the refusal for good."""
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(429, "Rate limit reached.", headers={"retry-after": "60"}),
+        sse_response(text_events(TEXT)),
+    ])
+    refused = chat(client, "hello", headers=with_key(accept))
+    assert_error(refused, 502, "upstream_rate_limited")
+    assert refused.headers["retry-after"] == "60"
+    again = chat(client, "hello", headers=with_key(accept))
+    assert again.status_code == 200, again.text
+    assert TEXT in again.text and route.call_count == 2
+    assert chat(client, "hello", headers=with_key(JSON)).json()["run_id"] == (
+        again.json()["run_id"] if accept is JSON else events_of(again.text)[0]["data"]["run_id"])
+    assert route.call_count == 2
+
+
 def test_a_run_that_failed_midway_replays_its_failure(client: TestClient, upstream: respx.MockRouter) -> None:
     failed = [{"type": "response.failed", "sequence_number": 1, "response": {
         "id": "resp_f", "object": "response", "status": "failed", "output": [],
@@ -218,8 +299,6 @@ def test_a_run_that_failed_midway_replays_its_failure(client: TestClient, upstre
 
 
 def test_a_key_that_waits_for_a_busy_thread_is_409_in_use(upstream: respx.MockRouter) -> None:
-    from tests.test_chat_api import make_client
-
     with make_client(THREAD_LOCK_TIMEOUT_SECONDS="5") as test_client:
         portal = test_client.portal
         assert portal is not None
@@ -279,8 +358,6 @@ def test_a_key_given_over_http_names_the_run_over_the_websocket_too(client: Test
 
 
 def test_cors_lets_a_browser_send_the_key(upstream: respx.MockRouter) -> None:
-    from tests.test_chat_api import make_client
-
     with make_client(CORS_ALLOW_ORIGINS="https://app.example") as test_client:
         preflight = test_client.options("/chat", headers={
             "origin": "https://app.example", "access-control-request-method": "POST",

@@ -181,12 +181,14 @@ async function sendOverSSE(turn, message) {
     failure = error;
   }
   for (let attempt = 0; ; attempt++) {
+    if (response?.status === 204) return endTurn(); // a resume with nothing left to send
+    if (response && !isEventStream(response)) {
+      const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
+      // The first try still waits for the thread (the service has not yet seen it go): ask again.
+      if (body.type !== "idempotency_key_in_use" || attempt >= 5) return handleEvent(turn, "error", body);
+      response = null;
+    }
     if (response) {
-      if (response.status === 204) return endTurn(); // a resume with nothing left to send
-      if (!isEventStream(response)) {
-        const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
-        return handleEvent(turn, "error", body);
-      }
       failure = null;
       try {
         await readStream(turn, response);
