@@ -45,12 +45,11 @@ del _grace
 def _cannot_listen(kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
     """A port already taken (or not ours to take) stops the service as a bad setting does: one
     line and exit code 2, not hypercorn's traceback. (hypercorn binds before it imports the app.)"""
-    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(tb)]
-    if isinstance(exc, OSError) and "_create_sockets" in frames:
-        binds = [sys.argv[i + 1] for i, arg in enumerate(sys.argv[:-1]) if arg in ("--bind", "-b")]
+    binding = [frame for frame, _ in traceback.walk_tb(tb) if frame.f_code.co_name == "_create_sockets"]
+    if isinstance(exc, OSError) and binding:
+        bind = binding[-1].f_locals.get("bind", "the bound address")  # the one that failed
         hint = " (another server holds it: stop that one or set PORT)" if exc.errno == errno.EADDRINUSE else ""
-        sys.stderr.write(f"configuration error: cannot listen on {', '.join(binds) or 'the bound address'}: "
-                         f"{exc.strerror or exc}{hint}\n")
+        sys.stderr.write(f"configuration error: cannot listen on {bind}: {exc.strerror or exc}{hint}\n")
         sys.stderr.flush()
         os._exit(2)
     sys.__excepthook__(kind, exc, tb)

@@ -112,9 +112,7 @@ class RunManager:
         """The run a message sent earlier with this Idempotency-Key started (None: no such message).
 
         A client that lost its connection before it learnt the run id sends the message again
-        with the same key, and reads that run instead of asking the model twice. A run refused
-        before it reached the model, for a reason that passes (OpenAI's rate limit, a busy
-        conversation, a shutdown), is no such message: it is sent again as new.
+        with the same key, and reads that run instead of asking the model twice.
         """
         kept = self._keys.get((thread_id, key))
         if kept is None:
@@ -133,9 +131,6 @@ class RunManager:
                 "no longer kept (STREAM_RETENTION_SECONDS, STREAM_MAX_RUNS)",
                 type="run_expired",
             )
-        if log.finished and log.error is not None and log.error.type in _REFUSALS_TO_RETRY and nothing_but_an_error(log):
-            del self._keys[(thread_id, key)]
-            return None
         return log
 
     async def start_run(self, thread_id: str, message: str, correlation_id: str, key: str | None = None) -> RunLog:
@@ -173,7 +168,7 @@ class RunManager:
         self._runs[log.run_id] = log
         if key is not None and (thread_id, key) in self._keys:
             self._keys[(thread_id, key)] = (self._keys[(thread_id, key)][0], log.run_id)
-        self._task_group.start_soon(self._run, log, message, name=f"run {log.run_id}")
+        self._task_group.start_soon(self._run, log, message, key, name=f"run {log.run_id}")
         return log
 
     def _bound_keys(self) -> None:
@@ -191,11 +186,16 @@ class RunManager:
         if key is not None and (thread_id, key) in self._keys and self._keys[(thread_id, key)][1] is None:
             del self._keys[(thread_id, key)]
 
-    async def _run(self, log: RunLog, message: str) -> None:
+    async def _run(self, log: RunLog, message: str, key: str | None) -> None:
         try:
             await execute_run(self.engine, self.registry, self.settings, log, message)
         finally:
             self._release_thread(log.thread_id)
+            if key is not None and self._keys.get((log.thread_id, key), (b"", None))[1] == log.run_id:
+                # Refused before it reached the model, for a reason that passes (OpenAI's rate
+                # limit, a busy conversation, a shutdown): the message may be sent again as new.
+                if log.error is not None and log.error.type in _REFUSALS_TO_RETRY and nothing_but_an_error(log):
+                    del self._keys[(log.thread_id, key)]
             self._finished.append(log)
             self._expire()
 

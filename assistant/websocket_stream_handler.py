@@ -173,7 +173,8 @@ class ChatConnection:
             if left <= 0:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 return None
-            with anyio.move_on_after(left):
+            # At most the timeout: the next send's deadline may come sooner than this one's.
+            with anyio.move_on_after(min(left, self.settings.slow_client_timeout_seconds)):
                 return await self.websocket.receive()
 
     async def _read_frames(self, task_group: TaskGroup) -> None:

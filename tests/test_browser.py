@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,6 +351,37 @@ def test_a_message_whose_answer_was_lost_is_sent_again_and_answered_once(
     send(page, "fault:slow 0.05 8", transport)
     assert_whole_reply_without_error(page, 8)
     assert responses_made(fake_upstream, page.evaluate("() => state.threadId")) == 1  # type: ignore[attr-defined]
+
+
+ABANDON_THE_FIRST_TRY = """() => {
+    // The first POST /chat goes out, and the page gives up on it at once (as on a dropped
+    // connection the service has not noticed yet: the request stays open).
+    const original = window.fetch;
+    let used = false;
+    window.fetch = async (url, options) => {
+        if (used || String(url) !== "chat") return original(url, options);
+        used = true;
+        original(url, options).catch(() => {});
+        throw new TypeError("network error");
+    };
+}"""
+
+
+def test_a_message_sent_again_while_its_first_try_waits_for_the_thread_is_answered_once(
+    page: object, page_service: ServerProcess, fake_upstream: ServerProcess  # noqa: F811
+) -> None:
+    """The first try waits for a busy thread, so the same key is 409 idempotency_key_in_use: the
+    page asks again until the first try's run has started, then reads that run."""
+    thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
+    busy = threading.Thread(target=httpx.post, args=(f"{page_service.url}/chat",), kwargs={
+        "json": {"thread_id": thread_id, "message": "fault:slow 0.1 15"}, "timeout": 30, "trust_env": False})
+    busy.start()
+    time.sleep(0.3)  # the thread is busy for ~1.5 s
+    page.evaluate(ABANDON_THE_FIRST_TRY)  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.05 8", "sse")
+    assert_whole_reply_without_error(page, 8)
+    busy.join()
+    assert responses_made(fake_upstream, thread_id) == 2  # the busy turn's, and this message's once
 
 
 def test_a_rate_limited_turn_says_when_to_try_again(page: object) -> None:

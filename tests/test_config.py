@@ -343,12 +343,16 @@ def test_a_port_already_in_use_stops_the_service_with_one_line_and_exit_code_2()
     hypercorn's traceback (and the same exit status as a crash)."""
     from tests.e2e import clean_environment, procfile_hypercorn_args
 
-    with socket.socket() as held:
+    with socket.socket() as held, socket.socket() as free:
         held.bind(("127.0.0.1", 0))
         held.listen()
+        free.bind(("127.0.0.1", 0))
         bind = f"127.0.0.1:{held.getsockname()[1]}"
+        free_bind = f"127.0.0.1:{free.getsockname()[1]}"
+        free.close()  # free again: only the second address fails, and the line names that one
         done = subprocess.run(
-            [sys.executable, "-m", "hypercorn", "app:app", "--bind", bind, *procfile_hypercorn_args()],
+            [sys.executable, "-m", "hypercorn", "app:app", "--bind", free_bind, f"--bind={bind}",
+             *procfile_hypercorn_args()],
             cwd=REPO, env=clean_environment(OPENAI_API_KEY="sk-test"), capture_output=True, text=True, timeout=30,
         )
     assert done.returncode == 2, done.stderr

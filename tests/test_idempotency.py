@@ -286,6 +286,22 @@ def test_a_run_refused_for_a_reason_that_passes_is_sent_again_as_new(
     assert route.call_count == 2
 
 
+def test_a_rate_limited_runs_key_is_free_even_once_the_run_is_no_longer_kept(upstream: respx.MockRouter) -> None:
+    """The key is freed as the refused run ends, not when it is asked for: a client that waited
+    out a long Retry-After finds it free, not 404 run_expired."""
+    route = upstream.post("/responses").mock(side_effect=[
+        openai_error(429, "Rate limit reached.", headers={"retry-after": "60"}),
+        sse_response(text_events("other")),
+        sse_response(text_events(TEXT)),
+    ])
+    with make_client(STREAM_MAX_RUNS="1") as test_client:
+        assert_error(chat(test_client, "hello", headers=with_key(JSON)), 502, "upstream_rate_limited")
+        assert chat(test_client, "meanwhile", thread_id="conv_other").status_code == 200  # pushes the refusal out
+        again = chat(test_client, "hello", headers=with_key(JSON))
+        assert again.status_code == 200 and again.json()["responses"] == [TEXT], again.text
+    assert route.call_count == 3
+
+
 def test_a_run_that_failed_midway_replays_its_failure(client: TestClient, upstream: respx.MockRouter) -> None:
     failed = [{"type": "response.failed", "sequence_number": 1, "response": {
         "id": "resp_f", "object": "response", "status": "failed", "output": [],

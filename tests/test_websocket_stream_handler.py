@@ -445,3 +445,42 @@ async def test_after_an_events_dropped_error_the_connection_takes_the_next_messa
     assert [f["event"] for f in frames[:2]] == [RUN_RESUMED, "error"] and frames[1]["data"]["type"] == "events_dropped"
     assert frames[2]["event"] == RUN_CREATED, frames  # the message was taken: no turn_in_progress
     assert runs.started == ["hi"]
+
+
+class BigFrameThenStuck(UnreadWebSocket):
+    """Takes the first frames (the resume notice, a big one in 0.3 s), then reads nothing; sends
+    nothing after its own frames, nor a disconnect."""
+
+    stuck_at = 0.0
+
+    async def receive(self) -> dict[str, Any]:
+        if self.frames:
+            return await super().receive()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_text(self, text: str) -> None:
+        self.sends_started += 1
+        if self.sends_started == 1:
+            return
+        if len(text) > 100_000:
+            await anyio.sleep(0.3)  # past the timeout, within a big frame's allowance
+            return
+        self.stuck_at = anyio.current_time()
+        await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+async def test_a_small_frame_stuck_after_a_big_one_is_dropped_at_the_timeout_not_the_big_ones() -> None:
+    """A frame over 64 KiB gets the timeout once per 64 KiB; the watchdog must not keep waiting
+    on that long allowance once the next, small, send is the one stuck."""
+    log = RunLog("run_" + "a" * 32, "conv_1", "cid")
+    log.append(Event(MESSAGE_DELTA, {"text": "x" * (20 * 64 * 1024)}))  # ~20 timeouts' allowance
+    log.append(Event(MESSAGE_DELTA, {"text": "small"}))
+    log.append(Event(METADATA, {}))
+    websocket = BigFrameThenStuck([orjson.dumps({"resume": log.run_id}).decode()])
+    connection = ChatConnection(websocket, ResumableRun(log), settings(slow_client_timeout_seconds=0.2),  # type: ignore[arg-type]
+                                correlation_id="cid")
+    with anyio.fail_after(5):
+        await connection.serve()
+    assert anyio.current_time() - websocket.stuck_at < 0.5

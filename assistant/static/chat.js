@@ -235,8 +235,11 @@ function openSocket() {
   ws.onmessage = (message) => {
     if (ws !== state.ws) return; // a socket given up (New thread)
     const frame = JSON.parse(message.data);
-    if (state.turn && frame.id) state.turn.lastEventId = frame.id;
-    if (state.turn) handleEvent(state.turn, frame.event, frame.data);
+    const turn = state.turn;
+    if (turn && frame.id) turn.lastEventId = frame.id;
+    if (turn && !turn.runId && frame.event === "error" && frame.data.type === "idempotency_key_in_use" && (turn.resumes ?? 0) < 5)
+      return resumeOverWebSocket(turn); // the first try still waits for its thread (the service has not seen it go)
+    if (turn) handleEvent(turn, frame.event, frame.data);
     else if (frame.event === "error") showError(null, `Error (${frame.data.type}): ${frame.data.error}`);
   };
   ws.onclose = (event) => {
