@@ -367,8 +367,24 @@ ABANDON_THE_FIRST_TRY = """() => {
 }"""
 
 
+ABANDON_THE_FIRST_SOCKET = """() => {
+    // The first message goes out on a socket of its own that stays open (a connection the page
+    // lost and the service has not noticed yet), and the page's socket closes.
+    const original = WebSocket.prototype.send;
+    let used = false;
+    WebSocket.prototype.send = function (data) {
+        if (used || !JSON.parse(data).message) return original.call(this, data);
+        used = true;
+        const lost = new WebSocket(this.url);
+        window.lostSocket = lost;
+        lost.onopen = () => { original.call(lost, data); this.close(); };
+    };
+}"""
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
 def test_a_message_sent_again_while_its_first_try_waits_for_the_thread_is_answered_once(
-    page: object, page_service: ServerProcess, fake_upstream: ServerProcess  # noqa: F811
+    page: object, page_service: ServerProcess, fake_upstream: ServerProcess, transport: str  # noqa: F811
 ) -> None:
     """The first try waits for a busy thread, so the same key is 409 idempotency_key_in_use: the
     page asks again until the first try's run has started, then reads that run."""
@@ -377,8 +393,8 @@ def test_a_message_sent_again_while_its_first_try_waits_for_the_thread_is_answer
         "json": {"thread_id": thread_id, "message": "fault:slow 0.1 15"}, "timeout": 30, "trust_env": False})
     busy.start()
     time.sleep(0.3)  # the thread is busy for ~1.5 s
-    page.evaluate(ABANDON_THE_FIRST_TRY)  # type: ignore[attr-defined]
-    send(page, "fault:slow 0.05 8", "sse")
+    page.evaluate(ABANDON_THE_FIRST_TRY if transport == "sse" else ABANDON_THE_FIRST_SOCKET)  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.05 8", transport)
     assert_whole_reply_without_error(page, 8)
     busy.join()
     assert responses_made(fake_upstream, thread_id) == 2  # the busy turn's, and this message's once
