@@ -242,14 +242,23 @@ def test_new_thread_mid_turn_leaves_a_usable_page(page: object, transport: str) 
     assert last_reply(page) == "You said: hello new thread"
 
 
-CUT_AFTER_WORD1 = """() => {
-    // The first POST /chat's body breaks (as a dropped connection does) before the chunk with word2.
+def on_the_first_chat_answer(handling: str) -> str:
+    """A page script: the answer (`response`) to the page's first POST /chat goes through
+    `handling` (JavaScript that returns what the page gets, or throws)."""
+    return """() => {
     const original = window.fetch;
     let used = false;
     window.fetch = async (url, options) => {
         const response = await original(url, options);
         if (used || String(url) !== "chat") return response;
         used = true;
+        HANDLING
+    };
+}""".replace("HANDLING", handling)
+
+
+# The body breaks (as a dropped connection does) before the chunk with word2.
+CUT_AFTER_WORD1 = on_the_first_chat_answer("""
         const reader = response.body.getReader();
         const body = new ReadableStream({ async pull(controller) {
             const { value, done } = await reader.read();
@@ -260,9 +269,7 @@ CUT_AFTER_WORD1 = """() => {
             }
             controller.enqueue(value);
         } });
-        return new Response(body, { status: response.status, headers: response.headers });
-    };
-}"""
+        return new Response(body, { status: response.status, headers: response.headers });""")
 
 
 def assert_whole_reply_without_error(page: object, words: int) -> None:
@@ -310,19 +317,11 @@ def test_a_dropped_websocket_is_resumed(page: object) -> None:
     assert last_reply(page) == "You said: still there?"
 
 
-LOSE_THE_FIRST_ANSWER = """() => {
-    // The first POST /chat reaches the service, but its answer is lost before the first event
-    // (as when the connection drops): the page knows no run id to resume.
-    const original = window.fetch;
-    let used = false;
-    window.fetch = async (url, options) => {
-        const response = await original(url, options);
-        if (used || String(url) !== "chat") return response;
-        used = true;
+# The request reaches the service, but its answer is lost before the first event (as when the
+# connection drops): the page knows no run id to resume.
+LOSE_THE_FIRST_ANSWER = on_the_first_chat_answer("""
         response.body.cancel();
-        throw new TypeError("network error");
-    };
-}"""
+        throw new TypeError("network error");""")
 
 CLOSE_AFTER_THE_FIRST_MESSAGE = """() => {
     // The socket drops right after the message went out, before thread.run.created came back.
