@@ -359,6 +359,7 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
     bound = set(func.keywords) if isinstance(func, functools.partial) else set()
     fields: dict[str, Any] = {}
     params: list[tuple[str, str]] = []
+    arguments: set[str] = set()  # the names the model uses
     for index, param in enumerate(signature.parameters.values()):
         if param.name in bound:
             continue
@@ -377,7 +378,11 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
                 f"tool {name!r}: parameter {param.name!r} needs a type hint "
                 "(it defines the JSON schema the model sees)"
             )
-        options: dict[str, Any] = {"alias": param.name}
+        argument = _argument_name(name, param)
+        if argument in arguments:
+            raise ToolConfigError(f"tool {name!r}: two parameters take the argument {argument!r}")
+        arguments.add(argument)
+        options: dict[str, Any] = {"alias": argument}
         doc = param_docs.get(param.name)
         described = isinstance(param.default, FieldInfo) and param.default.description
         if doc and not described and not _has_description(param.annotation):
@@ -419,6 +424,21 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
         getattr(func, "__call__", None)
     )
     return _Tool(func, is_async, model, tuple(params)), summary, _parameters_schema(schema)
+
+
+def _argument_name(tool: str, param: inspect.Parameter) -> str:
+    """The name the model gives the argument: the parameter's, or its `Field(alias=...)`."""
+    infos = [param.default] if isinstance(param.default, FieldInfo) else []
+    if get_origin(param.annotation) is Annotated:
+        infos += [meta for meta in param.annotation.__metadata__ if isinstance(meta, FieldInfo)]
+    for info in reversed(infos):  # the default's Field last, as pydantic merges them
+        alias = info.validation_alias if info.validation_alias is not None else info.alias
+        if isinstance(alias, str):
+            return alias
+        if alias is not None:
+            raise ToolConfigError(f"tool {tool!r}: parameter {param.name!r}: only a plain string alias is "
+                                  "supported (the model is given one name per argument)")
+    return param.name
 
 
 def _accepts_none(annotation: Any) -> bool:

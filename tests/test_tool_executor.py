@@ -1074,3 +1074,39 @@ def test_the_calculator_never_shows_a_rounded_result_as_an_exact_integer(a: int,
     result = calculator(a, b, op)  # type: ignore[arg-type]
     assert not (type(result) is int and result != exact)
     assert result == pytest.approx(exact)
+
+
+@pytest.mark.anyio
+async def test_a_field_alias_is_the_name_the_model_uses() -> None:
+    """pydantic's `alias` names the argument: the model sees and sends that name, the function
+    still gets its own parameter (it was ignored: the model was shown the parameter's name)."""
+    def paged(
+        from_: Annotated[int, pydantic.Field(alias="from", description="first item")],
+        size: int = pydantic.Field(10, alias="pageSize"),
+        order: Annotated[str, pydantic.Field(validation_alias="sort")] = "asc",
+    ) -> str:
+        """List items."""
+        return f"{from_} {size} {order}"
+
+    registry = ToolRegistry({"paged": paged}, timeout=5)
+    parameters = registry.responses_tools[0]["parameters"]
+    assert list(parameters["properties"]) == ["from", "pageSize", "sort"] and parameters["required"] == ["from"]
+    assert registry.assistants_tools[0]["function"]["parameters"] == parameters
+    result = await run(registry, "paged", '{"from": 3, "pageSize": 5, "sort": "desc"}')
+    assert (result.is_error, result.output) == (False, "3 5 desc")
+    assert "from" in error_of(await run(registry, "paged", '{"from_": 3}'))
+
+
+def test_an_alias_the_model_could_not_be_given_is_refused_at_start_up() -> None:
+    def choices(q: Annotated[str, pydantic.Field(validation_alias=pydantic.AliasChoices("q", "query"))]) -> str:
+        """Search."""
+        return q
+
+    def clash(a: int, b: Annotated[int, pydantic.Field(alias="a")]) -> int:
+        """Add."""
+        return a + b
+
+    with pytest.raises(ToolConfigError, match="'choices': parameter 'q': only a plain string alias"):
+        ToolRegistry({"choices": choices}, timeout=5)
+    with pytest.raises(ToolConfigError, match="'clash': two parameters take the argument 'a'"):
+        ToolRegistry({"clash": clash}, timeout=5)
