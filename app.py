@@ -17,7 +17,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 
 from assistant.assistants_engine import AssistantsEngine
 from assistant.config import ConfigError, Settings, load_settings
@@ -25,6 +24,7 @@ from assistant.errors import ServiceError
 from assistant.http_api import (
     STATIC_DIR,
     Endpoint,
+    RevalidatedStaticFiles,
     cancel_run,
     chat,
     chat_page,
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
     app = Starlette(
         routes=[
             Route("/", Endpoint(chat_page), methods=["GET"]),
-            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+            Mount("/static", RevalidatedStaticFiles(directory=STATIC_DIR), name="static"),
             Route("/health", Endpoint(health), methods=["GET"]),
             Route("/threads", Endpoint(create_thread), methods=["POST"]),
             Route("/start", Endpoint(create_thread), methods=["GET"]),

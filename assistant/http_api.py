@@ -7,12 +7,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .chat_request import THREAD_ID, check_idempotency_key, check_run_id, parse_chat_request
@@ -134,6 +136,16 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
 
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+class RevalidatedStaticFiles(StaticFiles):
+    """The chat page's script and styles, checked with the service on each use (a 304 when
+    unchanged): a browser never runs a cached old script against a newer service."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = "no-cache"
+        return response
 
 
 async def chat_page(request: Request) -> Response:

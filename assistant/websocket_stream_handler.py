@@ -215,7 +215,7 @@ class ChatConnection:
                 self._cancel(frame["cancel"])
                 return
             if self.turn_running:
-                raise BadRequest("a turn is already running on this connection; wait for its metadata event",
+                raise BadRequest("a turn is already running on this connection; wait for its metadata (or error) event",
                                  type="turn_in_progress")
             if isinstance(frame, dict) and "resume" in frame:
                 log, after = self._resumable(frame)

@@ -3,9 +3,12 @@
 # hypercorn exactly as the Procfile does. Needs OPENAI_API_KEY; PORT defaults to 8000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${OPENAI_API_KEY:-}" ]; then  # said as the service says a bad setting: one line, exit code 2
+  echo "configuration error: OPENAI_API_KEY is required (or run against the fake: see README)" >&2
+  exit 2
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-: "${OPENAI_API_KEY:?set OPENAI_API_KEY (or run against a fake: see README)}"
 export PORT="${PORT:-8000}"
 echo "Starting on port ${PORT}, every interface: open http://127.0.0.1:${PORT}/  (Ctrl+C to stop)"
 exec .venv/bin/hypercorn --config file:hypercorn_config.py app:app --bind "0.0.0.0:${PORT}"

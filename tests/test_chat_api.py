@@ -136,6 +136,16 @@ def test_create_thread_post_and_get_start(upstream: respx.MockRouter) -> None:
             assert response.headers["cache-control"] == "no-store"
 
 
+def test_the_chat_page_and_its_files_are_checked_with_the_service_on_each_use(client: TestClient) -> None:
+    """no-cache (not no-store): a 304 when unchanged, and never a cached old script against a newer service."""
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+    script = client.get("/static/chat.js")
+    assert script.status_code == 200 and script.headers["cache-control"] == "no-cache"
+    again = client.get("/static/chat.js", headers={"if-none-match": script.headers["etag"]})
+    assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
+
+
 def test_initial_message_is_null_when_unset(client: TestClient, upstream: respx.MockRouter) -> None:
     assert client.post("/threads").json()["initial_message"] is None
 

@@ -361,3 +361,12 @@ def test_a_port_already_in_use_stops_the_service_with_one_line_and_exit_code_2()
         "(another server holds it: stop that one or set PORT)"
     ], done.stderr
     assert done.stdout == ""
+
+
+def test_start_script_without_a_key_says_so_in_one_line_and_exit_code_2() -> None:
+    """As the service says a bad setting, and before it spends time installing anything."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "start.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["configuration error: OPENAI_API_KEY is required (or run against the fake: see README)"]
