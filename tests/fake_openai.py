@@ -7,6 +7,11 @@ types. Run it with `hypercorn tests.fake_openai:app --bind 127.0.0.1:PORT` from 
 A `slow-follow-up <delay>` line under `tool:` lines streams the reply to the tool outputs with
 that delay before each delta (so a client can hang up while it streams; Responses API only).
 
+Responses faults: `fault:slow <delay> <n>` (n words, each after `delay` seconds: a run slow
+enough to cancel or resume), `fault:stall <s>`, `fault:cut [eof]`, `fault:malformed`,
+`fault:failed`, `fault:error-event`, `fault:incomplete`, `fault:locked <s>` (the conversation
+stays locked that long), `fault:status <code> [retry-after] [xN]`.
+
 Assistants flavour (threads, messages, runs, run steps under /v1/threads): a run answers the
 thread's last user message with the same echo / `tool:` rules; `hosted:code_interpreter` and
 `hosted:file_search` make the fake "run" a hosted tool itself. Run faults: `fault:status <code>
