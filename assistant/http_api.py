@@ -66,6 +66,8 @@ def correlation_id(request: Request) -> str:
 # For what must never be reused from a cache: a thread id handed out by GET /start (one
 # client's thread served to the next), a health or an error from another moment, a 204 "all sent".
 NO_STORE = {"cache-control": "no-store"}
+# For what may be kept but must be checked with the service first (a 304 when unchanged).
+NO_CACHE = {"cache-control": "no-cache"}
 
 
 def error_response(error: ServiceError, request: Request) -> JSONResponse:
@@ -144,13 +146,13 @@ class RevalidatedStaticFiles(StaticFiles):
 
     def file_response(self, *args: Any, **kwargs: Any) -> Response:
         response = super().file_response(*args, **kwargs)
-        response.headers["cache-control"] = "no-cache"
+        response.headers.update(NO_CACHE)
         return response
 
 
 async def chat_page(request: Request) -> Response:
     """The reference chat client; its URLs are relative, so it works under a path prefix."""
-    return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+    return FileResponse(STATIC_DIR / "index.html", headers=NO_CACHE)
 
 
 async def health(request: Request) -> Response:

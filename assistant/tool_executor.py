@@ -378,14 +378,14 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
                 f"tool {name!r}: parameter {param.name!r} needs a type hint "
                 "(it defines the JSON schema the model sees)"
             )
-        argument = _argument_name(name, param)
+        infos = _field_infos(param)
+        argument = _argument_name(name, param, infos)
         if argument in arguments:
             raise ToolConfigError(f"tool {name!r}: two parameters take the argument {argument!r}")
         arguments.add(argument)
         options: dict[str, Any] = {"alias": argument}
         doc = param_docs.get(param.name)
-        described = isinstance(param.default, FieldInfo) and param.default.description
-        if doc and not described and not _has_description(param.annotation):
+        if doc and not any(info.description for info in infos):  # the Field's own description wins
             options["description"] = doc
         # Model fields get neutral names, the parameter name is the alias: parameters
         # called `json`, `schema` or `_private` would otherwise clash with BaseModel.
@@ -426,11 +426,15 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
     return _Tool(func, is_async, model, tuple(params)), summary, _parameters_schema(schema)
 
 
-def _argument_name(tool: str, param: inspect.Parameter) -> str:
+def _field_infos(param: inspect.Parameter) -> list[FieldInfo]:
+    """The parameter's pydantic `Field`s: in `Annotated[T, Field(...)]`, then its default's."""
+    annotated = get_origin(param.annotation) is Annotated
+    infos = [meta for meta in param.annotation.__metadata__ if isinstance(meta, FieldInfo)] if annotated else []
+    return infos + ([param.default] if isinstance(param.default, FieldInfo) else [])
+
+
+def _argument_name(tool: object, param: inspect.Parameter, infos: list[FieldInfo]) -> str:
     """The name the model gives the argument: the parameter's, or its `Field(alias=...)`."""
-    infos = [param.default] if isinstance(param.default, FieldInfo) else []
-    if get_origin(param.annotation) is Annotated:
-        infos += [meta for meta in param.annotation.__metadata__ if isinstance(meta, FieldInfo)]
     for info in reversed(infos):  # the default's Field last, as pydantic merges them
         alias = info.validation_alias if info.validation_alias is not None else info.alias
         if isinstance(alias, str):
@@ -447,13 +451,6 @@ def _accepts_none(annotation: Any) -> bool:
     except Exception:  # a ValidationError, or a type pydantic cannot build (reported later)
         return False
     return True
-
-
-def _has_description(annotation: Any) -> bool:
-    """True if ``Annotated[T, Field(description=...)]`` already describes the parameter."""
-    return get_origin(annotation) is Annotated and any(
-        isinstance(meta, FieldInfo) and meta.description for meta in annotation.__metadata__
-    )
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
