@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
-from .sse_stream_handler import SSEResponse
+from .sse_stream_handler import KEEPALIVE, SSE_HEADERS, SSEResponse, frame_error, frame_retry
 
 logger = logging.getLogger("assistant.http")
 
@@ -77,14 +78,18 @@ def error_response(error: ServiceError, request: Request) -> JSONResponse:
     return JSONResponse(error.payload(correlation_id(request)), status_code=error.status_code, headers=headers)
 
 
+def log_service_error(error: ServiceError) -> None:
+    if isinstance(error, ClientGone):
+        logger.info(error.message)
+    elif error.status_code >= 500:
+        logger.warning("request failed with %s: %s", error.type, error.message)
+    else:
+        log_refusal(error)
+
+
 async def handle_service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    if isinstance(exc, ClientGone):
-        logger.info(exc.message)
-    elif exc.status_code >= 500:
-        logger.warning("request failed with %s: %s", exc.type, exc.message)
-    else:
-        log_refusal(exc)
+    log_service_error(exc)
     return error_response(exc, request)
 
 
@@ -193,7 +198,9 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return run_id, int(position)
 
 
-def event_stream(request: Request, log: RunLog, after: int = 0, *, resumed: bool = False) -> SSEResponse:
+def event_stream(
+    request: Request, log: RunLog, after: int = 0, *, resumed: bool = False, head_sent: bool = False
+) -> SSEResponse:
     settings = request.app.state.settings
     return SSEResponse(
         log,
@@ -202,6 +209,7 @@ def event_stream(request: Request, log: RunLog, after: int = 0, *, resumed: bool
         heartbeat_seconds=settings.sse_heartbeat_seconds,
         retry_ms=settings.sse_retry_ms,
         slow_client_timeout_seconds=settings.slow_client_timeout_seconds,
+        head_sent=head_sent,
     )
 
 
@@ -222,6 +230,8 @@ async def chat(request: Request) -> Response:
                 await wait_until_accepted(earlier, first_upstream_wait=settings.sse_heartbeat_seconds)
                 return resumed_stream(request, state.runs.resumable(earlier.run_id, 0), 0, resumed=True)
             return JSONResponse(await run_answer(earlier, correlation_id(request)))
+    if wants_event_stream(request) and state.runs.thread_busy(thread_id):
+        return StreamAfterThreadWait(request, thread_id, message, key)  # type: ignore[return-value]
     log = await start_run(request, thread_id, message, key)
     if wants_event_stream(request):
         await wait_until_accepted(log, first_upstream_wait=settings.sse_heartbeat_seconds)
@@ -229,15 +239,71 @@ async def chat(request: Request) -> Response:
     return JSONResponse(await run_answer(log, correlation_id(request)))
 
 
-async def start_run(request: Request, thread_id: str, message: str, key: str | None = None) -> RunLog:
-    """Start the message's run. While it waits for a busy thread, a client that hangs up gets
-    none: nothing goes upstream for a client that could neither read nor stop that run."""
+class StreamAfterThreadWait:
+    """A streamed message on a busy thread. It waits for the thread as any message does, but
+    its client never goes without a byte for longer than SSE_HEARTBEAT_SECONDS (a proxy or a
+    platform's router cuts a response whose head is late; curl would show nothing): from then
+    on the stream's head and keepalive comments go out while it waits, and a wait that fails
+    (`thread_busy` after THREAD_LOCK_TIMEOUT_SECONDS) ends the stream with an `error` event
+    instead of a plain HTTP error. A shorter wait is answered exactly as on a free thread."""
+
+    def __init__(self, request: Request, thread_id: str, message: str, key: str | None) -> None:
+        self.request = request
+        self.thread_id = thread_id
+        self.message = message
+        self.key = key
+        self.head_sent = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = self.request
+        settings = request.app.state.settings
+        head_due = time.monotonic() + settings.sse_heartbeat_seconds
+
+        async def keep_alive() -> None:
+            body = frame_retry(settings.sse_retry_ms) + KEEPALIVE
+            while True:
+                await anyio.sleep(settings.sse_heartbeat_seconds)
+                with anyio.CancelScope(shield=True):  # a head or comment goes out whole
+                    if not self.head_sent:
+                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                        self.head_sent = True
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                body = KEEPALIVE
+
+        try:
+            log = await start_run(request, self.thread_id, self.message, self.key, while_waiting=keep_alive)
+        except ServiceError as error:
+            if not self.head_sent:
+                raise
+            log_service_error(error)
+            if not isinstance(error, ClientGone):
+                await send({"type": "http.response.body", "body": frame_error(error, correlation_id(request)),
+                            "more_body": False})
+            return
+        if not self.head_sent:
+            await wait_until_accepted(log, first_upstream_wait=head_due - log.started)
+        await event_stream(request, log, head_sent=self.head_sent)(scope, receive, send)
+
+
+async def start_run(
+    request: Request,
+    thread_id: str,
+    message: str,
+    key: str | None = None,
+    *,
+    while_waiting: Callable[[], Awaitable[None]] | None = None,
+) -> RunLog:
+    """Start the message's run. While it waits for a busy thread, `while_waiting` runs beside
+    it, and a client that hangs up gets no run: nothing goes upstream for a client that could
+    neither read nor stop it."""
     runs = request.app.state.runs
     if not runs.thread_busy(thread_id):
         return await runs.start_run(thread_id, message, correlation_id(request), key)
     started: RunLog | ServiceError | None = None
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(cancel_on_disconnect, request.receive, task_group.cancel_scope)
+        if while_waiting is not None:
+            task_group.start_soon(while_waiting)
         try:
             started = await runs.start_run(thread_id, message, correlation_id(request), key)
         except ServiceError as exc:  # raised in the task group, it would come out wrapped in a group

@@ -65,6 +65,16 @@ def frame_batch(log: RunLog, batch: list[tuple[int, Event]]) -> bytes:
     return b"".join(frame_event(run_id, seq, event) for seq, event in batch)
 
 
+def frame_error(error: ServiceError, correlation_id: str | None) -> bytes:
+    """An `error` event. It has no id, so the client's Last-Event-ID stays where it was."""
+    return b"event: error\ndata: " + Event(ERROR, error.payload(correlation_id)).encoded + b"\n\n"
+
+
+def frame_retry(retry_ms: int) -> bytes:
+    """A stream's first line: how long EventSource waits before it reconnects."""
+    return f"retry: {retry_ms}\n\n".encode()
+
+
 def frame_resumed(log: RunLog, after: int) -> bytes:
     """The first event of a resumed stream. It has no id, so it leaves Last-Event-ID as it was."""
     data = {"thread_id": log.thread_id, "run_id": log.run_id, "stream_url": stream_path(log.run_id),
@@ -100,6 +110,7 @@ class SSEResponse:
         after: int = 0,
         resumed: bool = False,
         status_code: int = 200,
+        head_sent: bool = False,
     ) -> None:
         self.log = log
         self.heartbeat_seconds = heartbeat_seconds
@@ -108,6 +119,7 @@ class SSEResponse:
         self.after = after
         self.resumed = resumed  # a Last-Event-ID was given: the stream opens with `thread.run.resumed`
         self.status_code = status_code
+        self.head_sent = head_sent  # the head and the retry line went out before (while the message waited)
         self.done = False  # set once the stream's last byte is sent: a disconnect after it is normal
         self._last_sent = time.monotonic()
         self._sending_since: float | None = None
@@ -117,7 +129,8 @@ class SSEResponse:
         self._finishing = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
+        if not self.head_sent:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": SSE_HEADERS})
         if scope.get("method") == "HEAD":  # the GET's head, no body: following the run would hold the connection
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.done = True
@@ -193,18 +206,16 @@ class SSEResponse:
     async def _stream(self, send: Send, correlation_id: str) -> None:
         log = self.log
         seq = self.after
-        pending = f"retry: {self.retry_ms}\n\n".encode()
+        pending = b"" if self.head_sent else frame_retry(self.retry_ms)
         if self.resumed:
             pending += frame_resumed(log, self.after)
         while True:
             try:
                 batch = log.events_after(seq)
             except EventsDropped as exc:
-                # The client fell further behind than the log keeps: it cannot be made whole. The
-                # error has no id, so the client's Last-Event-ID stays where it was.
+                # The client fell further behind than the log keeps: it cannot be made whole.
                 logger.warning(str(exc))
-                error = ServiceError(str(exc), type="events_dropped")
-                pending += b"event: error\ndata: " + Event(ERROR, error.payload(correlation_id)).encoded + b"\n\n"
+                pending += frame_error(ServiceError(str(exc), type="events_dropped"), correlation_id)
                 break
             if batch:
                 seq = batch[-1][0]

@@ -97,7 +97,9 @@ def assistants_service(fake_assistants_api: ServerProcess) -> Iterator[ServerPro
 @pytest.fixture(scope="module")
 def impatient_assistants_service(fake_assistants_api: ServerProcess) -> Iterator[ServerProcess]:
     with running_service(
-        fake_assistants_api.url, name="impatient-assistants-service", THREAD_LOCK_TIMEOUT_SECONDS="0.5", **ENGINE
+        fake_assistants_api.url, name="impatient-assistants-service", THREAD_LOCK_TIMEOUT_SECONDS="0.5",
+        SSE_HEARTBEAT_SECONDS="1",  # longer than the wait: a refused stream is a plain 409
+        **ENGINE
     ) as server:
         yield server
 
@@ -533,7 +535,8 @@ async def test_a_second_message_gets_409_after_thread_lock_timeout(
 
         assert_json_error(refused, 409, "thread_busy")
         assert 0.4 <= waited < 1.5, f"THREAD_LOCK_TIMEOUT_SECONDS=0.5, refused after {waited:.2f}s"
-        # Streamed, it is refused with the same plain HTTP error before any stream starts.
+        # Streamed, it is refused with the same plain HTTP error before any stream starts (it waited
+        # less than SSE_HEARTBEAT_SECONDS).
         assert refused_stream.status == 409 and refused_stream.body["type"] == "thread_busy", refused_stream
         assert refused_done < results["sse"].all(METADATA)[0].at
         check_reply(results["sse"], thread_id, " ".join(f"word{n}" for n in range(20)))

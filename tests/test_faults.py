@@ -10,8 +10,11 @@ usable: the next message on it gets its normal reply (README, "Limits and failur
 Services (module-scoped, shared by the tests that need the same environment):
 - `service`: the e2e defaults, but TOOL_TIMEOUT_SECONDS=5 (so a 1 s tool finishes) and
   SLOW_CLIENT_TIMEOUT_SECONDS=1 (every other client here reads promptly);
-- `impatient`: THREAD_LOCK_TIMEOUT_SECONDS=0.5 and UPSTREAM_IDLE_TIMEOUT_SECONDS=1;
-- `guarded`: SERVICE_API_KEY=secret-key and CORS_ALLOW_ORIGINS=http://app.example.
+- `impatient`: THREAD_LOCK_TIMEOUT_SECONDS=0.5 and UPSTREAM_IDLE_TIMEOUT_SECONDS=1, and
+  SSE_HEARTBEAT_SECONDS=1 (a streamed message refused after waiting for a busy thread is a 409);
+- `guarded`: SERVICE_API_KEY=secret-key and CORS_ALLOW_ORIGINS=http://app.example;
+- `quick_heartbeat`: SSE_HEARTBEAT_SECONDS=0.3 and THREAD_LOCK_TIMEOUT_SECONDS=1.5 (a wait for a
+  busy thread longer than the heartbeat interval).
 """
 
 from __future__ import annotations
@@ -49,10 +52,12 @@ from tests.test_e2e import (
     DELTA,
     ERROR,
     METADATA,
+    RUN_CREATED,
     RUN_FAILED,
     STEP_COMPLETED,
     STEP_CREATED,
     SSEParser,
+    SSEResult,
     assert_json_error,
     assert_thread_usable,
     chat_json,
@@ -101,7 +106,14 @@ def service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def impatient(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
     with running_service(fake_upstream.url, name="fault-impatient", THREAD_LOCK_TIMEOUT_SECONDS="0.5",
-                           UPSTREAM_IDLE_TIMEOUT_SECONDS="1") as server:
+                           UPSTREAM_IDLE_TIMEOUT_SECONDS="1", SSE_HEARTBEAT_SECONDS="1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def quick_heartbeat(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:
+    with running_service(fake_upstream.url, name="fault-quick-heartbeat", SSE_HEARTBEAT_SECONDS="0.3",
+                           THREAD_LOCK_TIMEOUT_SECONDS="1.5") as server:
         yield server
 
 
@@ -453,7 +465,8 @@ async def test_a_second_turn_waits_for_the_first_and_their_upstream_calls_never_
 async def test_a_second_turn_gets_409_after_the_thread_lock_timeout(
     impatient: ServerProcess, fake_upstream: ServerProcess
 ) -> None:
-    """THREAD_LOCK_TIMEOUT_SECONDS=0.5 against a first turn of ~2 s: JSON and SSE both get 409."""
+    """THREAD_LOCK_TIMEOUT_SECONDS=0.5 against a first turn of ~2 s: JSON and SSE both get 409 (SSE
+    waited less than SSE_HEARTBEAT_SECONDS, so its stream had not started)."""
     base = impatient.url
     async with http_client() as client:
         thread_id = await new_thread(client, base)
@@ -488,6 +501,112 @@ async def test_a_second_turn_gets_409_after_the_thread_lock_timeout(
     assert results["second_done"] < first_result.all(METADATA)[0].at, "the refusals came after the first turn"
     # The refused turns never reached the upstream: one POST, the first turn's.
     assert len(requests) == 1, [input_types(r) for r in requests]
+
+
+async def busy_thread_stream(
+    service: ServerProcess, first_message: str, second_message: str
+) -> tuple[SSEResult, SSEResult, float, str]:
+    """A streamed turn, and 0.3 s into it a second streamed message on the same thread; returns
+    both results, when the second was sent, and the thread."""
+    async with http_client() as client:
+        thread_id = await new_thread(client, service.url)
+        results: dict[str, Any] = {}
+
+        async def first() -> None:
+            results["first"] = await sse_chat(client, service.url, thread_id, first_message)
+
+        async def second() -> None:
+            await anyio.sleep(0.3)
+            results["sent"] = time.monotonic()
+            results["second"] = await sse_chat(client, service.url, thread_id, second_message)
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(first)
+            task_group.start_soon(second)
+        await assert_thread_usable(client, service.url, thread_id)
+    return results["first"], results["second"], results["sent"], thread_id
+
+
+def first_byte_at(result: SSEResult) -> float:
+    return result.items[0].at
+
+
+@pytest.mark.anyio
+async def test_a_streamed_message_waiting_past_the_heartbeat_gets_its_stream_then_its_reply(
+    quick_heartbeat: ServerProcess,
+) -> None:
+    """SSE_HEARTBEAT_SECONDS=0.3, a first turn of ~1 s: the second stream's head and keepalives
+    come while it waits for the thread, then its run's events, framed as any stream's."""
+    first, second, sent, _ = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 10", "me next")
+    check_framing(first)
+    check_framing(second)
+    assert second.replies == ["You said: me next"]
+    assert first_byte_at(second) - sent < 0.3 + 0.25, "the head came about one heartbeat in"
+    assert first_byte_at(second) < first.all(METADATA)[0].at, "before the thread was free"
+    assert second.all(RUN_CREATED)[0].at >= first.all(METADATA)[0].at
+    assert second.raw.count(b"retry: ") == 1  # the retry line once, with the head
+    arrivals = [sent, *(item.at for item in second.items)]
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 0.3 + 0.25, gaps  # never silent much longer than a heartbeat
+
+
+@pytest.mark.anyio
+async def test_a_streamed_message_waiting_past_the_heartbeat_then_thread_busy_gets_an_error_event(
+    quick_heartbeat: ServerProcess, fake_upstream: ServerProcess
+) -> None:
+    """A first turn of ~3 s against THREAD_LOCK_TIMEOUT_SECONDS=1.5: the second stream started
+    at the first heartbeat, so its thread_busy is an `error` event, its only event."""
+    offset = quick_heartbeat.output_size()
+    first, second, sent, thread_id = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 30", "me next")
+    check_framing(first)
+    assert second.status == 200 and second.headers["content-type"].startswith("text/event-stream")
+    assert second.raw.startswith(b"retry: ")
+    assert second.names == [ERROR], second.names
+    error = second.one(ERROR)
+    assert error["type"] == "thread_busy" and error["error"]
+    assert error["correlation_id"] == second.headers["x-correlation-id"]
+    assert 1.5 <= second.ended - sent < 2.5
+    assert second.ended < first.all(METADATA)[0].at
+    assert second.keepalives_between(sent, second.ended) >= 3
+    async with http_client() as client:
+        requests = await fake_requests(client, fake_upstream.url, thread_id)
+    assert len(requests) == 2  # the first turn's and the usability check's: the refused message never went
+    entries = log_entries(quick_heartbeat, offset)
+    refused = [e for e in entries if "thread_busy" in e.get("message", "")]
+    assert len(refused) == 1 and refused[0]["level"] == "INFO", refused
+    assert not [e for e in entries if e["level"] in ("ERROR", "CRITICAL")], entries
+
+
+@pytest.mark.anyio
+async def test_a_streamed_message_whose_client_leaves_while_it_waits_is_dropped(
+    quick_heartbeat: ServerProcess, fake_upstream: ServerProcess
+) -> None:
+    """Its stream had started (heartbeats): the client hangs up, nothing goes upstream for it."""
+    offset = quick_heartbeat.output_size()
+    async with http_client() as client:
+        thread_id = await new_thread(client, quick_heartbeat.url)
+        async with anyio.create_task_group() as task_group:
+            first_done = anyio.Event()
+
+            async def first() -> None:
+                await sse_chat(client, quick_heartbeat.url, thread_id, "fault:slow 0.1 10")
+                first_done.set()
+
+            task_group.start_soon(first)
+            await anyio.sleep(0.3)
+            async with client.stream("POST", f"{quick_heartbeat.url}/chat", json={"thread_id": thread_id,
+                                     "message": "gone"}, headers={"Accept": "text/event-stream"}) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_raw():
+                    if b"keepalive" in chunk:
+                        break  # and hang up
+            await first_done.wait()
+        await assert_thread_usable(client, quick_heartbeat.url, thread_id)
+        requests = await fake_requests(client, fake_upstream.url, thread_id)
+    assert len(requests) == 2, [input_types(r) for r in requests]
+    entries = log_entries(quick_heartbeat, offset)
+    assert any("hung up while its message waited" in e.get("message", "") for e in entries), entries
+    assert not [e for e in entries if e["level"] in ("ERROR", "CRITICAL", "WARNING")], entries
 
 
 # ---------------------------------------------------------------------------------------------
