@@ -227,14 +227,14 @@ async def chat(request: Request) -> Response:
         earlier = state.runs.keyed_run(thread_id, key, message)
         if earlier is not None:  # sent again: the run the first one started, from its start
             if wants_event_stream(request):  # a run refused at once answers as it did the first time
-                await wait_until_accepted(earlier, first_upstream_wait=settings.sse_heartbeat_seconds)
+                await wait_until_accepted(earlier, earlier.started + settings.sse_heartbeat_seconds)
                 return resumed_stream(request, state.runs.resumable(earlier.run_id, 0), 0, resumed=True)
             return JSONResponse(await run_answer(earlier, correlation_id(request)))
     if wants_event_stream(request) and state.runs.thread_busy(thread_id):
         return StreamAfterThreadWait(request, thread_id, message, key)  # type: ignore[return-value]
     log = await start_run(request, thread_id, message, key)
     if wants_event_stream(request):
-        await wait_until_accepted(log, first_upstream_wait=settings.sse_heartbeat_seconds)
+        await wait_until_accepted(log, log.started + settings.sse_heartbeat_seconds)
         return event_stream(request, log)  # type: ignore[return-value]
     return JSONResponse(await run_answer(log, correlation_id(request)))
 
@@ -280,8 +280,10 @@ class StreamAfterThreadWait:
                 await send({"type": "http.response.body", "body": frame_error(error, correlation_id(request)),
                             "more_body": False})
             return
-        if not self.head_sent:
-            await wait_until_accepted(log, first_upstream_wait=head_due - log.started)
+        if self.head_sent:
+            log.head_deadline = log.started  # the head went out before the run began
+        else:
+            await wait_until_accepted(log, head_due)
         await event_stream(request, log, head_sent=self.head_sent)(scope, receive, send)
 
 

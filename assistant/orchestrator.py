@@ -275,16 +275,18 @@ def nothing_but_an_error(log: RunLog) -> bool:
     return log.error is not None and log.last_seq <= 2 and all(e.name in (RUN_CREATED, ERROR) for e in log.events())
 
 
-async def wait_until_accepted(log: RunLog, first_upstream_wait: float) -> None:
-    """Wait (until `first_upstream_wait` after the run started) for the upstream to accept a
-    streaming run's first request, so that a run refused at once (unknown thread, bad credentials,
-    busy thread) is raised and answered with a plain HTTP error status instead of a 200 stream
-    holding only an error. The client then reads the run with `RunLog.follow`.
+async def wait_until_accepted(log: RunLog, head_deadline: float) -> None:
+    """Wait (until `head_deadline`) for the upstream to accept a streaming run's first request,
+    so that a run refused at once (unknown thread, bad credentials, busy thread) is raised and
+    answered with a plain HTTP error status instead of a 200 stream holding only an error. The
+    client then reads the run with `RunLog.follow`.
 
-    The window runs from the run's start, not the request's: a message sent again with its
-    Idempotency-Key gets the answer the first send got.
+    The first streamed request's deadline is kept on the log: a message sent again with its
+    Idempotency-Key waits until the same moment, so it gets the answer the first send got.
     """
-    deadline = log.started + first_upstream_wait
+    if log.head_deadline is None:
+        log.head_deadline = head_deadline
+    deadline = log.head_deadline
     with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
         await log.wait_upstream_answered()
     if nothing_but_an_error(log) and (log.finished_at or 0.0) <= deadline:

@@ -68,6 +68,10 @@ class RunLog:
         # True once the upstream accepted the run's first request (or the run ended without it). A
         # flag and the log's own waiters, not an Event: each Event is ~0.9 KiB, kept by every run.
         self.upstream_answered = False
+        # When a streamed answer's head was due (`orchestrator.wait_until_accepted`): the same
+        # message sent again with its Idempotency-Key waits until then too, and so gets the
+        # answer the first send got. None until a streamed request set it.
+        self.head_deadline: float | None = None
         # Set by the run itself: how to stop it, why it was stopped, and the error it ended with.
         self.cancel_scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None

@@ -64,6 +64,7 @@ class RunManager:
         # thread id -> the queue of messages waiting for it, made only once one waits (a semaphore
         # with its deque is ~0.8 KiB, and most runs have no one waiting)
         self._busy_threads: dict[str, anyio.Semaphore | None] = {}
+        self._waits: set[anyio.CancelScope] = set()  # of the messages waiting for a thread, ended by a shutdown
         self._task_group: TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
         # Called when the shutdown begins: open WebSockets, which then close once their turn ends.
@@ -201,8 +202,10 @@ class RunManager:
 
     async def _take_thread(self, thread_id: str) -> None:
         """Wait until the thread is this message's, in the order messages came; `ThreadBusy`
-        after THREAD_LOCK_TIMEOUT_SECONDS. A run's end hands the thread straight to the message
-        that waited longest, so one arriving in that moment cannot take it first."""
+        after THREAD_LOCK_TIMEOUT_SECONDS, `ShuttingDown` at once when the shutdown begins (the
+        message would not run, so its client may send it elsewhere now). A run's end hands the
+        thread straight to the message that waited longest, so one arriving in that moment
+        cannot take it first."""
         if thread_id not in self._busy_threads:
             self._busy_threads[thread_id] = None
             return
@@ -210,14 +213,18 @@ class RunManager:
         if waiting is None:
             waiting = self._busy_threads[thread_id] = anyio.Semaphore(0)
         try:
-            with anyio.move_on_after(self.settings.thread_lock_timeout_seconds):
+            with anyio.move_on_after(self.settings.thread_lock_timeout_seconds) as wait:
+                self._waits.add(wait)
                 await waiting.acquire()
                 return
         finally:
-            # Handed the thread just as it gave up (timed out, or its client left), it passed it
-            # on; with no one else waiting the thread is free.
+            self._waits.discard(wait)
+            # Handed the thread just as it gave up (timed out, its client left, the shutdown),
+            # it passed it on; with no one else waiting the thread is free.
             if waiting.value and self._busy_threads.get(thread_id) is waiting:
                 del self._busy_threads[thread_id]
+        if not self.accepting:
+            raise ShuttingDown("the service is shutting down; retry on another instance")
         raise ThreadBusy("another message on this thread is still being answered")
 
     def _release_thread(self, thread_id: str) -> None:
@@ -290,6 +297,8 @@ class RunManager:
         """
         self.accepting = False
         self._shutdown_requested.set()
+        for wait in self._waits:
+            wait.cancel()
         for callback in list(self.on_shutdown):
             callback()
 

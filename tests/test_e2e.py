@@ -215,7 +215,13 @@ class SSEResult:
 
 
 async def sse_chat(
-    client: httpx.AsyncClient, base: str, thread_id: str, message: str, *, timeout: float = 20.0
+    client: httpx.AsyncClient,
+    base: str,
+    thread_id: str,
+    message: str,
+    *,
+    timeout: float = 20.0,
+    headers: dict[str, str] | None = None,
 ) -> SSEResult:
     """POST /chat asking for SSE; read the stream to its end, timing every item's arrival."""
     parser = SSEParser()
@@ -225,7 +231,7 @@ async def sse_chat(
             "POST",
             f"{base}/chat",
             json={"thread_id": thread_id, "message": message},
-            headers={"Accept": "text/event-stream"},
+            headers={"Accept": "text/event-stream", **(headers or {})},
         ) as response:
             result = SSEResult(response.status_code, response.headers, [], b"", started)
             if not response.headers.get("content-type", "").startswith("text/event-stream"):

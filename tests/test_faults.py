@@ -504,10 +504,11 @@ async def test_a_second_turn_gets_409_after_the_thread_lock_timeout(
 
 
 async def busy_thread_stream(
-    service: ServerProcess, first_message: str, second_message: str
-) -> tuple[SSEResult, SSEResult, float, str]:
-    """A streamed turn, and 0.3 s into it a second streamed message on the same thread; returns
-    both results, when the second was sent, and the thread."""
+    service: ServerProcess, first_message: str, second_message: str, *, key: str | None = None
+) -> tuple[SSEResult, SSEResult, float, str, SSEResult | None]:
+    """A streamed turn, and 0.3 s into it a second streamed message on the same thread (with an
+    Idempotency-Key `key`, sent again once it ended); returns both results, when the second was
+    sent, and the thread."""
     async with http_client() as client:
         thread_id = await new_thread(client, service.url)
         results: dict[str, Any] = {}
@@ -518,13 +519,17 @@ async def busy_thread_stream(
         async def second() -> None:
             await anyio.sleep(0.3)
             results["sent"] = time.monotonic()
-            results["second"] = await sse_chat(client, service.url, thread_id, second_message)
+            results["second"] = await sse_chat(client, service.url, thread_id, second_message,
+                                               headers={"Idempotency-Key": key} if key else None)
 
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(first)
             task_group.start_soon(second)
+        if key:
+            results["again"] = await sse_chat(client, service.url, thread_id, second_message,
+                                              headers={"Idempotency-Key": key})
         await assert_thread_usable(client, service.url, thread_id)
-    return results["first"], results["second"], results["sent"], thread_id
+    return results["first"], results["second"], results["sent"], thread_id, results.get("again")
 
 
 def first_byte_at(result: SSEResult) -> float:
@@ -537,7 +542,7 @@ async def test_a_streamed_message_waiting_past_the_heartbeat_gets_its_stream_the
 ) -> None:
     """SSE_HEARTBEAT_SECONDS=0.3, a first turn of ~1 s: the second stream's head and keepalives
     come while it waits for the thread, then its run's events, framed as any stream's."""
-    first, second, sent, _ = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 10", "me next")
+    first, second, sent, _, _ = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 10", "me next")
     check_framing(first)
     check_framing(second)
     assert second.replies == ["You said: me next"]
@@ -551,13 +556,29 @@ async def test_a_streamed_message_waiting_past_the_heartbeat_gets_its_stream_the
 
 
 @pytest.mark.anyio
+async def test_a_message_refused_after_its_stream_started_is_refused_the_same_way_when_sent_again(
+    quick_heartbeat: ServerProcess,
+) -> None:
+    """Its stream started while it waited for the thread, then OpenAI refused it at once: sent again
+    with its Idempotency-Key it gets that run again as a stream (not a plain 502 the first send
+    never got), replayed from the start."""
+    _, second, _, _, again = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 10", "fault:status 400",
+                                                      key="busy-then-refused")
+    check_framing(second, last=ERROR)
+    assert second.one(ERROR)["type"] == "upstream_error"
+    assert again is not None and again.status == 200, again
+    assert again.names[0] == "thread.run.resumed" and again.names[1:] == second.names, again.names
+    assert again.one("thread.run.resumed")["run_id"] == second.one(RUN_CREATED)["run_id"]
+
+
+@pytest.mark.anyio
 async def test_a_streamed_message_waiting_past_the_heartbeat_then_thread_busy_gets_an_error_event(
     quick_heartbeat: ServerProcess, fake_upstream: ServerProcess
 ) -> None:
     """A first turn of ~3 s against THREAD_LOCK_TIMEOUT_SECONDS=1.5: the second stream started
     at the first heartbeat, so its thread_busy is an `error` event, its only event."""
     offset = quick_heartbeat.output_size()
-    first, second, sent, thread_id = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 30", "me next")
+    first, second, sent, thread_id, _ = await busy_thread_stream(quick_heartbeat, "fault:slow 0.1 30", "me next")
     check_framing(first)
     assert second.status == 200 and second.headers["content-type"].startswith("text/event-stream")
     assert second.raw.startswith(b"retry: ")

@@ -164,6 +164,38 @@ async def test_a_message_waiting_past_the_thread_lock_timeout_is_thread_busy(
         assert manager._busy_threads == {}
 
 
+@pytest.mark.anyio
+async def test_a_message_waiting_for_a_thread_is_refused_at_once_when_the_shutdown_begins(
+    runs_released_by_hand: dict[str, anyio.Event],
+) -> None:
+    """It would not run: its client hears so at the signal (and may send it elsewhere), not at the
+    running turn's end or after THREAD_LOCK_TIMEOUT_SECONDS as a misleading `thread_busy`."""
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5, shutdown_grace_seconds=5)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        first = await manager.start_run("conv_1", "first", "corr")
+        refused: list[tuple[ServiceError, float]] = []
+
+        async def second() -> None:
+            with pytest.raises(ShuttingDown) as caught:
+                await manager.start_run("conv_1", "second", "corr", "key-2")
+            refused.append((caught.value, anyio.current_time()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await anyio.sleep(0.1)
+            assert manager._keys  # the waiting message's key
+            signalled = anyio.current_time()
+            manager.begin_shutdown()
+        [(error, at)] = refused
+        assert at - signalled < 0.5 and not first.finished
+        assert manager._keys == {}  # freed: the message never started
+        assert manager.active_runs == [first]
+        release(runs_released_by_hand, "first")
+        with anyio.fail_after(3):
+            await first.wait_finished()
+        assert manager._busy_threads == {}
+
+
 async def client_stays() -> dict[str, str]:
     """An HTTP client's `receive` once its request was read, while the client keeps waiting."""
     await anyio.sleep_forever()
@@ -358,7 +390,7 @@ async def test_a_streamed_run_is_accepted_as_soon_as_the_upstream_answers(anyio_
     async with anyio.create_task_group() as tg:
         tg.start_soon(execute_run, engine, None, settings, log, "hi")
         with anyio.fail_after(2):
-            await wait_until_accepted(log, 30)
+            await wait_until_accepted(log, log.started + 30)
         assert not log.finished
         engine.slow.set()
     assert [e.name for e in log.events()][-2:] == ["thread.run.completed", "metadata"]
@@ -378,7 +410,7 @@ async def test_a_run_the_shutdown_stopped_keeps_shutting_down_when_the_server_ca
     async with anyio.create_task_group() as tg:
         tg.start_soon(execute_run, engine, None, settings, log, "hi")
         with anyio.fail_after(2):
-            await wait_until_accepted(log, 30)
+            await wait_until_accepted(log, log.started + 30)
         # What RunManager.shutdown does once the grace is over...
         log.error = ShuttingDown("the service is shutting down; send the message again")
         assert log.cancel_scope is not None
