@@ -244,8 +244,8 @@ class StreamAfterThreadWait:
     its client never goes without a byte for longer than SSE_HEARTBEAT_SECONDS (a proxy or a
     platform's router cuts a response whose head is late; curl would show nothing): from then
     on the stream's head and keepalive comments go out while it waits, and a wait that fails
-    (`thread_busy` after THREAD_LOCK_TIMEOUT_SECONDS) ends the stream with an `error` event
-    instead of a plain HTTP error. A shorter wait is answered exactly as on a free thread."""
+    (`thread_busy` after THREAD_LOCK_TIMEOUT_SECONDS, `shutting_down`) ends the stream with an
+    `error` event instead of a plain HTTP error. A shorter wait is answered as on a free thread."""
 
     def __init__(self, request: Request, thread_id: str, message: str, key: str | None) -> None:
         self.request = request
