@@ -41,6 +41,16 @@ except ValueError:  # the app refuses the value at start-up, saying why
 graceful_timeout = max(3.0, _grace + 1.0) if math.isfinite(_grace) else 3.0
 del _grace
 
+# A WebSocket ping this often: an idle socket (between turns, or while a tool runs for minutes)
+# then still carries data, so a proxy or router that cuts silent connections (Heroku's after
+# 55 s, an AWS load balancer's after 60 s) leaves it open. Browsers answer pings themselves.
+try:
+    _ping = float(os.environ.get("WS_PING_SECONDS", "20"))
+except ValueError:  # the app refuses the value at start-up, saying why
+    _ping = 20.0
+websocket_ping_interval = _ping if math.isfinite(_ping) and _ping > 0 else None
+del _ping
+
 
 def _cannot_listen(kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
     """A port already taken (or not ours to take) stops the service as a bad setting does: one

@@ -34,6 +34,7 @@ class Settings:
     max_tool_rounds: int = 10
     sse_heartbeat_seconds: float = 15.0
     sse_retry_ms: int = 5000
+    ws_ping_seconds: float = 20.0  # used by hypercorn_config.py (hypercorn's websocket_ping_interval)
     log_level: str = "INFO"
     upstream_max_retries: int = 3
     upstream_connect_timeout_seconds: float = 10.0
@@ -137,6 +138,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_tool_rounds=int(number("MAX_TOOL_ROUNDS", 10, minimum=1, integer=True)),
         sse_heartbeat_seconds=number("SSE_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
         sse_retry_ms=int(number("SSE_RETRY_MS", 5000, minimum=0, integer=True)),
+        ws_ping_seconds=number("WS_PING_SECONDS", 20.0, minimum=0),
         log_level=log_level,
         upstream_max_retries=int(number("UPSTREAM_MAX_RETRIES", 3, minimum=0, integer=True)),
         upstream_connect_timeout_seconds=number(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ NUMERIC = [
     ("MAX_TOOL_ROUNDS", "max_tool_rounds", True, 1, 10),
     ("SSE_HEARTBEAT_SECONDS", "sse_heartbeat_seconds", False, 0.01, 15.0),
     ("SSE_RETRY_MS", "sse_retry_ms", True, 0, 5000),
+    ("WS_PING_SECONDS", "ws_ping_seconds", False, 0, 20.0),
     ("UPSTREAM_MAX_RETRIES", "upstream_max_retries", True, 0, 3),
     ("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_seconds", False, 0.01, 10.0),
     ("UPSTREAM_IDLE_TIMEOUT_SECONDS", "upstream_idle_timeout_seconds", False, 0.01, 120.0),
@@ -336,6 +338,20 @@ def test_start_script_runs_the_procfiles_command() -> None:
     start = (REPO / "scripts" / "start.sh").read_text().splitlines()[-1]
     assert start.startswith("exec .venv/bin/"), start
     assert start.removeprefix("exec .venv/bin/").replace('"0.0.0.0:${PORT}"', "0.0.0.0:$PORT") == procfile
+
+
+@pytest.mark.parametrize(("raw", "interval"), [(None, 20.0), ("5", 5.0), ("0.5", 0.5), ("0", None), ("abc", 20.0)])
+def test_hypercorn_pings_websockets_every_ws_ping_seconds(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, interval: float | None
+) -> None:
+    """hypercorn_config.py passes WS_PING_SECONDS on (0: no pings; a bad value is the app's to refuse)."""
+    if raw is None:
+        monkeypatch.delenv("WS_PING_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("WS_PING_SECONDS", raw)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the file sets its own: put back afterwards
+    config = runpy.run_path(str(REPO / "hypercorn_config.py"))
+    assert config["websocket_ping_interval"] == interval
 
 
 def test_a_port_already_in_use_stops_the_service_with_one_line_and_exit_code_2() -> None:

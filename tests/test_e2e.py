@@ -11,6 +11,7 @@ import codecs
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,10 @@ import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response as HandshakeResponse
+from websockets.uri import parse_uri
 
 from tests.conftest import fixtures_dir
 from tests.e2e import ServerProcess, running_service
@@ -598,6 +603,46 @@ async def test_websocket_run_errors_arrive_as_events(service: ServerProcess) -> 
         assert [f["event"] for f in frames] == [RUN_CREATED, RUN_FAILED, METADATA]
         await ws.send(json.dumps({"thread_id": thread_id, "message": "still here"}))
         check_ws_turn(await ws_turn_frames(ws), thread_id, "You said: still here")
+
+
+def ws_pings_within(service: ServerProcess, seconds: float) -> list[float]:
+    """Open a WebSocket and read it for `seconds` without sending a message (answering pings, as
+    browsers do); returns when each ping came."""
+    protocol = ClientProtocol(parse_uri(ws_url(service)))
+    protocol.send_request(protocol.connect())
+    pings: list[float] = []
+    accepted = False
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+        sock.sendall(b"".join(protocol.data_to_send()))
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            assert data, "the service closed the socket"
+            protocol.receive_data(data)
+            for event in protocol.events_received():
+                if isinstance(event, HandshakeResponse):
+                    accepted = event.status_code == 101
+                elif isinstance(event, Frame) and event.opcode == Opcode.PING:
+                    pings.append(time.monotonic())
+            sock.sendall(b"".join(protocol.data_to_send()))  # the pongs
+    assert accepted
+    return pings
+
+
+@pytest.mark.anyio
+async def test_an_idle_websocket_is_pinged_every_ws_ping_seconds(fake_upstream: ServerProcess) -> None:
+    """So a proxy that cuts silent connections (Heroku's router after 55 s) leaves it open."""
+    with running_service(fake_upstream.url, name="pinging-service", WS_PING_SECONDS="0.2") as pinging:
+        pings = await anyio.to_thread.run_sync(ws_pings_within, pinging, 1.1)
+        assert 4 <= len(pings) <= 7, pings
+        async with http_client() as client, ws_connect(pinging) as ws:  # and turns go on as before
+            thread_id = await new_thread(client, pinging.url)
+            await ws.send(json.dumps({"thread_id": thread_id, "message": SLOW_MESSAGE}))
+            check_ws_turn(await ws_turn_frames(ws), thread_id, SLOW_REPLY)
 
 
 @pytest.mark.anyio

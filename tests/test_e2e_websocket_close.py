@@ -22,7 +22,8 @@ _TCP_STATES = {"01": "ESTAB", "08": "CLOSE-WAIT"}  # the states of a socket stil
 
 @pytest.fixture(scope="module")
 def small_body_service(fake_upstream: ServerProcess) -> Iterator[ServerProcess]:  # noqa: F811
-    with running_service(fake_upstream.url, name="ws-close", MAX_BODY_BYTES="1000") as server:
+    # No pings (WS_PING_SECONDS=0): the raw client reads the server's bytes in order, its close frame first.
+    with running_service(fake_upstream.url, name="ws-close", MAX_BODY_BYTES="1000", WS_PING_SECONDS="0") as server:
         yield server
 
 
