@@ -1,7 +1,7 @@
 """hypercorn's settings for the service: the Procfile runs `hypercorn --config file:hypercorn_config.py`.
 
 hypercorn reads this file before it imports the app, and without the project on `sys.path`,
-so it uses only the standard library.
+so it uses only the standard library (and hypercorn).
 
 Left at hypercorn's default on purpose: `websocket_max_message_size` (16 MiB). Set to
 MAX_BODY_BYTES, hypercorn would close oversized messages itself, but hypercorn 0.18 then keeps
@@ -10,7 +10,9 @@ a client that sent another frame behind the oversized one kept the socket open f
 app closes those (1009) and reads on until the client answers.
 """
 
+import asyncio
 import errno
+import importlib.metadata
 import logging
 import math
 import os
@@ -48,8 +50,47 @@ try:
     _ping = float(os.environ.get("WS_PING_SECONDS", "20"))
 except ValueError:  # the app refuses the value at start-up, saying why
     _ping = 20.0
-websocket_ping_interval = _ping if math.isfinite(_ping) and _ping > 0 else None
+websocket_ping_interval = _ping if math.isfinite(_ping) and _ping >= 1 else None
 del _ping
+
+
+def _ping_until_closed() -> None:
+    """hypercorn 0.18's ping loop sleeps a whole interval between pings, also once its socket
+    has closed, and the connection's task waits for it: every WebSocket closed in the last
+    WS_PING_SECONDS held its connection (~16 KiB, two tasks), and a shutdown waited out
+    `graceful_timeout`, logging a traceback for each. The same loop here, but its wait ends
+    when the socket closes. Only for the version it was written against: another one is
+    checked by tests/test_shutdown.py (a shutdown after a WebSocket turn is prompt)."""
+    if importlib.metadata.version("hypercorn") != "0.18.0":
+        return
+    from hypercorn.protocol.ws_stream import WSStream
+    from wsproto.events import Ping
+
+    handle = WSStream.handle
+
+    async def handle_then_wake_pings(self: WSStream, event: object) -> None:
+        await handle(self, event)
+        wake = getattr(self, "_wake_pings", None)
+        if self.closed and wake is not None:
+            wake.set()
+
+    async def send_pings(self: WSStream) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            wake = self._wake_pings = asyncio.Event()
+            timer = loop.call_later(self.config.websocket_ping_interval, wake.set)
+            try:
+                await wake.wait()
+            finally:
+                timer.cancel()
+
+    WSStream.handle = handle_then_wake_pings
+    WSStream._send_pings = send_pings
+
+
+_ping_until_closed()
+del _ping_until_closed
 
 
 def _cannot_listen(kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:

@@ -92,7 +92,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             kind = "a whole number" if integer else "a number"
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
-        if value != value or value < minimum or value == float("inf"):  # NaN, too small, inf
+        if value != value or value == float("inf"):
+            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+        if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
         return value
 
@@ -124,6 +126,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if origin != "*" and not _is_origin(origin):
             raise ConfigError(f"CORS_ALLOW_ORIGINS takes origins like https://app.example.com or *, got {origin!r}")
 
+    ws_ping_seconds = number("WS_PING_SECONDS", 20.0, minimum=0)
+    if 0 < ws_ping_seconds < 1:  # a ping every few milliseconds would keep a core busy for one idle socket
+        raise ConfigError(f"WS_PING_SECONDS must be 0 (no pings) or at least 1, got {ws_ping_seconds:g}")
+
     return Settings(
         openai_api_key=api_key,
         openai_base_url=base_url,
@@ -138,7 +144,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_tool_rounds=int(number("MAX_TOOL_ROUNDS", 10, minimum=1, integer=True)),
         sse_heartbeat_seconds=number("SSE_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
         sse_retry_ms=int(number("SSE_RETRY_MS", 5000, minimum=0, integer=True)),
-        ws_ping_seconds=number("WS_PING_SECONDS", 20.0, minimum=0),
+        ws_ping_seconds=ws_ping_seconds,
         log_level=log_level,
         upstream_max_retries=int(number("UPSTREAM_MAX_RETRIES", 3, minimum=0, integer=True)),
         upstream_connect_timeout_seconds=number(

@@ -34,7 +34,7 @@ STOP_TIMEOUT_SECONDS = 5.0
 # Settings a developer's shell may carry that would change what the servers do under test.
 _CONFIG_PREFIXES = (
     "OPENAI_", "ASSISTANT_", "TOOL_", "SSE_", "MAX_", "UPSTREAM_", "THREAD_", "SLOW_CLIENT_",
-    "SHUTDOWN_", "STREAM_", "SERVICE_API_KEY", "CORS_", "LOG_LEVEL", "FAKE_", "FIXTURES_DIR",
+    "SHUTDOWN_", "STREAM_", "SERVICE_API_KEY", "CORS_", "LOG_LEVEL", "FAKE_", "FIXTURES_DIR", "WS_",
 )
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 

@@ -141,6 +141,19 @@ def test_numeric_fractions(name: str, attribute: str, integer: bool, minimum: fl
         assert getattr(load(**{name: "1e2"}), attribute) == 100.0
 
 
+@pytest.mark.parametrize("raw", ["0.5", "0.001", "1e-300"])
+def test_ws_ping_seconds_is_0_or_at_least_1(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^WS_PING_SECONDS must be 0 \(no pings\) or at least 1, got "):
+        load(WS_PING_SECONDS=raw)
+    assert load(WS_PING_SECONDS="0").ws_ping_seconds == 0.0
+
+
+@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e999", "nan"])
+def test_numbers_must_be_finite(raw: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^SSE_HEARTBEAT_SECONDS must be a finite number, got '{raw}'$"):
+        load(SSE_HEARTBEAT_SECONDS=raw)
+
+
 # --------------------------------------------------------------------------------------------
 # the other checks
 
@@ -340,11 +353,13 @@ def test_start_script_runs_the_procfiles_command() -> None:
     assert start.removeprefix("exec .venv/bin/").replace('"0.0.0.0:${PORT}"', "0.0.0.0:$PORT") == procfile
 
 
-@pytest.mark.parametrize(("raw", "interval"), [(None, 20.0), ("5", 5.0), ("0.5", 0.5), ("0", None), ("abc", 20.0)])
+@pytest.mark.parametrize(("raw", "interval"), [(None, 20.0), ("5", 5.0), ("1", 1.0), ("0", None), ("abc", 20.0),
+                                               ("0.5", None), ("inf", None)])
 def test_hypercorn_pings_websockets_every_ws_ping_seconds(
     monkeypatch: pytest.MonkeyPatch, raw: str | None, interval: float | None
 ) -> None:
-    """hypercorn_config.py passes WS_PING_SECONDS on (0: no pings; a bad value is the app's to refuse)."""
+    """hypercorn_config.py passes WS_PING_SECONDS on (0: no pings; a bad value, "abc" or 0.5, is
+    the app's to refuse)."""
     if raw is None:
         monkeypatch.delenv("WS_PING_SECONDS", raising=False)
     else:

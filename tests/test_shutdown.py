@@ -91,6 +91,34 @@ async def test_no_new_turns_after_sigterm_and_websockets_are_told_to_go_away(fak
 
 
 @pytest.mark.anyio
+async def test_sigterm_after_websocket_turns_is_prompt_and_quiet(fake_upstream: ServerProcess) -> None:
+    """hypercorn 0.18's WebSocket ping loop (WS_PING_SECONDS, 20 s) slept a whole interval after
+    its socket closed, holding the connection: a shutdown then waited out hypercorn's
+    graceful_timeout (11 s here) and logged a traceback for each WebSocket of the last 20 s.
+    hypercorn_config.py's loop wakes at the close."""
+    service = start_service(fake_upstream.url, name="shutdown-after-ws", SHUTDOWN_GRACE_SECONDS="10")
+    try:
+        ws_url = service.url.replace("http://", "ws://") + "/ws/chat"
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as client:
+            for _ in range(3):
+                thread_id = (await client.post(f"{service.url}/threads")).json()["thread_id"]
+                async with websockets.connect(ws_url) as ws:
+                    await ws.send(json.dumps({"thread_id": thread_id, "message": "hello"}))
+                    while json.loads(await ws.recv())["event"] != "metadata":
+                        pass
+        await anyio.sleep(0.3)  # the sockets are closed
+        offset = service.output_size()
+        signalled = time.monotonic()
+        service.signal_group(signal.SIGTERM)
+        assert service.proc is not None and service.proc.wait(10) == 0
+        assert time.monotonic() - signalled < 1.5
+        lines = [json.loads(line) for line in service.output(offset).splitlines() if line.startswith("{")]
+        assert not [e for e in lines if e["level"] in ("ERROR", "CRITICAL")], lines
+    finally:
+        service.stop()
+
+
+@pytest.mark.anyio
 async def test_sigterm_to_a_single_process_server(fake_upstream: ServerProcess) -> None:
     """`hypercorn --workers 0` (one process, as in a container): a SIGTERM to it alone is enough."""
     service = start_service(fake_upstream.url, name="single-process", hypercorn_args=("--workers", "0"),
