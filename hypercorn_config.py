@@ -57,9 +57,10 @@ del _ping
 def _ping_until_closed() -> None:
     """hypercorn 0.18's ping loop sleeps a whole interval between pings, also once its socket
     has closed, and the connection's task waits for it: every WebSocket closed in the last
-    WS_PING_SECONDS held its connection (~16 KiB, two tasks), and a shutdown waited out
-    `graceful_timeout`, logging a traceback for each. The same loop here, but its wait ends
-    when the socket closes. Only for the version it was written against: another one is
+    WS_PING_SECONDS held its connection (~16 KiB, two tasks, its compressor), and a shutdown
+    waited out `graceful_timeout`, logging a traceback for each. The loop here ends its wait
+    when the socket closes, and pings first after one interval, not at once (a socket that
+    lasts one turn needs none). Only for the version it was written against: another one is
     checked by tests/test_shutdown.py (a shutdown after a WebSocket turn is prompt)."""
     if importlib.metadata.version("hypercorn") != "0.18.0":
         return
@@ -76,14 +77,18 @@ def _ping_until_closed() -> None:
 
     async def send_pings(self: WSStream) -> None:
         loop = asyncio.get_running_loop()
-        while not self.closed:
-            await self._send_wsproto_event(Ping())
+        while True:
             wake = self._wake_pings = asyncio.Event()
+            if self.closed:  # closed while the last ping was being sent: nothing set this wake
+                return
             timer = loop.call_later(self.config.websocket_ping_interval, wake.set)
             try:
                 await wake.wait()
             finally:
                 timer.cancel()
+            if self.closed:
+                return
+            await self._send_wsproto_event(Ping())
 
     WSStream.handle = handle_then_wake_pings
     WSStream._send_pings = send_pings
