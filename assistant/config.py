@@ -35,6 +35,7 @@ class Settings:
     sse_heartbeat_seconds: float = 15.0
     sse_retry_ms: int = 5000
     ws_ping_seconds: float = 20.0  # used by hypercorn_config.py (hypercorn's websocket_ping_interval)
+    ws_compression: bool = False  # used by hypercorn_config.py (permessage-deflate accepted)
     log_level: str = "INFO"
     upstream_max_retries: int = 3
     upstream_connect_timeout_seconds: float = 10.0
@@ -130,6 +131,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if 0 < ws_ping_seconds < 1:  # a ping every few milliseconds would keep a core busy for one idle socket
         raise ConfigError(f"WS_PING_SECONDS must be 0 (no pings) or at least 1, got {ws_ping_seconds:g}")
 
+    ws_compression = (text("WS_COMPRESSION") or "off").lower()
+    if ws_compression not in ("on", "off"):
+        raise ConfigError(f"WS_COMPRESSION must be on or off, got {ws_compression!r}")
+
     return Settings(
         openai_api_key=api_key,
         openai_base_url=base_url,
@@ -145,6 +150,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sse_heartbeat_seconds=number("SSE_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
         sse_retry_ms=int(number("SSE_RETRY_MS", 5000, minimum=0, integer=True)),
         ws_ping_seconds=ws_ping_seconds,
+        ws_compression=ws_compression == "on",
         log_level=log_level,
         upstream_max_retries=int(number("UPSTREAM_MAX_RETRIES", 3, minimum=0, integer=True)),
         upstream_connect_timeout_seconds=number(

@@ -61,7 +61,7 @@ STARTUP_TIMEOUT_SECONDS = 30.0
 # Settings a developer's shell may carry that would change what the service does (as tests/e2e.py).
 _CONFIG_PREFIXES = (
     "OPENAI_", "ASSISTANT_", "TOOL_", "SSE_", "MAX_", "UPSTREAM_", "THREAD_", "SLOW_CLIENT_",
-    "SHUTDOWN_", "STREAM_", "SERVICE_API_KEY", "CORS_", "LOG_LEVEL", "FAKE_", "FIXTURES_DIR",
+    "SHUTDOWN_", "STREAM_", "SERVICE_API_KEY", "CORS_", "LOG_LEVEL", "FAKE_", "FIXTURES_DIR", "WS_",
 )
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
@@ -262,11 +262,11 @@ class Service:
     of bench/floor.py's relays in its place ("raw": plain asyncio; "hypercorn": a bare ASGI app)."""
 
     def __init__(self, upstream: Upstream, cpus: set[int] | None, worker_class: str | None = None,
-                 floor: str | None = None) -> None:
+                 floor: str | None = None, settings: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_CONFIG_PREFIXES) and k.lower() not in _PROXY_VARS}
         env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
-                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1")
+                   LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1", **(settings or {}))
         if floor:
             env["FLOOR_UPSTREAM"] = f"http://127.0.0.1:{upstream.port}"
         self.label = {"raw": "the raw floor", "hypercorn": "the hypercorn floor"}.get(floor or "", "the service")
@@ -606,6 +606,13 @@ def add_churn(table: Table, name: str, transport: str, run: LoadRun) -> None:
 # -- scenarios
 
 
+def service_setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every scenario at a tiny size (smoke test)")
@@ -624,7 +631,10 @@ def main() -> int:
                         "(default: half a stream's length, at most 5 s)")
     parser.add_argument("--scenarios", default="ABCDEF", help="which to run, e.g. BD (default ABCDEF)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
-                        help="offer permessage-deflate as browsers do (default on)")
+                        help="the WebSocket clients offer permessage-deflate as browsers do (default on; the "
+                             "service declines it unless --service-setting WS_COMPRESSION=on)")
+    parser.add_argument("--service-setting", type=service_setting, action="append", default=[],
+                        metavar="NAME=VALUE", help="a setting of the service's, e.g. WS_COMPRESSION=on (repeatable)")
     parser.add_argument("--worker-class", choices=("asyncio", "uvloop"),
                         help="hypercorn's --worker-class (default: none, as in the Procfile), to compare loops")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this file")
@@ -666,7 +676,9 @@ def main() -> int:
     table = Table(quick)
     print(f"benchmark: {'quick (figures meaningless)' if quick else 'full'}; "
           f"{'service on CPU %s, upstream + load on CPU %s' % (min(service_cpus), min(load_cpus)) if args.pin else 'not pinned'}; "
-          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; WS compression {args.ws_compression}"
+          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; WS clients offer compression: "
+          f"{args.ws_compression}"
+          f"{''.join(f'; {name}={value}' for name, value in args.service_setting)}"
           f"{'; hypercorn --worker-class ' + args.worker_class if args.worker_class else ''}",
           flush=True)
 
@@ -676,7 +688,7 @@ def main() -> int:
     services: list[Service] = []
 
     def new_service() -> Service:
-        service = Service(bench.upstream, service_cpus, args.worker_class)
+        service = Service(bench.upstream, service_cpus, args.worker_class, settings=dict(args.service_setting))
         services.append(service)
         return service
 

@@ -364,9 +364,42 @@ def test_hypercorn_pings_websockets_every_ws_ping_seconds(
         monkeypatch.delenv("WS_PING_SECONDS", raising=False)
     else:
         monkeypatch.setenv("WS_PING_SECONDS", raw)
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the file sets its own: put back afterwards
-    config = runpy.run_path(str(REPO / "hypercorn_config.py"))
+    config = run_hypercorn_config(monkeypatch)
     assert config["websocket_ping_interval"] == interval
+
+
+def run_hypercorn_config(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """hypercorn_config.py's settings, as hypercorn reads them. What it changes in this process
+    (sys.excepthook, hypercorn's WebSocket handshake and ping loop) is put back after the test."""
+    from hypercorn.protocol.ws_stream import Handshake, WSStream
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings")):
+        monkeypatch.setattr(cls, name, getattr(cls, name))
+    return runpy.run_path(str(REPO / "hypercorn_config.py"))
+
+
+@pytest.mark.parametrize(("raw", "declined"), [(None, True), ("off", True), ("on", False), (" ON ", False)])
+def test_websocket_compression_is_declined_unless_ws_compression_is_on(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, declined: bool
+) -> None:
+    from hypercorn.protocol.ws_stream import Handshake
+
+    if raw is None:
+        monkeypatch.delenv("WS_COMPRESSION", raising=False)
+    else:
+        monkeypatch.setenv("WS_COMPRESSION", raw)
+    run_hypercorn_config(monkeypatch)
+    offer = [(b"sec-websocket-extensions", b"permessage-deflate; client_max_window_bits")]
+    _, headers, _ = Handshake(offer, "2").accept(None, [])
+    assert (b"sec-websocket-extensions" not in dict(headers)) is declined, headers
+    assert load(WS_COMPRESSION=raw or "").ws_compression is not declined
+
+
+@pytest.mark.parametrize("raw", ["yes", "true", "deflate"])
+def test_ws_compression_is_on_or_off(raw: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^WS_COMPRESSION must be on or off, got '{raw}'$"):
+        load(WS_COMPRESSION=raw)
 
 
 def test_a_port_already_in_use_stops_the_service_with_one_line_and_exit_code_2() -> None:

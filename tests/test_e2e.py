@@ -646,6 +646,23 @@ async def test_an_idle_websocket_is_pinged_every_ws_ping_seconds(fake_upstream: 
 
 
 @pytest.mark.anyio
+async def test_websocket_compression_is_declined_unless_ws_compression_is_on(
+    service: ServerProcess, fake_upstream: ServerProcess
+) -> None:
+    """The client offers permessage-deflate, as browsers do: declined by default (a compressor per
+    socket is ~100 KiB), taken with WS_COMPRESSION=on; turns work either way."""
+    with running_service(fake_upstream.url, name="compressing-service", WS_COMPRESSION="on") as compressing:
+        for server, negotiated in ((service, None), (compressing, "permessage-deflate")):
+            async with http_client() as client, ws_connect(server) as ws:
+                assert "permessage-deflate" in ws.request.headers["sec-websocket-extensions"]
+                extension = ws.response.headers.get("sec-websocket-extensions")
+                assert (extension.split(";")[0] if extension else None) == negotiated, extension
+                thread_id = await new_thread(client, server.url)
+                await ws.send(json.dumps({"thread_id": thread_id, "message": SLOW_MESSAGE}))
+                check_ws_turn(await ws_turn_frames(ws), thread_id, SLOW_REPLY)
+
+
+@pytest.mark.anyio
 async def test_websocket_second_turn_while_one_runs_is_refused(service: ServerProcess) -> None:
     async with http_client() as client:
         thread_id = await new_thread(client, service.url)

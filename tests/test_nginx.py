@@ -204,7 +204,8 @@ async def test_websocket_turn_through_nginx(nginx_proxy: NginxProxy, location: s
     frames = []
     async with connect(url, proxy=None, open_timeout=5, additional_headers={"X-Correlation-ID": correlation_id}) as ws:
         assert ws.response is not None and ws.response.headers["x-correlation-id"] == correlation_id
-        # The client offered permessage-deflate (websockets does, as browsers do); nginx drops the offer.
+        # The client offered permessage-deflate (websockets does, as browsers do): nginx passes the
+        # offer on, and the service declines it (WS_COMPRESSION is off).
         assert "permessage-deflate" in ws.request.headers["sec-websocket-extensions"]
         assert "sec-websocket-extensions" not in ws.response.headers
         await ws.send(json.dumps({"thread_id": thread_id, "message": message}))
