@@ -34,8 +34,8 @@ class Settings:
     max_tool_rounds: int = 10
     sse_heartbeat_seconds: float = 15.0
     sse_retry_ms: int = 5000
-    ws_ping_seconds: float = 20.0  # used by hypercorn_config.py (hypercorn's websocket_ping_interval)
-    ws_compression: bool = False  # used by hypercorn_config.py (permessage-deflate accepted)
+    ws_ping_seconds: float = 20.0  # checked here; hypercorn_config.py reads WS_PING_SECONDS itself
+    ws_compression: bool = False  # take the permessage-deflate a client offers (assistant/hypercorn_mends.py)
     log_level: str = "INFO"
     upstream_max_retries: int = 3
     upstream_connect_timeout_seconds: float = 10.0

@@ -651,8 +651,10 @@ async def test_websocket_compression_is_declined_unless_ws_compression_is_on(
 ) -> None:
     """The client offers permessage-deflate, as browsers do: declined by default (a compressor per
     socket is ~100 KiB), taken with WS_COMPRESSION=on; turns work either way."""
-    with running_service(fake_upstream.url, name="compressing-service", WS_COMPRESSION="on") as compressing:
-        for server, negotiated in ((service, None), (compressing, "permessage-deflate")):
+    with (running_service(fake_upstream.url, name="compressing-service", WS_COMPRESSION="on") as compressing,
+          running_service(fake_upstream.url, name="worker-service", hypercorn_args=("--workers", "1")) as worker):
+        # Also in hypercorn's worker process (`--workers 1`), which never reads hypercorn_config.py's code.
+        for server, negotiated in ((service, None), (compressing, "permessage-deflate"), (worker, None)):
             async with http_client() as client, ws_connect(server) as ws:
                 assert "permessage-deflate" in ws.request.headers["sec-websocket-extensions"]
                 extension = ws.response.headers.get("sec-websocket-extensions")

@@ -95,7 +95,7 @@ async def test_sigterm_after_websocket_turns_is_prompt_and_quiet(fake_upstream: 
     """hypercorn 0.18's WebSocket ping loop (WS_PING_SECONDS, 20 s) slept a whole interval after
     its socket closed, holding the connection: a shutdown then waited out hypercorn's
     graceful_timeout (11 s here) and logged a traceback for each WebSocket of the last 20 s.
-    hypercorn_config.py's loop wakes at the close."""
+    assistant/hypercorn_mends.py's loop wakes at the close."""
     service = start_service(fake_upstream.url, name="shutdown-after-ws", SHUTDOWN_GRACE_SECONDS="10")
     try:
         ws_url = service.url.replace("http://", "ws://") + "/ws/chat"
