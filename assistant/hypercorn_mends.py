@@ -34,8 +34,8 @@ def mend_hypercorn_websockets(*, compression: bool) -> None:
 
 def _accept(self: Handshake, *args: Any, **kwargs: Any) -> Any:
     """hypercorn's handshake answers every offer of permessage-deflate, the one extension it
-    knows: a compressor per socket is ~100 KiB, and deflating each short JSON frame a quarter of
-    the CPU per frame. Forgetting the offer before the answer declines it, as RFC 6455 allows."""
+    knows, and a compressor per socket is ~100 KiB (for frames of short JSON). Forgetting the
+    offer before the answer declines it, as RFC 6455 allows."""
     if not _compression:
         self.extensions = None
     return _original_accept(self, *args, **kwargs)

@@ -38,6 +38,7 @@ _FORGOTTEN_IDS = 10_000  # how many dropped run ids are remembered, for a cleare
 _KEPT_KEYS = 10_000  # how many Idempotency-Keys are remembered (the oldest ended runs' go first)
 # A run refused with one of these had not reached the model: its key may start it again.
 _REFUSALS_TO_RETRY = frozenset({"upstream_rate_limited", "thread_busy", "shutting_down"})
+_NOT_ACCEPTING = "the service is shutting down; retry on another instance"  # a message it will not run
 
 
 def message_digest(message: str) -> bytes:
@@ -142,7 +143,7 @@ class RunManager:
         thread is refused (409), not run twice.
         """
         if not self.accepting or self._task_group is None:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise ShuttingDown(_NOT_ACCEPTING)
         if key is not None:
             if self.keyed_run(thread_id, key, message) is not None:  # a caller that did not ask first
                 raise ServiceError(f"the message sent with Idempotency-Key {key!r} has already started a run",
@@ -157,7 +158,7 @@ class RunManager:
         if not self.accepting:
             self._release_thread(thread_id)
             self._forget_key(thread_id, key)
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise ShuttingDown(_NOT_ACCEPTING)
         self._expire()
         log = RunLog(
             new_run_id(),
@@ -224,7 +225,7 @@ class RunManager:
             if waiting.value and self._busy_threads.get(thread_id) is waiting:
                 del self._busy_threads[thread_id]
         if not self.accepting:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise ShuttingDown(_NOT_ACCEPTING)
         raise ThreadBusy("another message on this thread is still being answered")
 
     def _release_thread(self, thread_id: str) -> None:
