@@ -302,8 +302,17 @@ async def start_run(
     if not runs.thread_busy(thread_id):
         return await runs.start_run(thread_id, message, correlation_id(request), key)
     started: RunLog | ServiceError | None = None
+    client_left = False
+
+    async def watch_client() -> None:
+        nonlocal client_left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        client_left = True
+        task_group.cancel_scope.cancel()
+
     async with anyio.create_task_group() as task_group:
-        task_group.start_soon(cancel_on_disconnect, request.receive, task_group.cancel_scope)
+        task_group.start_soon(watch_client)
         if while_waiting is not None:
             task_group.start_soon(while_waiting)
         try:
@@ -311,17 +320,13 @@ async def start_run(
         except ServiceError as exc:  # raised in the task group, it would come out wrapped in a group
             started = exc
         task_group.cancel_scope.cancel()
-    if started is None:
+    # The disconnect can come in the very step the thread is handed over: the run then started,
+    # but the one disconnect message is taken, and a stream would not see its client leave.
+    if started is None or client_left:
         raise ClientGone("the client hung up while its message waited for the thread")
     if isinstance(started, ServiceError):
         raise started
     return started
-
-
-async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 async def resume_chat(request: Request, thread_id: str, last_event_id: str) -> Response:

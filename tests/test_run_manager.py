@@ -40,6 +40,12 @@ def release(releases: dict[str, anyio.Event], message: str) -> None:
     releases.setdefault(message, anyio.Event()).set()
 
 
+async def release_soon(releases: dict[str, anyio.Event], message: str) -> None:
+    """`release`, once whoever is waiting for the run's thread waits."""
+    await anyio.sleep(0.05)
+    release(releases, message)
+
+
 def sender(manager: RunManager, started: list[str]) -> Callable[[str], Awaitable[None]]:
     """Sends a message on conv_1 and notes when its run has started."""
 
@@ -236,18 +242,49 @@ async def test_an_http_message_whose_client_stays_gets_the_thread_once_it_is_fre
     async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
         await manager.start_run("conv_1", "first", "corr")
 
-        async def release_first() -> None:
-            await anyio.sleep(0.05)
-            release(runs_released_by_hand, "first")
-
         with anyio.fail_after(3):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(release_first)
+                tg.start_soon(release_soon, runs_released_by_hand, "first")
                 second = await http_api.start_run(request_to(manager, client_stays), "conv_1", "second")
         assert second.thread_id == "conv_1" and manager.active_runs == [second]
         release(runs_released_by_hand, "second")
         with anyio.fail_after(3):
             await second.wait_finished()
+
+
+@pytest.mark.anyio
+async def test_an_http_message_whose_client_leaves_in_the_step_it_gets_the_thread_is_client_gone(
+    runs_released_by_hand: dict[str, anyio.Event], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disconnect is the client's only one: taken by the wait's watcher just as the thread is
+    handed over, a stream started now would never see its client leave."""
+    settings = Settings(openai_api_key="sk-test", thread_lock_timeout_seconds=5)
+    async with RunManager(None, None, settings) as manager:  # type: ignore[arg-type]
+        await manager.start_run("conv_1", "first", "corr")
+        disconnect: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        hand_over = manager._release_thread
+
+        def hand_over_as_the_client_leaves(thread_id: str) -> None:
+            hand_over(thread_id)  # wakes the waiting message...
+            if not disconnect.done():  # ...and, in the same step, its client's watcher
+                disconnect.set_result({"type": "http.disconnect"})
+
+        monkeypatch.setattr(manager, "_release_thread", hand_over_as_the_client_leaves)
+
+        async def leave_at_the_hand_over() -> dict[str, str]:
+            return await disconnect
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release_soon, runs_released_by_hand, "first")
+                with pytest.raises(ClientGone):
+                    await http_api.start_run(request_to(manager, leave_at_the_hand_over), "conv_1", "second")
+        # The message had got the thread: its run goes on, as a run does when its client leaves mid-stream.
+        (second,) = manager.active_runs
+        release(runs_released_by_hand, "second")
+        with anyio.fail_after(3):
+            await second.wait_finished()
+        assert manager._busy_threads == {}
 
 
 @pytest.mark.anyio
