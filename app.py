@@ -36,7 +36,7 @@ from assistant.http_api import (
     health,
     stream_run,
 )
-from assistant.hypercorn_mends import mend_hypercorn_websockets
+from assistant.hypercorn_mends import mend_hypercorn
 from assistant.logs import adopt_server_loggers, configure_logging, register_secrets
 from assistant.middleware import APIKeyMiddleware, CORSMiddleware, CorrelationIdMiddleware
 from assistant.responses_engine import ResponsesEngine
@@ -89,7 +89,8 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
                 extra={"engine": engine.name, "model": settings.openai_model, "tools": list(registry.names)},
             )
             tune_garbage_collector()
-            mend_hypercorn_websockets(compression=settings.ws_compression)
+            mend_hypercorn(compression=settings.ws_compression,
+                           slow_client_timeout_seconds=settings.slow_client_timeout_seconds)
             try:
                 yield
             finally:

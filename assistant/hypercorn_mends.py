@@ -1,35 +1,124 @@
-"""Two mends to hypercorn 0.18's WebSockets, where it has no setting to do better.
+"""Mends to hypercorn 0.18 where it has no setting to do better: its WebSockets, and the close
+of a connection whose client stopped reading.
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
-Written for hypercorn 0.18.0 and applied to it only: tests/test_shutdown.py and
-tests/test_e2e.py fail if another version leaves them out.
+Written for hypercorn 0.18.0 and applied to it only: tests/test_shutdown.py, tests/test_e2e.py
+and tests/test_faults.py fail if another version leaves them out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib.metadata
+import socket
+import struct
 from typing import Any
 
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.ws_stream import Handshake, WSStream
 from wsproto.events import Ping
 
 _compression = False  # WS_COMPRESSION: take the permessage-deflate a client offers
+_stalled_seconds = 30.0  # SLOW_CLIENT_TIMEOUT_SECONDS
 _original_accept = Handshake.accept
 _original_handle = WSStream.handle
+_original_close = TCPServer._close
+# Set in the task that ran the ASGI app once it returned: hypercorn's own writes from then on
+# (a WebSocket's close frame) have no app watching them.
+_app_returned: contextvars.ContextVar[bool] = contextvars.ContextVar("app_returned", default=False)
+_UNWATCHED = contextlib.nullcontext()
 
 
-def mend_hypercorn_websockets(*, compression: bool) -> None:
-    """Decline WebSocket compression unless `compression`, and end each ping loop when its
-    socket closes. Calling it again only changes `compression`."""
-    global _compression
+def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> None:
+    """Decline WebSocket compression unless `compression`, end each ping loop when its socket
+    closes, and reset a connection whose client takes nothing for `slow_client_timeout_seconds`
+    once the app is done with it. Calling it again only changes the two settings."""
+    global _compression, _stalled_seconds
     _compression = compression
+    _stalled_seconds = slow_client_timeout_seconds
     if importlib.metadata.version("hypercorn") != "0.18.0":
         return
     Handshake.accept = _accept  # type: ignore[method-assign]
     WSStream.handle = _handle_then_wake_pings  # type: ignore[method-assign]
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
+    ASGIWrapper.__call__ = _call_app  # type: ignore[method-assign]
+    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    TCPServer._close = _close_or_reset  # type: ignore[method-assign]
+
+
+# A client that stopped reading is dropped by the service (SLOW_CLIENT_TIMEOUT_SECONDS), but
+# hypercorn then waits for it to take what was already written: the close frame it sends when a
+# WebSocket app returns, and a connection's close, which waits for the transport to flush. Neither
+# wait has an end, so the socket, the kernel's buffers (megabytes) and the connection's tasks
+# stayed until the client went away. Here such a wait that sees no progress for
+# SLOW_CLIENT_TIMEOUT_SECONDS resets the connection.
+
+
+async def _call_app(self: ASGIWrapper, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+    """hypercorn's, marking the task once the app returned."""
+    try:
+        await self.app(scope, receive, send)
+    finally:
+        _app_returned.set(True)
+
+
+async def _protocol_send(self: TCPServer, event: Event) -> None:
+    """hypercorn's (every write goes through it), with the writes that follow the app's return
+    watched: while the app runs, its own sends are (the service drops a client that stalls)."""
+    if isinstance(event, RawData):
+        # The lock too: a ping stuck in its drain holds it.
+        with _ResetWhenStalled(self.writer.transport) if _app_returned.get() else _UNWATCHED:
+            async with self.send_lock:
+                try:
+                    self.writer.write(event.data)
+                    await self.writer.drain()
+                except (ConnectionError, RuntimeError):
+                    await self.protocol.handle(Closed())
+    elif isinstance(event, Closed):
+        await self._close()
+    elif isinstance(event, Updated):
+        if event.idle:
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
+        else:
+            await self.idle_task.stop()
+
+
+async def _close_or_reset(self: TCPServer) -> None:
+    with _ResetWhenStalled(self.writer.transport):
+        await _original_close(self)
+
+
+class _ResetWhenStalled:
+    """Resets the transport if its write buffer has not shrunk for a whole interval while this
+    is entered (asyncio closes the socket once that buffer is empty; the kernel sends the rest)."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+
+    def __enter__(self) -> None:
+        self._watch(self.transport.get_write_buffer_size())
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.timer.cancel()
+
+    def _watch(self, left: int) -> None:
+        self.left = left
+        self.timer = asyncio.get_running_loop().call_later(_stalled_seconds, self._check)
+
+    def _check(self) -> None:
+        left = self.transport.get_write_buffer_size()
+        if left and left < self.left:  # the client is reading, however slowly
+            self._watch(left)
+        elif left:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset, not a FIN queued behind data nobody takes
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
 
 def _accept(self: Handshake, *args: Any, **kwargs: Any) -> Any:

@@ -793,6 +793,39 @@ async def test_a_websocket_client_that_stops_reading_is_dropped_and_the_run_comp
     assert texts[0].startswith("word0 word1 ") and texts[0].endswith(" word39999")
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_a_dropped_client_that_never_reads_again_has_its_connection_reset(
+    service: ServerProcess, transport: str
+) -> None:
+    """Dropped, a client that still reads nothing must not keep its connection: hypercorn's close
+    waits for the client to take what was already written (the kernel's buffers and the
+    transport's, megabytes here), which it never does, so the socket and the connection's state
+    stayed until the client went away. A close that makes no progress for
+    SLOW_CLIENT_TIMEOUT_SECONDS (1 s) resets the connection (assistant/hypercorn_mends.py)."""
+    correlation_id = f"never-reads-{transport}-{random.randrange(10**9)}"
+    marker = DROPPED if transport == "sse" else WS_DROPPED
+    async with http_client() as client:
+        thread_id = await new_thread(client, service.url)
+        offset = service.output_size()
+        if transport == "sse":
+            sock = await stuck_reader(service, thread_id, "fault:slow 0 40000", correlation_id)
+        else:
+            sock = await anyio.to_thread.run_sync(
+                stuck_websocket_reader, service, thread_id, "fault:slow 0 40000", correlation_id
+            )
+        try:
+            with anyio.fail_after(8):
+                while await wait_for_log(service, offset, marker, correlation_id, timeout=0) is None:
+                    await anyio.sleep(0.1)
+            await anyio.sleep(3)  # the close's 1 s without progress, with room for a loaded machine
+            data, ending = await anyio.to_thread.run_sync(read_to_the_end, sock, 5.0)
+        finally:
+            sock.close()
+        assert ending == "reset", f"the connection was still served ({ending}, {len(data)} bytes read)"
+        await assert_thread_usable(client, service.url, thread_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Upstream faults, and the thread afterwards
 
