@@ -824,6 +824,9 @@ async def test_a_dropped_client_that_never_reads_again_has_its_connection_reset(
             sock.close()
         assert ending == "reset", f"the connection was still served ({ending}, {len(data)} bytes read)"
         await assert_thread_usable(client, service.url, thread_id)
+    entries = log_entries(service, offset)
+    assert not [e for e in entries if e["level"] in ("ERROR", "CRITICAL")], entries
+    assert "Traceback" not in service.output(offset)
 
 
 # ---------------------------------------------------------------------------------------------
