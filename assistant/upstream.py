@@ -116,7 +116,9 @@ def map_upstream_error(exc: BaseException, *, thread_id: str | None = None) -> S
             return UpstreamError(
                 f"the upstream is rate limiting: {message}", type="upstream_rate_limited", retry_after=retry_after(exc)
             )
-        return UpstreamError(f"the upstream answered {status}: {message}")
+        # A 5xx's wait (a 503's Retry-After, say) is the client's to keep, as a 429's is.
+        wait = retry_after(exc) if status >= 500 else None
+        return UpstreamError(f"the upstream answered {status}: {message}", retry_after=wait)
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
         return UpstreamError("the upstream connection failed")
     if isinstance(exc, openai.OpenAIError):

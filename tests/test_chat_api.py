@@ -457,6 +457,18 @@ def test_upstream_5xx_is_retried_then_502(client: TestClient, upstream: respx.Mo
     assert items.call_count == 3  # each retry first made sure the input was not taken
 
 
+def test_a_5xx_asking_for_a_longer_wait_than_a_request_should_spend_gives_the_client_that_wait(
+    client: TestClient, upstream: respx.MockRouter
+) -> None:
+    """A 503 with Retry-After: 25 is not waited out inside the request (20 s at most), and the
+    client is told how long to wait, as for a 429, instead of retrying at once."""
+    route = upstream.post("/responses").mock(return_value=openai_error(503, "overloaded", headers={"retry-after": "25"}))
+    upstream.get("/conversations/conv_test/items").respond(200, json={"object": "list", "data": [], "has_more": False})
+    response = chat(client, "hi")
+    assert response.status_code == 502 and response.json()["type"] == "upstream_error" and route.call_count == 1
+    assert response.headers["retry-after"] == "25" and response.json()["retry_after_seconds"] == 25
+
+
 @pytest.mark.parametrize("earlier", [[], ["earlier question", "earlier answer"]])
 def test_upstream_5xx_not_retried_when_the_response_was_made(
     client: TestClient, upstream: respx.MockRouter, earlier: list[str]
