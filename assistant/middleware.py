@@ -135,5 +135,6 @@ class CORSMiddleware(cors.CORSMiddleware):
         error = BadRequest(f"{reason} (CORS_ALLOW_ORIGINS and the headers the service takes)", type="cors_refused")
         log_refusal(error)
         headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        headers["cache-control"] = "no-store"  # as every error
         return Response(orjson.dumps(error.payload(correlation_id_var.get())), status_code=400, headers=headers,
                         media_type="application/json")

@@ -313,6 +313,7 @@ async def assert_thread_usable(client: httpx.AsyncClient, base: str, thread_id: 
 def assert_json_error(response: httpx.Response, status: int, type: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("cache-control") == "no-store", response.headers  # README, "Errors"
     body = response.json()
     assert set(body) == {"error", "type", "correlation_id"}, body
     assert body["type"] == type, body
