@@ -181,7 +181,18 @@ async def create_thread(request: Request) -> Response:
 
 
 def wants_event_stream(request: Request) -> bool:
-    return "text/event-stream" in request.headers.get("accept", "")
+    """`text/event-stream` among the Accept header's media ranges (in any case), unless its
+    `q=0` says the client refuses it."""
+    for media_range in request.headers.get("accept", "").split(","):
+        media_type, *parameters = media_range.split(";")
+        if media_type.strip().lower() != "text/event-stream":
+            continue
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                return value.strip() not in ("0", "0.", "0.0", "0.00", "0.000")
+        return True
+    return False
 
 
 EVENT_POSITION = re.compile(r"[0-9]{1,18}")

@@ -930,7 +930,18 @@ def test_unknown_accept_gets_json(client: TestClient, upstream: respx.MockRouter
     assert response.status_code == 200 and response.json()["responses"] == ["ok"]
 
 
-@pytest.mark.parametrize("accept", ["text/event-stream, application/json;q=0.5", "application/json, text/event-stream"])
+@pytest.mark.parametrize("accept", ["text/event-stream;q=0, application/json", "application/json, TEXT/Event-Stream ; Q=0.0",
+                                    "text/event-streams", "application/json; x=text/event-stream"])
+def test_an_accept_refusing_the_event_stream_or_not_naming_it_gets_json(
+    client: TestClient, upstream: respx.MockRouter, accept: str
+) -> None:
+    upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    response = chat(client, "hi", headers={**JSON, "accept": accept})
+    assert response.status_code == 200 and response.json()["responses"] == ["ok"]
+
+
+@pytest.mark.parametrize("accept", ["text/event-stream, application/json;q=0.5", "application/json, text/event-stream",
+                                    "TEXT/EVENT-STREAM", "text/event-stream; charset=utf-8; q=0.1"])
 def test_an_accept_listing_the_event_stream_among_others_gets_the_stream(
     client: TestClient, upstream: respx.MockRouter, accept: str
 ) -> None:
