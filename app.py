@@ -133,6 +133,10 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
         },
         lifespan=lifespan,
     )
+    # `POST /chat/` is a JSON 404, not Starlette's 307 to `/chat`: its Location is absolute and
+    # built from what the service sees, so behind a proxy that strips a path prefix it points
+    # outside the prefix.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     return app
 

@@ -14,7 +14,7 @@ import anyio
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedMediaType,
     log_refusal,
 )
+from .middleware import is_bare_root_path
 from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
 from .sse_stream_handler import KEEPALIVE, SSE_HEADERS, SSEResponse, frame_error, frame_retry
@@ -95,6 +96,9 @@ async def handle_service_error(request: Request, exc: Exception) -> Response:
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 404 and request.method in ("GET", "HEAD") and is_bare_root_path(request.scope):
+        # `/prefix` under `--root-path /prefix`: the chat page is at `/prefix/` (its URLs are relative).
+        return RedirectResponse(request.scope["root_path"] + "/", headers=NO_STORE)
     if exc.status_code == 404:
         error: ServiceError = NotFound(f"no route for {request.method} {request.url.path}")
     elif exc.status_code == 405:

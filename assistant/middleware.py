@@ -62,12 +62,17 @@ class CorrelationIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def is_bare_root_path(scope: Scope) -> bool:
+    root = scope.get("root_path", "")
+    return bool(root) and scope["path"] == root
+
+
 def route_path(scope: Scope) -> str:
     """The path the routes see: under `hypercorn --root-path /prefix` a proxy that keeps the
     prefix sends `/prefix/health`, which routing matches as `/health` (Starlette's rule; the
-    bare prefix is "/" here, where routing redirects it to `/prefix/`, which is public)."""
+    bare prefix is "/" here: it is redirected to `/prefix/`, which is public)."""
     path, root = scope["path"], scope.get("root_path", "")
-    if root and path == root:
+    if is_bare_root_path(scope):
         return "/"
     if root and path.startswith(root + "/"):
         return path[len(root) :]

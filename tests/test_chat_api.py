@@ -880,6 +880,26 @@ async def test_a_client_that_hangs_up_while_sending_its_body_is_client_gone_not_
         await read_json_body(Request(scope, receive), 1000)
 
 
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: TestClient) -> None:
+    """Starlette's 307 to the path without the slash has an absolute Location built from what the
+    service sees: behind a proxy that strips a path prefix, it pointed outside the prefix."""
+    for method, path in (("POST", "/chat/"), ("POST", "/threads/"), ("GET", "/health/")):
+        response = client.request(method, path, follow_redirects=False)
+        assert response.status_code == 404 and response.json()["type"] == "not_found", (method, path)
+
+
+def test_the_bare_root_path_is_redirected_to_the_chat_page() -> None:
+    """`hypercorn --root-path /prefix` behind a proxy that keeps the prefix: `/prefix` goes to
+    `/prefix/` (the page's URLs are relative), by a Location that is a path."""
+    with TestClient(create_app(load_settings({"OPENAI_API_KEY": "sk-test"})), root_path="/prefix") as client:
+        bare = client.get("/prefix", follow_redirects=False)
+        page = client.get("/prefix/")
+        wrong = client.post("/prefix", follow_redirects=False)
+    assert bare.status_code == 307 and bare.headers["location"] == "/prefix/"
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert wrong.status_code == 404 and wrong.json()["type"] == "not_found"
+
+
 def test_routing_errors_are_json(client: TestClient) -> None:
     missing = client.get("/nope")
     assert missing.status_code == 404 and missing.json()["type"] == "not_found"
