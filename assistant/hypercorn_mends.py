@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fcntl
 import importlib.metadata
 import socket
 import struct
+import termios
 from typing import Any
 
 from hypercorn.app_wrappers import ASGIWrapper
@@ -37,7 +39,8 @@ _UNWATCHED = contextlib.nullcontext()
 def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> None:
     """Decline WebSocket compression unless `compression`, end each ping loop when its socket
     closes, and reset a connection whose client takes nothing for `slow_client_timeout_seconds`
-    once the app is done with it. Calling it again only changes the two settings."""
+    while hypercorn closes it or sends what follows the app's return. Calling it again only
+    changes the two settings."""
     global _compression, _stalled_seconds
     _compression = compression
     _stalled_seconds = slow_client_timeout_seconds
@@ -56,7 +59,9 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
 # WebSocket app returns, and a connection's close, which waits for the transport to flush. Neither
 # wait has an end, so the socket, the kernel's buffers (megabytes) and the connection's tasks
 # stayed until the client went away. Here such a wait that sees no progress for
-# SLOW_CLIENT_TIMEOUT_SECONDS resets the connection.
+# SLOW_CLIENT_TIMEOUT_SECONDS resets the connection. (Over TLS served by hypercorn itself the
+# watch sees only the TLS layer's buffer, which is mostly empty, and rarely acts; behind a proxy,
+# as the service is deployed, it speaks plain TCP.)
 
 
 async def _call_app(self: ASGIWrapper, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
@@ -94,31 +99,47 @@ async def _close_or_reset(self: TCPServer) -> None:
 
 
 class _ResetWhenStalled:
-    """Resets the transport if its write buffer has not shrunk for a whole interval while this
-    is entered (asyncio closes the socket once that buffer is empty; the kernel sends the rest)."""
+    """Resets the transport if, for a whole interval while this is entered, asyncio still holds
+    bytes for it and the client took none of what is queued (asyncio closes the socket once its
+    own buffer is empty; the kernel then sends the rest, or gives up, by itself)."""
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
 
     def __enter__(self) -> None:
-        self._watch(self.transport.get_write_buffer_size())
+        self._watch(self.transport.get_write_buffer_size() + self._kernel_queued())
 
     def __exit__(self, *exc_info: object) -> None:
         self.timer.cancel()
 
-    def _watch(self, left: int) -> None:
-        self.left = left
+    def _watch(self, queued: int) -> None:
+        self.queued = queued
         self.timer = asyncio.get_running_loop().call_later(_stalled_seconds, self._check)
 
+    def _kernel_queued(self) -> int:
+        """What the kernel holds unacknowledged: it shrinks with every byte the client takes,
+        where asyncio's buffer shrinks only when the socket has room again (after the client
+        took about a third of its send buffer: a megabyte on loopback)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0 or sock.type != socket.SOCK_STREAM:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+
     def _check(self) -> None:
-        left = self.transport.get_write_buffer_size()
-        if left and left < self.left:  # the client is reading, however slowly
-            self._watch(left)
-        elif left:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:  # a reset, not a FIN queued behind data nobody takes
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+        buffered = self.transport.get_write_buffer_size()
+        if not buffered:
+            return  # the write or the close goes on by itself
+        queued = buffered + self._kernel_queued()
+        if queued < self.queued:  # the client is reading, however slowly
+            self._watch(queued)
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset, not a FIN queued behind data nobody takes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
 
 def _accept(self: Handshake, *args: Any, **kwargs: Any) -> Any:

@@ -59,12 +59,22 @@ def test_calling_it_again_changes_only_the_choice() -> None:
 
 
 class ClosingTransport:
-    """What the watch sees of a closing transport: its buffer, as the client takes from it."""
+    """What the watch sees of a closing transport: asyncio's buffer at each look, and a real
+    loopback connection under it whose kernel queue is full (the client has read nothing yet)."""
 
     def __init__(self, buffered: list[int]) -> None:
-        self.buffered = buffered  # the buffer's size at each look
+        self.buffered = buffered
         self.aborted_with_linger: bytes | None = None
-        self.sock = socket.socket()
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.client = socket.create_connection(listener.getsockname())
+        self.sock, _ = listener.accept()
+        listener.close()
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
 
     def get_write_buffer_size(self) -> int:
         return self.buffered.pop(0) if len(self.buffered) > 1 else self.buffered[0]
@@ -74,31 +84,51 @@ class ClosingTransport:
 
     def abort(self) -> None:
         self.aborted_with_linger = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+        self.close()
+
+    def close(self) -> None:
         self.sock.close()
+        self.client.close()
 
 
-async def watched(transport: ClosingTransport, seconds: float) -> ClosingTransport:
-    mend_hypercorn(compression=False, slow_client_timeout_seconds=0.05)
+async def watched(transport: ClosingTransport, seconds: float, *, interval: float = 0.05,
+                  read_every: float | None = None) -> ClosingTransport:
+    """The watch over `seconds`; the client reads 64 KiB every `read_every` seconds."""
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=interval)
     with hypercorn_mends._ResetWhenStalled(transport):  # type: ignore[arg-type]
-        await asyncio.sleep(seconds)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(min(left, read_every or left))
+            if read_every is not None and transport.aborted_with_linger is None:
+                transport.client.recv(65536)
+    if transport.aborted_with_linger is None:
+        transport.close()
     return transport
 
 
 @pytest.mark.anyio
-async def test_a_wait_the_client_makes_no_progress_in_is_reset() -> None:
-    transport = await watched(ClosingTransport([70_000, 70_000]), 0.2)
+async def test_a_wait_the_client_takes_nothing_in_is_reset() -> None:
+    transport = await watched(ClosingTransport([70_000]), 0.2)
     assert transport.aborted_with_linger == struct.pack("ii", 1, 0), "not reset (SO_LINGER 0, then abort)"
 
 
 @pytest.mark.anyio
-async def test_a_client_that_takes_a_little_in_every_interval_is_not_reset() -> None:
-    transport = await watched(ClosingTransport([70_000, 69_000, 60_000, 59_999, 30_000, 20_000, 10_000]), 0.25)
+async def test_a_client_that_reads_steadily_is_not_reset_while_asyncios_buffer_stands_still() -> None:
+    """asyncio's buffer shrinks only when the socket has room again, after the client took about a
+    third of the kernel's send buffer (here ~1.3 MB, two intervals' reading): the kernel's queue
+    shows what the client took, as its window opens."""
+    transport = await watched(ClosingTransport([70_000]), 0.4, interval=0.1, read_every=0.01)
     assert transport.aborted_with_linger is None
-    transport.sock.close()
 
 
 @pytest.mark.anyio
-async def test_a_flushed_buffer_is_left_to_close_by_itself() -> None:
+async def test_a_buffer_asyncio_hands_on_in_every_interval_is_not_reset() -> None:
+    transport = await watched(ClosingTransport([70_000, 69_000, 60_000, 59_999, 30_000, 20_000, 10_000]), 0.25)
+    assert transport.aborted_with_linger is None
+
+
+@pytest.mark.anyio
+async def test_a_buffer_asyncio_has_flushed_is_left_to_close_by_itself() -> None:
+    """All of it is the kernel's then: asyncio closes the socket, and the kernel sends or gives up."""
     transport = await watched(ClosingTransport([70_000, 0]), 0.2)
     assert transport.aborted_with_linger is None
-    transport.sock.close()
