@@ -26,7 +26,7 @@ import orjson
 import pydantic
 from pydantic.fields import FieldInfo
 
-from .logs import redact
+from .logs import redact, register_secrets
 
 __all__ = [
     "ToolCall",
@@ -355,8 +355,11 @@ def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]
                        "the model gets the first %d", name, len(summary), MAX_DESCRIPTION_CHARS)
         summary = summary[:MAX_DESCRIPTION_CHARS]
     # A functools.partial's keyword arguments are its own (an API key, say): not the model's to
-    # see or to set.
+    # see or to set, and masked where an error or a log line would show them (an HTTP library's
+    # error quotes the URL, key and all).
     bound = set(func.keywords) if isinstance(func, functools.partial) else set()
+    if isinstance(func, functools.partial):
+        register_secrets(*(value for value in (*func.args, *func.keywords.values()) if isinstance(value, str)))
     fields: dict[str, Any] = {}
     params: list[tuple[str, str]] = []
     arguments: set[str] = set()  # the names the model uses

@@ -19,6 +19,7 @@ import pytest
 
 from assistant import example_tools, tool_executor
 from assistant.example_tools import calculator, get_current_time, roll_dice
+from assistant.logs import JsonFormatter
 from assistant.tool_executor import (
     ToolCall,
     ToolConfigError,
@@ -780,6 +781,23 @@ async def test_a_partials_bound_keywords_are_neither_shown_nor_settable() -> Non
     assert "api_key" not in schema and "SECRET" not in schema
     assert (await run(registry, "search", '{"query": "q"}')).output == "q with sk-live-SECRET123456"
     assert "api_key" in error_of(await run(registry, "search", '{"query": "q", "api_key": "mine"}'))
+
+
+@pytest.mark.anyio
+async def test_a_partials_bound_values_are_masked_in_its_errors_and_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """A key of any shape, bound with functools.partial, quoted by the tool's failure (an HTTP
+    library's error names the URL, query string and all): neither the model, nor the client,
+    nor the log sees it."""
+    def weather(city: str, appid: str) -> str:
+        raise RuntimeError(f"Client error '401' for url 'https://api.example/weather?q={city}&appid={appid}'")
+
+    key = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+    registry = ToolRegistry({"weather": functools.partial(weather, appid=key)}, timeout=5)
+    with caplog.at_level(logging.INFO):
+        message = error_of(await run(registry, "weather", '{"city": "Paris"}'))
+    assert key not in message and "appid=[redacted]" in message and "q=Paris" in message
+    logged = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    assert "Client error" in logged and key not in logged
 
 
 @pytest.mark.anyio
