@@ -86,7 +86,8 @@ def _server_block_end(text: str) -> int:
 
 
 def render_server_block(shipped: str, *, upstream: str, port: int, defaults_extra: str = "") -> str:
-    """deploy/nginx.conf with the service's address and the test port put in, plus `/defaults/`."""
+    """deploy/nginx.conf with the service's address and the test port put in, plus the test-only
+    locations: `/defaults/`, `/unreachable/` (nothing listens) and `/impatient/` (1 s timeout)."""
     upstream_servers = re.findall(rf"^\s*server\s+{re.escape(SHIPPED_UPSTREAM)}\s*;", shipped, re.M)
     assert len(upstream_servers) == 1, f"{DEPLOY_CONF}: expected one `server {SHIPPED_UPSTREAM};` in its upstream"
     text = shipped.replace(SHIPPED_UPSTREAM, upstream)
@@ -102,6 +103,14 @@ def render_server_block(shipped: str, *, upstream: str, port: int, defaults_extr
         f"        proxy_pass http://{upstream}/;\n"
         + (f"        {defaults_extra}\n" if defaults_extra else "")
         + "    }\n"
+        # test only: nginx's own 502 (nothing listens there) and 504 (1 s of silence)
+        "    location /unreachable/ {\n"
+        f"        proxy_pass http://127.0.0.1:{free_port()}/;\n"
+        "    }\n"
+        "    location /impatient/ {\n"
+        f"        proxy_pass http://{upstream}/;\n"
+        "        proxy_read_timeout 1s;\n"
+        "    }\n"
     )
     end = _server_block_end(text)
     return text[:end] + defaults + text[end:]

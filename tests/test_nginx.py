@@ -6,7 +6,8 @@ defaults: HTTP/1.0 to the service, buffering on): SSE deltas arrive one by one a
 sends them, a WebSocket turn works, the chat page and its static files load under the prefix.
 The config never turns proxy buffering off; the service's `X-Accel-Buffering: no` header is what
 keeps SSE streaming. The negative control proves it: when nginx is told to ignore that header,
-/defaults/ delivers the same stream in one lump at the end.
+/defaults/ delivers the same stream in one lump at the end. The errors nginx answers itself
+(413, 502, 504) come in the service's JSON shape.
 """
 
 from __future__ import annotations
@@ -259,6 +260,32 @@ def _seconds(value: str) -> float:
     match = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value)
     assert match, value
     return int(match[1]) * units[match[2] or "s"]
+
+
+@pytest.mark.anyio
+async def test_the_errors_nginx_answers_itself_are_in_the_services_json_shape(nginx_proxy: NginxProxy) -> None:
+    """A body over nginx's client_max_body_size (1 MiB), the service unreachable, the service
+    silent past proxy_read_timeout (1 s at the test-only /impatient/): each comes in the shape the
+    service's own errors have, a client's valid correlation ID kept, else nginx's request id."""
+    async with http_client() as client:
+        too_large = await client.post(f"{nginx_proxy.prefixed_url}/chat", content=b"x" * 1_200_000,
+                                      headers={"Content-Type": "application/json", "X-Correlation-ID": "big-body-1"})
+        unreachable = await client.get(f"{nginx_proxy.url}/unreachable/health",
+                                       headers={"X-Correlation-ID": "not safe!"})
+        thread_id = await new_thread(client, nginx_proxy.url + "/", "nginx-timeout-1")
+        silent = await client.post(f"{nginx_proxy.url}/impatient/chat",
+                                   json={"thread_id": thread_id, "message": "fault:slow 0.5 6"})
+    for response, status, type in ((too_large, 413, "payload_too_large"), (unreachable, 502, "service_unreachable"),
+                                   (silent, 504, "service_timeout")):
+        assert response.status_code == status, (response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.headers["cache-control"] == "no-store"
+        body = response.json()
+        assert body["type"] == type and body["correlation_id"] == response.headers["x-correlation-id"], body
+        assert body["error"]
+    assert too_large.json()["correlation_id"] == "big-body-1"
+    assert re.fullmatch("[0-9a-f]{32}", unreachable.json()["correlation_id"])
+    assert unreachable.headers["retry-after"] == "5" and unreachable.json()["retry_after_seconds"] == 5
 
 
 def test_the_shipped_config_leaves_buffering_to_the_service() -> None:
