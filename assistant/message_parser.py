@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, STEP_COMPLETED, STEP_CREATED, Event
-from .tool_executor import ToolCall, ToolResult
+from .tool_executor import ToolCall, ToolResult, error_output
 
 # Output items the upstream runs itself (hosted tools): shown as steps, never executed here.
 HOSTED_TOOL_ITEMS = frozenset(
@@ -99,9 +98,9 @@ class ToolTracker:
     def finish_call(self, result: ToolResult) -> Event:
         return self.finish(result.tool_call_id, result.output, is_error=result.is_error)
 
-    def finish_open(self, reason: str) -> list[Event]:
+    def finish_open(self, reason: str, correlation_id: str) -> list[Event]:
         """End every step still open (the run was stopped or failed): a client sees each end."""
-        output = orjson.dumps({"error": reason}).decode()
+        output = error_output(reason, correlation_id)
         return [self.finish(step.id, output, is_error=True) for step in list(self.steps.values()) if step.end is None]
 
 

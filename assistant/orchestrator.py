@@ -14,7 +14,6 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import orjson
 from anyio.abc import TaskGroup
 
 from .config import Settings
@@ -32,7 +31,7 @@ from .events import (
 from .logs import redact, run_id_var, thread_id_var
 from .message_parser import ToolTracker
 from .run_log import RunLog
-from .tool_executor import ToolCall, ToolRegistry, ToolResult, cancelled_from_outside, execute_tool
+from .tool_executor import ToolCall, ToolRegistry, ToolResult, cancelled_from_outside, error_output, execute_tool
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -86,8 +85,8 @@ async def _run_tool(
         await send.send(await execute_tool(registry, call, correlation_id=correlation_id))
 
 
-def _interrupted(call: ToolCall, reason: str) -> ToolResult:
-    return ToolResult(tool_call_id=call.call_id, output=orjson.dumps({"error": reason}).decode(), is_error=True)
+def _interrupted(call: ToolCall, reason: str, correlation_id: str) -> ToolResult:
+    return ToolResult(tool_call_id=call.call_id, output=error_output(reason, correlation_id), is_error=True)
 
 
 async def iterate_run_events(
@@ -129,7 +128,7 @@ async def iterate_run_events(
                 error, type, code = parser.failure
                 error = redact(error)
                 reason = "the upstream run failed"
-                for event in tracker.finish_open(f"the run failed: {error}"):
+                for event in tracker.finish_open(f"the run failed: {error}", log.correlation_id):
                     yield event  # a step the failure cut off (a hosted tool's) ends before the outcome
                 yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
                 return
@@ -169,7 +168,7 @@ async def iterate_run_events(
             if not settled:
                 log.ending = True
                 reason = reason or log.cancel_reason or "the run was stopped"
-                answers = [results.get(c.call_id) or _interrupted(c, reason) for c in parser.tool_calls]
+                answers = [results.get(c.call_id) or _interrupted(c, reason, log.correlation_id) for c in parser.tool_calls]
                 with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_SECONDS):
                     await engine.abandon_round(thread_id, parser, answers)
 
@@ -213,7 +212,7 @@ async def execute_run(
         log.error = ServiceError("the service failed while running this message")
     reason = log.cancel_reason or "the run was cancelled"
     if log.outcome != RUN_COMPLETED:  # a client sees every step it saw start end, also now
-        for event in tracker.finish_open(log.error.message if log.error is not None else reason):
+        for event in tracker.finish_open(log.error.message if log.error is not None else reason, log.correlation_id):
             log.append(event)
     if log.error is not None:  # the run failed, or the service's shutdown stopped it
         logger.warning("run ended with %s: %s", log.error.type, log.error.message)

@@ -290,9 +290,14 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def error_output(message: str, correlation_id: str) -> str:
+    """What a call that failed (or never finished) gives the model and the client: why, with
+    keys masked, and the request's correlation ID."""
+    return orjson.dumps({"error": redact(_clean(message)), "correlation_id": correlation_id}).decode()
+
+
 def _error(call: ToolCall, correlation_id: str, message: str) -> ToolResult:
-    output = orjson.dumps({"error": redact(_clean(message)), "correlation_id": correlation_id}).decode()
-    return ToolResult(tool_call_id=call.call_id, output=output, is_error=True)
+    return ToolResult(tool_call_id=call.call_id, output=error_output(message, correlation_id), is_error=True)
 
 
 def _describe(error: Any) -> str:

@@ -1506,7 +1506,8 @@ def test_a_run_stopped_while_its_tools_run_keeps_the_results_of_those_that_finis
     outputs = {i["call_id"]: i["output"] for i in request_body(route.calls[-1])["input"]
                if i["type"] == "function_call_output"}
     assert outputs[calc_id] == "3", outputs
-    assert orjson.loads(outputs[stop_id]) == {"error": "cancelled by the client"}
+    assert orjson.loads(outputs[stop_id]) == {"error": "cancelled by the client",
+                                              "correlation_id": response.headers["x-correlation-id"]}
 
 
 def test_outputs_held_for_the_newest_threads_are_kept_when_the_oldest_go(

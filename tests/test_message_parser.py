@@ -503,12 +503,12 @@ def test_finish_open_ends_only_the_steps_still_open() -> None:
     tracker.start("call_done", "calculator", "{}")
     tracker.finish("call_done", "3")
     tracker.start("call_open", "slow_tool", "{}")
-    events = tracker.finish_open("cancelled by the client")
+    events = tracker.finish_open("cancelled by the client", "cid-1")
     assert [(e.name, e.data["step"]["id"]) for e in events] == [(STEP_COMPLETED, "call_open")]
     step = events[0].data["step"]
     assert step["is_error"] is True and step["end"] is not None
-    assert json.loads(step["output"]) == {"error": "cancelled by the client"}
-    assert tracker.finish_open("again") == []
+    assert json.loads(step["output"]) == {"error": "cancelled by the client", "correlation_id": "cid-1"}
+    assert tracker.finish_open("again", "cid-1") == []
 
 
 def test_a_hosted_tool_call_that_failed_is_an_error_step_as_on_the_assistants_engine() -> None:
