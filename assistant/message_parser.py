@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
-
 from .events import MESSAGE_COMPLETED, MESSAGE_DELTA, STEP_COMPLETED, STEP_CREATED, Event
 from .tool_executor import ToolCall, ToolResult, error_output
 

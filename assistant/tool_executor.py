@@ -33,6 +33,7 @@ __all__ = [
     "ToolConfigError",
     "ToolRegistry",
     "ToolResult",
+    "error_output",
     "execute_tool",
     "load_tool_map",
 ]
