@@ -116,6 +116,8 @@ def test_upstream_error_shows_plainly(page: object, transport: str) -> None:
     wait_idle(page)
     error = page.locator(".error").last  # type: ignore[attr-defined]
     assert "The run failed: The model failed." in error.inner_text()
+    # The reply bubble that got no text no longer shows "…", as if the turn still ran.
+    assert not page.locator(".turn.assistant .bubble").last.is_visible()  # type: ignore[attr-defined]
     send(page, "still there?", transport)  # the page and the thread carry on
     wait_idle(page)
     assert last_reply(page) == "You said: still there?"
@@ -272,6 +274,32 @@ CUT_AFTER_WORD1 = on_the_first_chat_answer("""
         return new Response(body, { status: response.status, headers: response.headers });""")
 
 
+# Every event stream the page opens (the POST and each resume), the first CUTS times, breaks right
+# after the first chunk that carries a delta.
+CUT_EACH_STREAM_AFTER_A_DELTA = """() => {
+    const original = window.fetch;
+    window.cutsLeft = CUTS;
+    window.fetch = async (url, options) => {
+        const response = await original(url, options);
+        if (window.cutsLeft <= 0 || !response.headers.get("content-type")?.startsWith("text/event-stream")) return response;
+        window.cutsLeft--;
+        const reader = response.body.getReader();
+        let cut = false;
+        const body = new ReadableStream({ async pull(controller) {
+            if (cut) {
+                reader.cancel();
+                return controller.error(new TypeError("network error"));
+            }
+            const { value, done } = await reader.read();
+            if (done) return controller.close();
+            controller.enqueue(value);
+            cut = new TextDecoder().decode(value).includes("thread.message.delta");
+        } });
+        return new Response(body, { status: response.status, headers: response.headers });
+    };
+}"""
+
+
 def assert_whole_reply_without_error(page: object, words: int) -> None:
     """`fault:slow`'s whole reply arrives (word0 ... word<n-1>), and no error shows."""
     page.wait_for_function(  # type: ignore[attr-defined]
@@ -290,6 +318,76 @@ def test_a_dropped_sse_stream_is_resumed(page: object) -> None:
     page.evaluate(CUT_AFTER_WORD1)  # type: ignore[attr-defined]
     send(page, "fault:slow 0.3 16", "sse")
     assert_whole_reply_without_error(page, 16)
+
+
+def test_an_sse_stream_broken_again_and_again_is_resumed_each_time(page: object) -> None:
+    """Seven breaks in one turn, each after the page got a delta (a flaky mobile link): every
+    resume that got somewhere starts the count afresh (the page gave up after five in all)."""
+    page.evaluate(CUT_EACH_STREAM_AFTER_A_DELTA.replace("CUTS", "7"))  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.3 16", "sse")
+    assert_whole_reply_without_error(page, 16)
+    assert page.evaluate("() => window.cutsLeft") == 0  # type: ignore[attr-defined]
+
+
+def test_a_websocket_broken_again_and_again_is_resumed_each_time(page: object) -> None:
+    """Seven breaks while the run goes on (12 s), each on a socket that had delivered a word live
+    (a resumed socket first delivers what was missed, all at once)."""
+    send(page, "fault:slow 0.4 30", "ws")
+    for _ in range(7):
+        words = len(last_reply(page).split())
+        page.wait_for_function(  # type: ignore[attr-defined]
+            f"() => state.ws.readyState === WebSocket.OPEN && "
+            f"[...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word{words + 1}')"
+        )
+        page.evaluate("() => state.ws.close()")  # type: ignore[attr-defined]
+    assert_whole_reply_without_error(page, 30)
+
+
+def test_a_run_the_page_gives_up_on_is_stopped_so_the_next_message_is_not_held_up(
+    browser: object, page_service: ServerProcess
+) -> None:
+    """The link stays down longer than the page resumes for (RESUME_FOR_MS, five minutes: the
+    page's clock is moved on): the page says so, and stops the run it can no longer show, which
+    would otherwise hold the thread (20 s here) and make the next message wait."""
+    context = browser.new_context()  # type: ignore[attr-defined]
+    try:
+        page = context.new_page()
+        page.clock.install()
+        page.goto(page_service.url + "/")
+        page.wait_for_selector("#thread:has-text('thread')")
+        page.evaluate(CUT_EACH_STREAM_AFTER_A_DELTA.replace("CUTS", "1"))
+        page.evaluate("""() => {
+            const cutting = window.fetch;
+            window.fetch = (url, options) => String(url).startsWith("chat/stream/")  // down from now on
+                ? Promise.reject(new TypeError("network error")) : cutting(url, options);
+        }""")
+        send(page, "fault:slow 0.5 40", "sse")
+        page.wait_for_function("() => state.turn && state.turn.brokenSince !== null", timeout=10_000)
+        page.clock.fast_forward("06:00")
+        wait_idle(page)
+        assert "network error" in page.locator(".error").last.inner_text()
+        started = time.monotonic()
+        send(page, "still there?", "sse")
+        wait_idle(page)
+        assert last_reply(page) == "You said: still there?"
+        assert time.monotonic() - started < 5, "the next message waited for the run the page had given up on"
+    finally:
+        context.close()
+
+
+def test_the_page_follows_the_reply_only_while_the_reader_is_at_the_bottom(page: object) -> None:
+    page.evaluate("""() => { for (let i = 0; i < 60; i++) addTurn("user", `filler ${i}`); }""")  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.2 20", "sse")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word1')"
+    )
+    assert page.evaluate("() => atBottom()")  # type: ignore[attr-defined]  # sending brought it down
+    page.evaluate("() => { $('log').scrollTop = 0; }")  # type: ignore[attr-defined]  # the reader scrolls up
+    time.sleep(1.0)  # five deltas
+    assert page.evaluate("() => $('log').scrollTop") == 0  # type: ignore[attr-defined]
+    page.evaluate("() => { $('log').scrollTop = $('log').scrollHeight; }")  # type: ignore[attr-defined]
+    wait_idle(page)
+    assert page.evaluate("() => atBottom()")  # type: ignore[attr-defined]  # back at the bottom, it follows again
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])

@@ -3,11 +3,26 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { threadId: null, turn: null, ws: null, wsReady: null };
+const state = { threadId: null, turn: null, ws: null, wsReady: null, orphanRunId: null };
+// A broken stream is resumed until it has been down this long: about as long as the service
+// keeps a finished run's events (STREAM_RETENTION_SECONDS, 300 s by default).
+const RESUME_FOR_MS = 300_000;
+
+// --- scrolling: follow the reply only while the reader is at the bottom --------------------------
+
+function atBottom() {
+  const log = $("log");
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+}
+
+function follow(el, wasAtBottom) {
+  if (wasAtBottom) el.scrollIntoView({ block: "end" });
+}
 
 // --- rendering ----------------------------------------------------------------------------------
 
 function addTurn(role, text) {
+  const wasAtBottom = atBottom();
   const el = document.createElement("div");
   el.className = `turn ${role}`;
   const steps = document.createElement("div");
@@ -16,8 +31,9 @@ function addTurn(role, text) {
   bubble.textContent = text || "";
   el.append(steps, bubble);
   $("log").append(el);
-  el.scrollIntoView({ block: "end" });
-  return { el, steps, bubble, stepEls: new Map(), sealed: false, runId: null, streamUrl: null, lastEventId: null };
+  follow(el, wasAtBottom || role === "user" || !text);  // a message just sent, and its reply, bring the reader down
+  return { el, steps, bubble, stepEls: new Map(), sealed: false, runId: null, streamUrl: null, lastEventId: null,
+           brokenSince: null, retries: 0 };
 }
 
 // Each message of a run gets its own bubble, in order with the steps between them.
@@ -32,11 +48,12 @@ function openBubble(turn) {
 }
 
 function showError(turn, message) {
+  const wasAtBottom = atBottom();
   const box = document.createElement("div");
   box.className = "error";
   box.textContent = message;
   (turn ? turn.el : $("log")).append(box);
-  box.scrollIntoView({ block: "end" });
+  follow(box, wasAtBottom);
 }
 
 function pre(label, text) {
@@ -71,6 +88,7 @@ function showStep(turn, step, done) {
 // One handler for both transports: they carry the same events.
 function handleEvent(turn, name, data) {
   if (turn !== state.turn) return; // a turn given up (New thread): its late events go nowhere
+  const wasAtBottom = atBottom();
   switch (name) {
     case "thread.run.created":
       turn.runId = data.run_id;
@@ -79,7 +97,7 @@ function handleEvent(turn, name, data) {
       break;
     case "thread.message.delta":
       openBubble(turn).textContent += data.delta.content;
-      turn.el.scrollIntoView({ block: "end" });
+      follow(turn.el, wasAtBottom);
       break;
     case "thread.message.completed":
       if (!turn.bubble.textContent || turn.sealed) openBubble(turn).textContent = data.message.content;
@@ -107,6 +125,7 @@ function handleEvent(turn, name, data) {
 
 function endTurn() {
   state.turn?.abort?.abort();
+  state.turn?.el.classList.add("ended");  // an empty reply bubble no longer shows "…"
   state.turn = null;
   $("send").disabled = false;
   $("stop").hidden = true;
@@ -153,7 +172,50 @@ async function readStream(turn, response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    heardFrom(turn);
     parse(value);
+  }
+}
+
+// --- a broken stream: resumed, with a growing pause, until it has been down for RESUME_FOR_MS ----
+
+function heardFrom(turn) {
+  turn.brokenSince = null;
+  turn.retries = 0;
+}
+
+// Whether to try again; the pause before it (0.5 s more each time, at most 5 s; at once when the
+// browser comes back online).
+async function retryAfterBreak(turn) {
+  turn.brokenSince ??= Date.now();
+  if (Date.now() - turn.brokenSince > RESUME_FOR_MS) {
+    if (turn.runId) abandonRun(turn.runId);
+    return false;
+  }
+  const pause = Math.min(500 * ++turn.retries, 5000);
+  await new Promise((resolve) => {
+    const done = () => { clearTimeout(timer); window.removeEventListener("online", done); resolve(); };
+    const timer = setTimeout(done, pause);
+    window.addEventListener("online", done);
+  });
+  return state.turn === turn;
+}
+
+// The page gives up reading a run that goes on: it is stopped (or, unreachable now, before the
+// next message), so that it does not hold the thread nobody can see it answer.
+function abandonRun(runId) {
+  state.orphanRunId = runId;
+  stopAbandonedRun();
+}
+
+async function stopAbandonedRun() {
+  const runId = state.orphanRunId;
+  if (!runId) return;
+  try {
+    await fetch(`runs/${encodeURIComponent(runId)}/cancel`, { method: "POST" });
+    if (state.orphanRunId === runId) state.orphanRunId = null;  // stopped, or already over (409)
+  } catch {
+    // still unreachable: the next message tries again
   }
 }
 
@@ -180,12 +242,12 @@ async function sendOverSSE(turn, message) {
   } catch (error) {
     failure = error;
   }
-  for (let attempt = 0; ; attempt++) {
+  for (;;) {
     if (response?.status === 204) return endTurn(); // a resume with nothing left to send
     if (response && !isEventStream(response)) {
       const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}`.trim(), type: "http_error" }));
       // The first try still waits for the thread (the service has not yet seen it go): ask again.
-      if (body.type !== "idempotency_key_in_use" || attempt >= 5) return handleEvent(turn, "error", body);
+      if (body.type !== "idempotency_key_in_use") return handleEvent(turn, "error", body);
       response = null;
     }
     if (response) {
@@ -199,12 +261,11 @@ async function sendOverSSE(turn, message) {
     if (state.turn !== turn || failure?.name === "AbortError") return;
     // The run goes on without us (README "Resuming a stream"): read on after the last id seen,
     // or, lost before the run id came, send the message again with its key.
-    if (attempt >= 5) {
+    if (!(await retryAfterBreak(turn))) {
+      if (state.turn !== turn) return;
       if (failure) throw failure;
       return handleEvent(turn, "error", { type: "disconnected", error: "the stream ended early" });
     }
-    await new Promise((resolve) => setTimeout(resolve, 500 * (attempt + 1)));
-    if (state.turn !== turn) return;
     response = null;
     try {
       if (turn.streamUrl) {
@@ -237,8 +298,9 @@ function openSocket() {
     const frame = JSON.parse(message.data);
     const turn = state.turn;
     if (turn && frame.id) turn.lastEventId = frame.id;
-    if (turn && !turn.runId && frame.event === "error" && frame.data.type === "idempotency_key_in_use" && (turn.resumes ?? 0) < 5)
+    if (turn && !turn.runId && frame.event === "error" && frame.data.type === "idempotency_key_in_use")
       return resumeOverWebSocket(turn); // the first try still waits for its thread (the service has not seen it go)
+    if (turn) heardFrom(turn);
     if (turn) handleEvent(turn, frame.event, frame.data);
     else if (frame.event === "error") showError(null, `Error (${frame.data.type}): ${frame.data.error}`);
   };
@@ -247,17 +309,22 @@ function openSocket() {
     const turn = state.turn;
     if (!turn) return;
     // The run goes on without us (README "Resuming a stream"): a new socket reads on after the last id.
-    if ((turn.runId || turn.message) && (turn.resumes ?? 0) < 5) return resumeOverWebSocket(turn);
-    const why = `the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
-    handleEvent(turn, "error", { type: "disconnected", error: why });
+    if (turn.runId || turn.message) return resumeOverWebSocket(turn, event);
+    closedOn(turn, event);
   };
   return state.wsReady;
 }
 
-async function resumeOverWebSocket(turn) {
-  turn.resumes = (turn.resumes ?? 0) + 1;
-  await new Promise((resolve) => setTimeout(resolve, 500 * turn.resumes));
-  if (state.turn !== turn) return;
+function closedOn(turn, event) {
+  const why = `the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
+  handleEvent(turn, "error", { type: "disconnected", error: why });
+}
+
+async function resumeOverWebSocket(turn, closed) {
+  if (!(await retryAfterBreak(turn))) {
+    if (state.turn === turn) closedOn(turn, closed ?? { code: 1006 });
+    return;
+  }
   try {
     await openSocket();
   } catch {
@@ -283,6 +350,7 @@ async function newThread() {
   }
   $("log").replaceChildren();
   state.threadId = null;
+  state.orphanRunId = null;  // a run of the old thread holds no one up now
   $("thread").textContent = "";
   let response, body;
   try {
@@ -305,6 +373,7 @@ async function send(event) {
   if (!state.threadId) return showError(null, "There is no thread yet: press New thread.");
   $("message").value = "";
   $("send").disabled = true;
+  await stopAbandonedRun();
   addTurn("user", message);
   const turn = (state.turn = addTurn("assistant"));
   try {
