@@ -78,6 +78,11 @@ class PayloadTooLarge(ServiceError):
     type = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    status_code = 408
+    type = "request_timeout"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     type = "unsupported_media_type"

@@ -25,6 +25,7 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     UnsupportedMediaType,
     log_refusal,
@@ -119,8 +120,10 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-async def read_json_body(request: Request, max_bytes: int) -> object:
-    """The request's JSON body, read no further than `max_bytes`."""
+async def read_json_body(request: Request, max_bytes: int, idle_seconds: float) -> object:
+    """The request's JSON body, read no further than `max_bytes`, from a client that never goes
+    `idle_seconds` without sending some of it (one that stops half-way would hold its connection
+    for ever: hypercorn's own read timeout would also cut every open stream)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"send the body as application/json, not {content_type!r}")
@@ -129,8 +132,16 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)")
     chunks = []
     size = 0
+    body = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            with anyio.move_on_after(idle_seconds) as idle:
+                chunk = await anext(body, None)
+            if idle.cancelled_caught:
+                raise RequestTimeout(f"the client sent none of the rest of its body for {idle_seconds:g} s "
+                                     "(SLOW_CLIENT_TIMEOUT_SECONDS)")
+            if chunk is None:
+                break
             size += len(chunk)
             if size > max_bytes:
                 raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
@@ -231,7 +242,7 @@ def event_stream(
 async def chat(request: Request) -> Response:
     state = request.app.state
     settings = state.settings
-    data = await read_json_body(request, settings.max_body_bytes)
+    data = await read_json_body(request, settings.max_body_bytes, settings.slow_client_timeout_seconds)
     thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:

@@ -877,7 +877,7 @@ async def test_a_client_that_hangs_up_while_sending_its_body_is_client_gone_not_
 
     scope = {"type": "http", "method": "POST", "path": "/chat", "headers": [(b"content-type", b"application/json")]}
     with pytest.raises(ClientGone):
-        await read_json_body(Request(scope, receive), 1000)
+        await read_json_body(Request(scope, receive), 1000, 30)
 
 
 def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: TestClient) -> None:

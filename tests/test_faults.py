@@ -829,6 +829,36 @@ async def test_a_dropped_client_that_never_reads_again_has_its_connection_reset(
     assert "Traceback" not in service.output(offset)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_request_body_that_stops_half_way_is_a_408_and_frees_the_connection(
+    service: ServerProcess, framing: str
+) -> None:
+    """A client that sends part of its body and then nothing (slowloris) held its connection for
+    ever. After SLOW_CLIENT_TIMEOUT_SECONDS (1 s) without a byte it gets a JSON 408, and the
+    connection ends."""
+    correlation_id = f"half-body-{framing}-{random.randrange(10**9)}"
+    head = (f"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-Correlation-ID: {correlation_id}\r\n")
+    if framing == "chunked":
+        request = (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b'8\r\n{"thread\r\n'
+    else:
+        request = (head + "Content-Length: 64\r\n\r\n").encode() + b'{"thread'
+
+    def exchange() -> tuple[bytes, str]:
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.sendall(request)
+            return read_to_the_end(sock, 6.0)
+
+    started = time.monotonic()
+    data, ending = await anyio.to_thread.run_sync(exchange)
+    elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data[:300]
+    payload = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert payload["type"] == "request_timeout" and payload["correlation_id"] == correlation_id, payload
+    assert ending == "eof" and 0.9 < elapsed < 5, (ending, elapsed)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Upstream faults, and the thread afterwards
 
