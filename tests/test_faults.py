@@ -1277,6 +1277,42 @@ async def test_no_tasks_or_upstream_connections_leak_after_200_disconnects(fake_
     assert after.connections <= limit, (after, limit)
 
 
+def client_connections() -> list[asyncio.Task[Any]]:
+    """The tasks hypercorn runs for the clients' connections, one each (served in this process)."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("_server_callback")]
+
+
+@pytest.mark.anyio
+async def test_a_client_gone_mid_stream_with_a_request_pipelined_behind_it_leaves_nothing(
+    fake_upstream: ServerProcess,
+) -> None:
+    """hypercorn pauses its reader on a request pipelined behind a streamed one until that
+    response is done; the client resetting mid-stream left the connection's task waiting for
+    good (assistant/hypercorn_mends.py ends it)."""
+    async with in_process_service(fake_upstream.url) as (app, base):
+        async with http_client() as client:
+            thread_id = await new_thread(client, base)
+        assert await until_true(lambda: not client_connections(), 5)  # that request's connection ended
+        loop = asyncio.get_running_loop()
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(5):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                await loop.sock_sendall(sock, raw_chat_request(port, thread_id, "fault:slow 0.05 40", "pipelined")
+                                        + f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                received = b""
+                with anyio.fail_after(5):
+                    while DELTA.encode() not in received:
+                        received += await loop.sock_recv(sock, 65536)
+            finally:
+                reset_and_close(sock)
+            assert await until_true(lambda: not app.state.runs.active_runs, 10)
+        settled = await until_true(lambda: not client_connections(), 5)
+        left = client_connections()
+    assert settled, f"{len(left)} of five such clients' connections are still served: {left}"
+
 
 @pytest.mark.anyio
 async def test_upstream_connections_are_reused_between_rounds(fake_upstream: ServerProcess) -> None:

@@ -12,6 +12,7 @@ import struct
 
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import Handshake, WSStream
 
 from assistant import hypercorn_mends
@@ -27,7 +28,8 @@ OFFERS = [
 @pytest.fixture(autouse=True)
 def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
-                      (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close")):
+                      (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
+                      (H11Protocol, "handle"), (H11Protocol, "_handle_events")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
