@@ -80,13 +80,16 @@ async def _call_app(self: ASGIWrapper, scope: Any, receive: Any, send: Any, sync
 
 async def _protocol_send(self: TCPServer, event: Event) -> None:
     """hypercorn's (every write goes through it), with the writes that follow the app's return
-    watched: while the app runs, its own sends are (the service drops a client that stalls)."""
+    watched: while the app runs, its own sends are (the service drops a client that stalls).
+    Nothing is written to a connection already lost: asyncio logged a warning for each such
+    write, and a client that flooded pings and left made thousands."""
     if isinstance(event, RawData):
         # The lock too: a ping stuck in its drain holds it.
         with _ResetWhenStalled(self.writer.transport) if _app_returned.get() else _UNWATCHED:
             async with self.send_lock:
                 try:
-                    self.writer.write(event.data)
+                    if not self.writer.transport.is_closing():
+                        self.writer.write(event.data)
                     await self.writer.drain()
                 except (ConnectionError, RuntimeError):
                     await self.protocol.handle(Closed())

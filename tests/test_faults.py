@@ -859,6 +859,35 @@ async def test_a_request_body_that_stops_half_way_is_a_408_and_frees_the_connect
     assert ending == "eof" and 0.9 < elapsed < 5, (ending, elapsed)
 
 
+@pytest.mark.anyio
+async def test_a_websocket_client_that_floods_pings_and_leaves_does_not_flood_the_log(service: ServerProcess) -> None:
+    """Every ping is answered; the answers to a client that has gone were each written to the
+    lost connection, and asyncio logged a warning for each (thousands from one client)."""
+    offset = service.output_size()
+
+    def flood() -> None:
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
+                         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            ping = bytes([0x89, 0x80]) + os.urandom(4)  # masked, empty
+            for _ in range(20):
+                sock.sendall(ping * 500)
+            reset_and_close(sock)
+
+    await anyio.to_thread.run_sync(flood)
+    await anyio.sleep(2.0)
+    async with http_client() as client:
+        assert (await client.get(f"{service.url}/health")).status_code == 200
+    warnings = service.output(offset).count("socket.send() raised exception")
+    assert warnings == 0, f"{warnings} log lines for one client's pings"
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Upstream faults, and the thread afterwards
 
