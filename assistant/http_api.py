@@ -183,6 +183,8 @@ async def health(request: Request) -> Response:
 
 
 async def create_thread(request: Request) -> Response:
+    if request.method == "HEAD":  # Starlette adds HEAD to a GET route: a link checker would make threads
+        raise HTTPException(405, headers={"Allow": "GET"})
     state = request.app.state
     thread_id = await state.runs.engine.create_thread()
     return JSONResponse(

@@ -136,6 +136,14 @@ def test_create_thread_post_and_get_start(upstream: respx.MockRouter) -> None:
             assert response.headers["cache-control"] == "no-store"
 
 
+def test_head_start_makes_no_thread(client: TestClient, upstream: respx.MockRouter) -> None:
+    """HEAD is GET without the body, and GET /start makes a thread upstream: a link checker or a
+    monitor sending HEAD would make one each time."""
+    response = client.head("/start")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert not upstream.calls
+
+
 def test_the_chat_page_and_its_files_are_checked_with_the_service_on_each_use(client: TestClient) -> None:
     """no-cache (not no-store): a 304 when unchanged, and never a cached old script against a newer service."""
     page = client.get("/")
