@@ -4,11 +4,6 @@ hypercorn reads this file before it imports the app, and without the project on 
 so it uses only the standard library. (What hypercorn has no setting for, the app mends:
 assistant/hypercorn_mends.py.)
 
-Left at hypercorn's default on purpose: `websocket_max_message_size` (16 MiB). Set to
-MAX_BODY_BYTES, hypercorn would close oversized messages itself, but hypercorn 0.18 then keeps
-the message in its buffer and stops reading the client's frames, its close answer included:
-a client that sent another frame behind the oversized one kept the socket open for good. The
-app closes those (1009) and reads on until the client answers.
 """
 
 import errno
@@ -51,6 +46,18 @@ except ValueError:  # the app refuses the value at start-up, saying why
     _ping = 20.0
 websocket_ping_interval = _ping if math.isfinite(_ping) and _ping >= 1 else None
 del _ping
+
+# The most of one WebSocket message hypercorn holds before the app sees it: twice MAX_BODY_BYTES
+# (in characters, so up to 8x in bytes), where its default, 16 Mi characters, let one socket hold
+# up to 64 MiB. A message over MAX_BODY_BYTES but under this reaches the app, which closes with
+# 1009 saying why; over it, hypercorn closes with 1009 itself (assistant/hypercorn_mends.py reads
+# on until the client answers: hypercorn 0.18 stopped reading there).
+try:
+    _body = int(os.environ.get("MAX_BODY_BYTES", "").strip() or "262144")
+except ValueError:  # the app refuses the value at start-up, saying why
+    _body = 262144
+websocket_max_message_size = 2 * max(_body, 1)
+del _body
 
 
 def _cannot_listen(kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:

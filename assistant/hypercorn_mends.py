@@ -25,8 +25,11 @@ import h11
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
-from hypercorn.protocol.ws_stream import Handshake, WSStream
-from wsproto.events import Ping
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
 
 _compression = False  # WS_COMPRESSION: take the permessage-deflate a client offers
 _stalled_seconds = 30.0  # SLOW_CLIENT_TIMEOUT_SECONDS
@@ -58,6 +61,7 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
     TCPServer._close = _close_or_reset  # type: ignore[method-assign]
     H11Protocol.handle = _handle_then_end_a_paused_read  # type: ignore[method-assign]
     H11Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+    WSStream._handle_events = _handle_websocket_events  # type: ignore[method-assign]
 
 
 # A client that stopped reading is dropped by the service (SLOW_CLIENT_TIMEOUT_SECONDS), but
@@ -199,6 +203,33 @@ async def _handle_events(self: H11Protocol) -> None:
             elif isinstance(event, Data):
                 # WebSocket pass through
                 await self.stream.handle(event)
+
+
+async def _handle_websocket_events(self: WSStream) -> None:
+    """hypercorn's, but a message over `websocket_max_message_size` (hypercorn_config.py: twice
+    MAX_BODY_BYTES) is refused once (1009) and dropped as it comes, and the frames behind it are
+    read on, so that the client's answer to the close ends the connection. hypercorn stopped
+    reading there, keeping the message and the socket for good when another frame followed."""
+    for event in self.connection.events():
+        if isinstance(event, Message):
+            if getattr(self, "_refused_too_large", False):
+                continue  # the rest of the refused message, or one the client sent before it saw the close
+            try:
+                self.buffer.extend(event)
+            except FrameTooLargeError:
+                self.buffer.clear()
+                self._refused_too_large = True  # type: ignore[attr-defined]
+                await self._send_wsproto_event(CloseConnection(code=CloseReason.MESSAGE_TOO_BIG))
+                continue
+            if event.message_finished:
+                await self.app_put(self.buffer.to_message())
+                self.buffer.clear()
+        elif isinstance(event, Ping):
+            await self._send_wsproto_event(event.response())
+        elif isinstance(event, CloseConnection):
+            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                await self._send_wsproto_event(event.response())
+            await self.send(StreamClosed(stream_id=self.stream_id))
 
 
 def _accept(self: Handshake, *args: Any, **kwargs: Any) -> Any:

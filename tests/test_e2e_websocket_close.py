@@ -105,6 +105,37 @@ async def test_frames_pipelined_after_an_oversized_one_do_not_leave_the_socket_o
 
 
 @pytest.mark.anyio
+async def test_a_message_over_twice_the_limit_is_refused_before_it_ends_and_the_socket_still_closes(
+    small_body_service: ServerProcess,
+) -> None:
+    """hypercorn holds a message until its end before the app sees it: up to 16 Mi characters
+    (64 MiB) per socket by default. hypercorn_config.py sets twice MAX_BODY_BYTES, so hypercorn
+    refuses a message past that (1009) while it is still coming, and (assistant/hypercorn_mends.py)
+    reads on past it, more frames included, until the client answers the close; hypercorn 0.18
+    stopped reading there and kept the socket for good."""
+    sock = _handshake(small_body_service.port)
+    client_port = sock.getsockname()[1]
+
+    def fragment(opcode: int, payload: bytes) -> bytes:  # FIN not set: the message goes on
+        frame = _client_frame(opcode, payload)
+        return bytes([frame[0] & 0x7F]) + frame[1:]
+
+    try:
+        sock.sendall(fragment(0x1, b"x" * 1500) + fragment(0x0, b"x" * 1000)  # 2,500 characters, and more to come
+                     + _client_frame(0x0, b"x" * 100)  # its end
+                     + b"".join(_client_frame(0x1, b"not json") for _ in range(30)))
+        data, eof = await anyio.to_thread.run_sync(_read_until_eof, sock, 3.0)
+        assert data.startswith(b"\x88") and int.from_bytes(data[2:4], "big") == 1009, data[:20]
+        assert data[1] == 2, f"not hypercorn's close (a code, no reason) but the app's: {data[:60]!r}"
+        assert eof, "the close frame (1009) came, but the connection never closed"
+    finally:
+        sock.close()
+    await anyio.sleep(1.0)
+    states = _server_sockets(small_body_service.port, client_port)
+    assert not {"ESTAB", "CLOSE-WAIT"} & set(states), f"the server's socket is left open: {states}"
+
+
+@pytest.mark.anyio
 async def test_an_oversized_frame_alone_closes_the_socket(small_body_service: ServerProcess) -> None:
     sock = _handshake(small_body_service.port)
     try:

@@ -29,7 +29,7 @@ OFFERS = [
 def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
-                      (H11Protocol, "handle"), (H11Protocol, "_handle_events")):
+                      (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
