@@ -81,6 +81,24 @@ def _read_until_eof(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
         return data, False
 
 
+async def closed_with_1009(service: ServerProcess, frames: bytes) -> bytes:
+    """What the service sends after `frames` on a new socket: it must close with 1009 and then
+    end the connection (the client answers the close), leaving no socket of its own open."""
+    sock = _handshake(service.port)
+    client_port = sock.getsockname()[1]
+    try:
+        sock.sendall(frames)
+        data, eof = await anyio.to_thread.run_sync(_read_until_eof, sock, 3.0)
+        assert data.startswith(b"\x88") and int.from_bytes(data[2:4], "big") == 1009, data[:20]
+        assert eof, "the service sent its close frame (1009) but never closed the connection"
+    finally:
+        sock.close()
+    await anyio.sleep(1.0)
+    states = _server_sockets(service.port, client_port)
+    assert not {"ESTAB", "CLOSE-WAIT"} & set(states), f"the server's socket is left open: {states}"
+    return data
+
+
 @pytest.mark.anyio
 async def test_frames_pipelined_after_an_oversized_one_do_not_leave_the_socket_open_for_good(
     small_body_service: ServerProcess,
@@ -90,18 +108,8 @@ async def test_frames_pipelined_after_an_oversized_one_do_not_leave_the_socket_o
     dropping) the client's frames until its answer: had it stopped, hypercorn's per-connection
     queue (10 messages) would fill, its `websocket.disconnect` put after the app returned would
     block for good, and the TCP connection would stay open (CLOSE-WAIT once the client left)."""
-    sock = _handshake(small_body_service.port)
-    client_port = sock.getsockname()[1]
-    try:
-        sock.sendall(_client_frame(0x1, b"x" * 2000) + b"".join(_client_frame(0x1, b"not json") for _ in range(30)))
-        data, eof = await anyio.to_thread.run_sync(_read_until_eof, sock, 3.0)
-        assert data.startswith(b"\x88") and int.from_bytes(data[2:4], "big") == 1009, data[:20]
-        assert eof, "the service sent its close frame (1009) but never closed the connection"
-    finally:
-        sock.close()
-    await anyio.sleep(1.0)
-    states = _server_sockets(small_body_service.port, client_port)
-    assert not {"ESTAB", "CLOSE-WAIT"} & set(states), f"the server's socket is left open: {states}"
+    await closed_with_1009(small_body_service,
+                           _client_frame(0x1, b"x" * 2000) + b"".join(_client_frame(0x1, b"not json") for _ in range(30)))
 
 
 @pytest.mark.anyio
@@ -113,26 +121,17 @@ async def test_a_message_over_twice_the_limit_is_refused_before_it_ends_and_the_
     refuses a message past that (1009) while it is still coming, and (assistant/hypercorn_mends.py)
     reads on past it, more frames included, until the client answers the close; hypercorn 0.18
     stopped reading there and kept the socket for good."""
-    sock = _handshake(small_body_service.port)
-    client_port = sock.getsockname()[1]
-
     def fragment(opcode: int, payload: bytes) -> bytes:  # FIN not set: the message goes on
         frame = _client_frame(opcode, payload)
         return bytes([frame[0] & 0x7F]) + frame[1:]
 
-    try:
-        sock.sendall(fragment(0x1, b"x" * 1500) + fragment(0x0, b"x" * 1000)  # 2,500 characters, and more to come
-                     + _client_frame(0x0, b"x" * 100)  # its end
-                     + b"".join(_client_frame(0x1, b"not json") for _ in range(30)))
-        data, eof = await anyio.to_thread.run_sync(_read_until_eof, sock, 3.0)
-        assert data.startswith(b"\x88") and int.from_bytes(data[2:4], "big") == 1009, data[:20]
-        assert data[1] == 2, f"not hypercorn's close (a code, no reason) but the app's: {data[:60]!r}"
-        assert eof, "the close frame (1009) came, but the connection never closed"
-    finally:
-        sock.close()
-    await anyio.sleep(1.0)
-    states = _server_sockets(small_body_service.port, client_port)
-    assert not {"ESTAB", "CLOSE-WAIT"} & set(states), f"the server's socket is left open: {states}"
+    data = await closed_with_1009(
+        small_body_service,
+        fragment(0x1, b"x" * 1500) + fragment(0x0, b"x" * 1000)  # 2,500 characters, and more to come
+        + _client_frame(0x0, b"x" * 100)  # its end
+        + b"".join(_client_frame(0x1, b"not json") for _ in range(30)),
+    )
+    assert data[1] == 2, f"not hypercorn's close (a code, no reason) but the app's: {data[:60]!r}"
 
 
 @pytest.mark.anyio
