@@ -1,10 +1,13 @@
-"""Mends to hypercorn 0.18 where it has no setting to do better: its WebSockets, the close of a
-connection whose client stopped reading, and the end of one that had a request pipelined.
+"""Mends to hypercorn 0.18 where it has no setting to do better: WebSocket compression, ping
+loops and oversized messages; the close of a connection whose client stopped reading; writes to
+a lost connection; and the end of one that had a request pipelined behind a stream.
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
-Written for hypercorn 0.18.0 and applied to it only: tests/test_shutdown.py, tests/test_e2e.py
-and tests/test_faults.py fail if another version leaves them out.
+Written for hypercorn 0.18.0 and applied to it only (three of them replace a hypercorn function
+with a copy that differs where it says): tests/test_shutdown.py, tests/test_e2e.py,
+tests/test_faults.py and tests/test_e2e_websocket_close.py fail if another version leaves them
+out. Each is worth reporting upstream.
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ import struct
 import termios
 from typing import Any
 
+import h11
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.tcp_server import TCPServer
-import h11
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, Data, EndBody
+from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
-from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
@@ -45,9 +47,9 @@ _UNWATCHED = contextlib.nullcontext()
 
 def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> None:
     """Decline WebSocket compression unless `compression`, end each ping loop when its socket
-    closes, and reset a connection whose client takes nothing for `slow_client_timeout_seconds`
-    while hypercorn closes it or sends what follows the app's return. Calling it again only
-    changes the two settings."""
+    closes, reset a connection whose client takes nothing for `slow_client_timeout_seconds`
+    while hypercorn closes it or sends what follows the app's return, and mend the rest (the
+    module's docstring). Calling it again only changes the two settings."""
     global _compression, _stalled_seconds
     _compression = compression
     _stalled_seconds = slow_client_timeout_seconds
