@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { threadId: null, turn: null, ws: null, wsReady: null, orphanRunId: null };
+const state = { threadId: null, turn: null, ws: null, wsReady: null, abandonedRunId: null };
 // A broken stream is resumed until it has been down this long: about as long as the service
 // keeps a finished run's events (STREAM_RETENTION_SECONDS, 300 s by default).
 const RESUME_FOR_MS = 300_000;
@@ -204,16 +204,16 @@ async function retryAfterBreak(turn) {
 // The page gives up reading a run that goes on: it is stopped (or, unreachable now, before the
 // next message), so that it does not hold the thread nobody can see it answer.
 function abandonRun(runId) {
-  state.orphanRunId = runId;
+  state.abandonedRunId = runId;
   stopAbandonedRun();
 }
 
 async function stopAbandonedRun() {
-  const runId = state.orphanRunId;
+  const runId = state.abandonedRunId;
   if (!runId) return;
   try {
     await fetch(`runs/${encodeURIComponent(runId)}/cancel`, { method: "POST" });
-    if (state.orphanRunId === runId) state.orphanRunId = null;  // stopped, or already over (409)
+    if (state.abandonedRunId === runId) state.abandonedRunId = null;  // stopped, or already over (409)
   } catch {
     // still unreachable: the next message tries again
   }
@@ -350,7 +350,7 @@ async function newThread() {
   }
   $("log").replaceChildren();
   state.threadId = null;
-  state.orphanRunId = null;  // a run of the old thread holds no one up now
+  state.abandonedRunId = null;  // a run of the old thread holds no one up now
   $("thread").textContent = "";
   let response, body;
   try {
