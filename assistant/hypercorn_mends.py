@@ -1,10 +1,11 @@
 """Mends to hypercorn 0.18 where it has no setting to do better: WebSocket compression, ping
 loops and oversized messages; the close of a connection whose client stopped reading; writes to
-a lost connection; and the end of one that had a request pipelined behind a stream.
+a lost connection; the end of one that had a request pipelined behind a stream; and the memory
+each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`).
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
-Written for hypercorn 0.18.0 and applied to it only (three of them replace a hypercorn function
+Written for hypercorn 0.18.0 and applied to it only (four of them replace a hypercorn function
 with a copy that differs where it says): tests/test_shutdown.py, tests/test_e2e.py,
 tests/test_faults.py and tests/test_e2e_websocket_close.py fail if another version leaves them
 out. Each is worth reporting upstream.
@@ -20,11 +21,15 @@ import importlib.metadata
 import socket
 import struct
 import termios
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import h11
 from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
@@ -64,6 +69,8 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
     H11Protocol.handle = _handle_then_end_a_paused_read  # type: ignore[method-assign]
     H11Protocol._handle_events = _handle_events  # type: ignore[method-assign]
     WSStream._handle_events = _handle_websocket_events  # type: ignore[method-assign]
+    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    WorkerContext.event_class = LeanEvent
 
 
 # A client that stopped reading is dropped by the service (SLOW_CLIENT_TIMEOUT_SECONDS), but
@@ -247,7 +254,7 @@ async def _handle_then_wake_pings(self: WSStream, event: Any) -> None:
     await _original_handle(self, event)
     wake = getattr(self, "_wake_pings", None)
     if self.closed and wake is not None:
-        wake.set()
+        _set_once(wake)
 
 
 async def _send_pings(self: WSStream) -> None:
@@ -259,14 +266,139 @@ async def _send_pings(self: WSStream) -> None:
     that lasts one turn needs none)."""
     loop = asyncio.get_running_loop()
     while True:
-        wake = self._wake_pings = asyncio.Event()  # type: ignore[attr-defined]
+        # A bare future, not an asyncio.Event (~0.8 KiB more per open socket, with its deque).
+        wake = self._wake_pings = loop.create_future()  # type: ignore[attr-defined]
         if self.closed:  # closed while the last ping was being sent: nothing set this wake
             return
-        timer = loop.call_later(self.config.websocket_ping_interval, wake.set)
+        timer = loop.call_later(self.config.websocket_ping_interval, _set_once, wake)
         try:
-            await wake.wait()
+            await wake
         finally:
             timer.cancel()
         if self.closed:
             return
         await self._send_wsproto_event(Ping())
+
+
+def _set_once(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
+
+
+# Memory per open connection. asyncio's Queue and Event allocate their deques up front, ~760
+# bytes each, and hypercorn makes a Queue (four deques) for every request and an Event for every
+# connection: ~4 KiB of every open stream's ~38 KiB, mostly never used. These hold their waiters
+# in a list made only while someone waits.
+
+
+class LeanEvent:
+    """asyncio.Event as hypercorn's EventWrapper offers it (its `event_class`)."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def clear(self) -> None:
+        self._value = False
+
+    async def set(self) -> None:
+        if not self._value:
+            self._value = True
+            self._waiters = _wake(self._waiters, every=True)
+
+    def is_set(self) -> bool:
+        return self._value
+
+    async def wait(self) -> None:
+        if self._value:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters = _waiting(self._waiters, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters = _done_waiting(self._waiters, waiter)
+
+
+class LeanQueue:
+    """asyncio.Queue's `get` and `put`, as hypercorn uses them for a request's ASGI messages:
+    first in, first out, `put` waits while `maxsize` (> 0) messages are queued, and a message
+    stays queued until a `get` returns it (a get cancelled as it is woken loses nothing)."""
+
+    __slots__ = ("_items", "_maxsize", "_getters", "_putters")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._items: list[Any] = []
+        self._maxsize = maxsize
+        self._getters: list[asyncio.Future[None]] | None = None
+        self._putters: list[asyncio.Future[None]] | None = None
+
+    async def get(self) -> Any:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters = _waiting(self._getters, getter)
+            try:
+                await getter
+            except BaseException:
+                self._getters = _done_waiting(self._getters, getter)
+                if self._items and getter.done() and not getter.cancelled():
+                    self._getters = _wake(self._getters)  # woken, but leaving: the message is the next getter's
+                raise
+        item = self._items.pop(0)
+        self._putters = _wake(self._putters)
+        return item
+
+    async def put(self, item: Any) -> None:
+        while 0 < self._maxsize <= len(self._items):
+            putter = asyncio.get_running_loop().create_future()
+            self._putters = _waiting(self._putters, putter)
+            try:
+                await putter
+            except BaseException:
+                self._putters = _done_waiting(self._putters, putter)
+                if len(self._items) < self._maxsize and putter.done() and not putter.cancelled():
+                    self._putters = _wake(self._putters)
+                raise
+        self._items.append(item)
+        self._getters = _wake(self._getters)
+
+
+def _waiting(waiters: list[asyncio.Future[None]] | None, waiter: asyncio.Future[None]) -> list[asyncio.Future[None]]:
+    if waiters is None:
+        return [waiter]
+    waiters.append(waiter)
+    return waiters
+
+
+def _done_waiting(waiters: list[asyncio.Future[None]] | None, waiter: asyncio.Future[None]) -> list[asyncio.Future[None]] | None:
+    if waiters is not None and waiter in waiters:
+        waiters.remove(waiter)
+    return waiters or None
+
+
+def _wake(waiters: list[asyncio.Future[None]] | None, every: bool = False) -> list[asyncio.Future[None]] | None:
+    """Wake the first waiter still waiting (each wakes the next as it leaves), or `every` one;
+    return those left waiting."""
+    while waiters:
+        waiter = waiters.pop(0)
+        if not waiter.done():
+            waiter.set_result(None)
+            if not every:
+                break
+    return waiters or None
+
+
+async def _spawn_app(
+    self: TaskGroup, app: Any, config: Any, scope: Any, send: Callable[[Any], Awaitable[None]]
+) -> Callable[[Any], Awaitable[None]]:
+    """hypercorn's, with a LeanQueue for its asyncio.Queue."""
+    app_queue = LeanQueue(config.max_app_queue_size)
+
+    def _call_soon(func: Callable, *args: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(func(*args), self._loop)
+        return future.result()
+
+    self.spawn(_handle, app, config, scope, app_queue.get, send, partial(self._loop.run_in_executor, None), _call_soon)
+    return app_queue.put

@@ -1321,7 +1321,9 @@ async def test_a_client_gone_mid_stream_with_a_request_pipelined_behind_it_leave
     async with in_process_service(fake_upstream.url) as (app, base):
         async with http_client() as client:
             thread_id = await new_thread(client, base)
-        assert await until_true(lambda: not client_connections(), 5)  # that request's connection ended
+        # That request's connection ended: at once as a rule, but a busy machine has left one open
+        # until hypercorn's keep-alive timeout (5 s) closed it.
+        assert await until_true(lambda: not client_connections(), 10)
         loop = asyncio.get_running_loop()
         port = int(base.rsplit(":", 1)[1])
         for _ in range(5):

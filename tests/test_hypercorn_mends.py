@@ -1,7 +1,7 @@
 """assistant/hypercorn_mends.py, in process: hypercorn's handshake declines compression unless
-asked to take it, and a stalled write or close is reset only when the client takes nothing (the
-ping loop and the resets are tested end to end: tests/test_e2e.py, tests/test_shutdown.py,
-tests/test_faults.py)."""
+asked to take it, a stalled write or close is reset only when the client takes nothing, and the
+lean queue and event behave as asyncio's, which they replace (the ping loop and the resets are
+tested end to end: tests/test_e2e.py, tests/test_shutdown.py, tests/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import socket
 import struct
 
 from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import EventWrapper, WorkerContext
+from hypercorn.config import Config
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import Handshake, WSStream
 
 from assistant import hypercorn_mends
-from assistant.hypercorn_mends import mend_hypercorn
+from assistant.hypercorn_mends import LeanEvent, LeanQueue, mend_hypercorn
 
 OFFERS = [
     b"permessage-deflate; client_max_window_bits",
@@ -29,7 +32,8 @@ OFFERS = [
 def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
-                      (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events")):
+                      (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
+                      (TaskGroup, "spawn_app"), (WorkerContext, "event_class")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
@@ -134,3 +138,145 @@ async def test_a_buffer_asyncio_has_flushed_is_left_to_close_by_itself() -> None
     """All of it is the kernel's then: asyncio closes the socket, and the kernel sends or gives up."""
     transport = await watched(ClosingTransport([70_000, 0]), 0.2)
     assert transport.aborted_with_linger is None
+
+
+# The lean queue and event: each scenario runs on asyncio's class and on the lean one, and both
+# must see the same.
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def queue_fifo_and_backpressure(queue: asyncio.Queue | LeanQueue) -> list[object]:
+    seen: list[object] = []
+    putters = [asyncio.create_task(queue.put(n)) for n in range(5)]  # maxsize 2: three wait
+    await settle()
+    seen.append(sum(p.done() for p in putters))
+    for _ in range(5):
+        seen.append(await queue.get())
+        await settle()
+        seen.append(sum(p.done() for p in putters))
+    return seen
+
+
+async def queue_getters_in_turn(queue: asyncio.Queue | LeanQueue) -> list[object]:
+    got: list[object] = []
+
+    async def getter(name: str) -> None:
+        got.append((name, await queue.get()))
+
+    tasks = [asyncio.create_task(getter(name)) for name in "abc"]
+    await settle()
+    for n in range(3):
+        await queue.put(n)
+    await asyncio.gather(*tasks)
+    return got
+
+
+async def queue_cancelled_as_woken(queue: asyncio.Queue | LeanQueue) -> list[object]:
+    """A getter cancelled in the very step a message woke it leaves the message queued, and the
+    next getter gets it: nothing is lost (a timeout firing as a body chunk arrives)."""
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await settle()
+    await queue.put("chunk")
+    first.cancel()  # woken, not yet run
+    await settle()
+    return [first.cancelled(), await asyncio.wait_for(second, 1)]
+
+
+async def queue_cancelled_while_waiting(queue: asyncio.Queue | LeanQueue) -> list[object]:
+    first = asyncio.create_task(queue.get())
+    await settle()
+    first.cancel()
+    await settle()
+    await queue.put("after")
+    return [first.cancelled(), await asyncio.wait_for(queue.get(), 1)]
+
+
+async def queue_putter_cancelled_as_woken(queue: asyncio.Queue | LeanQueue) -> list[object]:
+    await queue.put(1)
+    await queue.put(2)
+    third = asyncio.create_task(queue.put(3))
+    fourth = asyncio.create_task(queue.put(4))
+    await settle()
+    got = [await queue.get()]
+    third.cancel()  # woken by the get, cancelled before it ran: the room passes to the next putter
+    await settle()
+    got += [third.cancelled(), fourth.done()]
+    got += [await queue.get(), await queue.get()]
+    return got
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scenario", [queue_fifo_and_backpressure, queue_getters_in_turn, queue_cancelled_as_woken,
+                                      queue_cancelled_while_waiting, queue_putter_cancelled_as_woken])
+async def test_the_lean_queue_behaves_as_asyncios(scenario) -> None:
+    expected = await scenario(asyncio.Queue(2))
+    assert await scenario(LeanQueue(2)) == expected
+    assert not hasattr(LeanQueue(2), "__dict__")
+
+
+@pytest.mark.anyio
+async def test_the_lean_queue_holds_no_waiter_once_none_waits() -> None:
+    queue = LeanQueue(1)
+    getter = asyncio.create_task(queue.get())
+    await settle()
+    getter.cancel()
+    await settle()
+    await queue.put(1)
+    blocked = asyncio.create_task(queue.put(2))
+    await settle()
+    assert await queue.get() == 1
+    await blocked
+    assert queue._getters is None and queue._putters is None
+
+
+async def event_scenario(event: EventWrapper | LeanEvent) -> list[object]:
+    seen: list[object] = [event.is_set()]
+    waiters = [asyncio.create_task(event.wait()) for _ in range(3)]
+    await settle()
+    seen.append(sum(w.done() for w in waiters))
+    waiters[0].cancel()
+    await event.set()
+    await event.clear()  # cleared at once: every waiter woken by the set still returns
+    await settle()
+    seen += [waiters[0].cancelled(), sum(w.done() and not w.cancelled() for w in waiters), event.is_set()]
+    late = asyncio.create_task(event.wait())
+    await settle()
+    seen.append(late.done())
+    await event.set()
+    await event.set()
+    await settle()
+    seen += [late.done(), event.is_set()]
+    await asyncio.wait_for(event.wait(), 1)  # set: returns at once
+    return seen
+
+
+@pytest.mark.anyio
+async def test_the_lean_event_behaves_as_hypercorns() -> None:
+    expected = await event_scenario(EventWrapper())
+    lean = LeanEvent()
+    assert await event_scenario(lean) == expected
+    assert lean._waiters is None
+
+
+@pytest.mark.anyio
+async def test_the_mends_give_each_request_a_lean_queue_and_each_connection_a_lean_event() -> None:
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    assert isinstance(WorkerContext(None).event_class(), LeanEvent)
+    received: list[object] = []
+
+    async def app(scope, receive, send, sync_spawn, call_soon) -> None:
+        assert isinstance(receive.__self__, LeanQueue)
+        received.append(await receive())
+        received.append(await receive())
+
+    async with TaskGroup(asyncio.get_running_loop()) as task_group:
+        put = await task_group.spawn_app(app, Config(), {"type": "http"}, lambda message: settle())
+        assert isinstance(put.__self__, LeanQueue)
+        await put({"type": "http.request", "body": b"x", "more_body": False})
+        await put({"type": "http.disconnect"})
+    assert received == [{"type": "http.request", "body": b"x", "more_body": False}, {"type": "http.disconnect"}]
