@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
             Route("/chat", Endpoint(chat), methods=["POST"]),
             Route("/chat/stream/{run_id}", Endpoint(stream_run), methods=["GET"]),
             Route("/runs/{run_id}/cancel", Endpoint(cancel_run), methods=["POST"]),
-            WebSocketRoute("/ws/chat", websocket_chat),
+            WebSocketRoute("/ws/chat", Endpoint(websocket_chat)),
             Route("/ws/chat", Endpoint(websocket_only), methods=["GET"]),
         ],
         middleware=middleware,

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from .chat_request import THREAD_ID, check_idempotency_key, check_run_id, parse_chat_request
 from .errors import (
@@ -46,20 +47,26 @@ class JSONResponse(Response):
 
 
 class Endpoint:
-    """An endpoint as a plain ASGI app (what Starlette's `Route` makes of a function, less its
-    per-route exception layer). The app-wide layer (ExceptionMiddleware) maps errors with the
-    same handlers; a second one would wrap every send of a stream, each delta's, and hold
-    ~1.7 KiB more per open stream."""
+    """An endpoint as a plain ASGI app (what Starlette's `Route` and `WebSocketRoute` make of a
+    function, less their per-route exception layer). The app-wide layer (ExceptionMiddleware)
+    maps errors with the same handlers; a second one would wrap every send of a stream, each
+    delta's, and hold ~1.7 KiB more per open stream (~1 KiB per open WebSocket).
 
-    def __init__(self, func: Callable[[Request], Awaitable[Response]]) -> None:
+    An HTTP endpoint takes the Request and returns the Response; a WebSocket one takes the
+    WebSocket and returns when the connection is done."""
+
+    def __init__(self, func: Callable[[Request], Awaitable[Response]] | Callable[[WebSocket], Awaitable[None]]) -> None:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"{func!r} is not an async function")  # no thread pool behind this
         self.func = func
         self.__name__ = func.__name__  # the route's name, for url_path_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.func(Request(scope, receive, send))
-        await response(scope, receive, send)
+        if scope["type"] == "websocket":
+            await self.func(WebSocket(scope, receive, send))  # type: ignore[arg-type]
+            return
+        response = await self.func(Request(scope, receive, send))  # type: ignore[arg-type]
+        await response(scope, receive, send)  # type: ignore[misc]
 
 
 def correlation_id(request: Request) -> str:

@@ -252,7 +252,7 @@ def _accept(self: Handshake, *args: Any, **kwargs: Any) -> Any:
 
 async def _handle_then_wake_pings(self: WSStream, event: Any) -> None:
     await _original_handle(self, event)
-    wake = getattr(self, "_wake_pings", None)
+    wake = _ping_wakes.get(self)
     if self.closed and wake is not None:
         _set_once(wake)
 
@@ -265,19 +265,27 @@ async def _send_pings(self: WSStream) -> None:
     ends when the socket closes; its first ping comes after one interval, not at once (a socket
     that lasts one turn needs none)."""
     loop = asyncio.get_running_loop()
-    while True:
-        # A bare future, not an asyncio.Event (~0.8 KiB more per open socket, with its deque).
-        wake = self._wake_pings = loop.create_future()  # type: ignore[attr-defined]
-        if self.closed:  # closed while the last ping was being sent: nothing set this wake
-            return
-        timer = loop.call_later(self.config.websocket_ping_interval, _set_once, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-        if self.closed:
-            return
-        await self._send_wsproto_event(Ping())
+    try:
+        while True:
+            # A bare future, not an asyncio.Event (~0.8 KiB more per open socket, with its deque).
+            wake = _ping_wakes[self] = loop.create_future()
+            if self.closed:  # closed while the last ping was being sent: nothing set this wake
+                return
+            timer = loop.call_later(self.config.websocket_ping_interval, _set_once, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+            if self.closed:
+                return
+            await self._send_wsproto_event(Ping())
+    finally:
+        _ping_wakes.pop(self, None)
+
+
+# Each ping loop's wake, by its stream: not an attribute of the stream, which would unshare the
+# stream's `__dict__` from its class's keys (~0.8 KiB more per open socket).
+_ping_wakes: dict[WSStream, asyncio.Future[None]] = {}
 
 
 def _set_once(wake: asyncio.Future[None]) -> None:

@@ -5,10 +5,12 @@ tested end to end: tests/test_e2e.py, tests/test_shutdown.py, tests/test_faults.
 
 from __future__ import annotations
 
-import pytest
 import asyncio
 import socket
 import struct
+
+import anyio
+import pytest
 
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.task_group import TaskGroup
@@ -30,6 +32,7 @@ OFFERS = [
 
 @pytest.fixture(autouse=True)
 def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn_mends, "_ping_wakes", {})
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
                       (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
@@ -280,3 +283,35 @@ async def test_the_mends_give_each_request_a_lean_queue_and_each_connection_a_le
         await put({"type": "http.request", "body": b"x", "more_body": False})
         await put({"type": "http.disconnect"})
     assert received == [{"type": "http.request", "body": b"x", "more_body": False}, {"type": "http.disconnect"}]
+
+
+class PingedStream:
+    """What the ping loop uses of a WSStream."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.config = Config()
+        self.config.websocket_ping_interval = 0.02
+        self.pings = 0
+
+    async def _send_wsproto_event(self, event: object) -> None:
+        self.pings += 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["closed", "cancelled"])
+async def test_the_ping_loop_pings_until_its_socket_closes_and_leaves_nothing_behind(ending: str) -> None:
+    stream = PingedStream()
+    loop = asyncio.create_task(hypercorn_mends._send_pings(stream))  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        while stream.pings < 2:
+            await asyncio.sleep(0.01)
+    if ending == "closed":
+        stream.closed = True
+        hypercorn_mends._set_once(hypercorn_mends._ping_wakes[stream])  # what the close's handling does
+        await asyncio.wait_for(loop, 1)  # at once, not after an interval
+    else:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+    assert stream not in hypercorn_mends._ping_wakes
