@@ -7,8 +7,8 @@ Applied by the app as it starts serving (app.py), so they hold in the process th
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
 Written for hypercorn 0.18.0 and applied to it only (four of them replace a hypercorn function
 with a copy that differs where it says): tests/test_shutdown.py, tests/test_e2e.py,
-tests/test_faults.py and tests/test_e2e_websocket_close.py fail if another version leaves them
-out. Each is worth reporting upstream.
+tests/test_faults.py, tests/test_e2e_websocket_close.py and tests/test_hypercorn_mends.py fail
+if another version leaves them out. Each is worth reporting upstream.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ _original_h11_handle = H11Protocol.handle
 # (a WebSocket's close frame) have no app watching them.
 _app_returned: contextvars.ContextVar[bool] = contextvars.ContextVar("app_returned", default=False)
 _UNWATCHED = contextlib.nullcontext()
+# Each ping loop's wake, by its stream: not an attribute of the stream, which would unshare the
+# stream's `__dict__` from its class's keys (~0.8 KiB more per open socket).
+_ping_wakes: dict[WSStream, asyncio.Future[None]] = {}
 
 
 def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> None:
@@ -281,11 +284,6 @@ async def _send_pings(self: WSStream) -> None:
             await self._send_wsproto_event(Ping())
     finally:
         _ping_wakes.pop(self, None)
-
-
-# Each ping loop's wake, by its stream: not an attribute of the stream, which would unshare the
-# stream's `__dict__` from its class's keys (~0.8 KiB more per open socket).
-_ping_wakes: dict[WSStream, asyncio.Future[None]] = {}
 
 
 def _set_once(wake: asyncio.Future[None]) -> None:
