@@ -1,7 +1,8 @@
 """assistant/hypercorn_mends.py, in process: hypercorn's handshake declines compression unless
 asked to take it, a stalled write or close is reset only when the client takes nothing, and the
-lean queue and event behave as asyncio's, which they replace (the ping loop and the resets are
-tested end to end: tests/test_e2e.py, tests/test_shutdown.py, tests/test_faults.py)."""
+lean queue and event behave as asyncio's, which they replace, and the ping loop leaves nothing
+behind (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
+tests/test_shutdown.py, tests/test_faults.py)."""
 
 from __future__ import annotations
 
