@@ -4,6 +4,10 @@ A run is a task in the manager's task group (open for the life of the app), so a
 disconnects stops reading but never stops the run half-way: the tools finish, their outputs
 reach the upstream, and the thread stays usable. Finished runs' logs are kept for a while so
 clients can read them again.
+
+That task group is asyncio's, not anyio's: an anyio task carries a cancel scope, an event and a
+handle of its own (~2 KiB per run, so per open stream), and a run needs none of them. It has its
+own cancel scope (`RunLog.cancel_scope`), and its end is its log's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 
 from .config import Settings
 from .errors import BadRequest, NotFound, ServiceError, ShuttingDown, ThreadBusy
@@ -66,16 +69,16 @@ class RunManager:
         # with its deque is ~0.8 KiB, and most runs have no one waiting)
         self._busy_threads: dict[str, anyio.Semaphore | None] = {}
         self._waits: set[anyio.CancelScope] = set()  # of the messages waiting for a thread, ended by a shutdown
-        self._task_group: TaskGroup | None = None
+        self._task_group: asyncio.TaskGroup | None = None
         self._shutdown_requested = anyio.Event()
         # Called when the shutdown begins: open WebSockets, which then close once their turn ends.
         self.on_shutdown: set[Callable[[], None]] = set()
 
     async def __aenter__(self) -> RunManager:
-        self._task_group = anyio.create_task_group()
+        self._task_group = asyncio.TaskGroup()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._shutdown_when_requested, name="shutdown on request")
-        self._task_group.start_soon(self._expire_until_shutdown, name="expire finished runs")
+        self._task_group.create_task(self._shutdown_when_requested(), name="shutdown on request")
+        self._task_group.create_task(self._expire_until_shutdown(), name="expire finished runs")
         return self
 
     async def __aexit__(
@@ -170,7 +173,7 @@ class RunManager:
         self._runs[log.run_id] = log
         if key is not None and (thread_id, key) in self._keys:
             self._keys[(thread_id, key)] = (self._keys[(thread_id, key)][0], log.run_id)
-        self._task_group.start_soon(self._run, log, message, key, name=f"run {log.run_id}")
+        self._task_group.create_task(self._run(log, message, key), name=f"run {log.run_id}")
         return log
 
     def _bound_keys(self) -> None:
