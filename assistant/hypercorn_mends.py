@@ -1,7 +1,8 @@
 """Mends to hypercorn 0.18 where it has no setting to do better: WebSocket compression, ping
 loops and oversized messages; the close of a connection whose client stopped reading; writes to
 a lost connection; the end of one that had a request pipelined behind a stream; and the memory
-each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`).
+each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
+stream's drain waiters.
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
@@ -14,6 +15,7 @@ if another version leaves them out. Each is worth reporting upstream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import fcntl
@@ -44,6 +46,7 @@ _original_accept = Handshake.accept
 _original_handle = WSStream.handle
 _original_close = TCPServer._close
 _original_h11_handle = H11Protocol.handle
+_original_tcp_server_init = TCPServer.__init__
 # Set in the task that ran the ASGI app once it returned: hypercorn's own writes from then on
 # (a WebSocket's close frame) have no app watching them.
 _app_returned: contextvars.ContextVar[bool] = contextvars.ContextVar("app_returned", default=False)
@@ -74,6 +77,7 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
     WSStream._handle_events = _handle_websocket_events  # type: ignore[method-assign]
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     WorkerContext.event_class = LeanEvent
+    TCPServer.__init__ = _init_tcp_server  # type: ignore[method-assign]
 
 
 # A client that stopped reading is dropped by the service (SLOW_CLIENT_TIMEOUT_SECONDS), but
@@ -369,6 +373,16 @@ class LeanQueue:
                 raise
         self._items.append(item)
         self._getters = _wake(self._getters)
+
+
+def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
+    """hypercorn's, with a list for the drain waiters of the connection's asyncio stream: a
+    deque (~0.7 KiB) for the writes that wait for a client that is slow to read, which most
+    connections never have. asyncio only appends to it, removes from it and iterates over it."""
+    _original_tcp_server_init(self, *args, **kwargs)
+    protocol = self.writer.transport.get_protocol()
+    if type(getattr(protocol, "_drain_waiters", None)) is collections.deque and not protocol._drain_waiters:
+        protocol._drain_waiters = []
 
 
 def _waiting(waiters: list[asyncio.Future[None]] | None, waiter: asyncio.Future[None]) -> list[asyncio.Future[None]]:

@@ -1,12 +1,13 @@
 """assistant/hypercorn_mends.py, in process: hypercorn's handshake declines compression unless
 asked to take it, a stalled write or close is reset only when the client takes nothing, and the
-lean queue and event behave as asyncio's, which they replace, and the ping loop leaves nothing
-behind (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
+lean queue and event (and a connection's drain waiters) behave as asyncio's, which they
+replace, and the ping loop leaves nothing behind (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
 tests/test_shutdown.py, tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import struct
 
@@ -37,7 +38,7 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
                       (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
-                      (TaskGroup, "spawn_app"), (WorkerContext, "event_class")):
+                      (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
@@ -284,6 +285,46 @@ async def test_the_mends_give_each_request_a_lean_queue_and_each_connection_a_le
         await put({"type": "http.request", "body": b"x", "more_body": False})
         await put({"type": "http.disconnect"})
     assert received == [{"type": "http.request", "body": b"x", "more_body": False}, {"type": "http.disconnect"}]
+
+
+async def drain_scenario(protocol: asyncio.StreamReaderProtocol) -> list[object]:
+    """Writes that wait for a slow client: two wait and are let go together, then one sees the
+    connection lost."""
+    seen: list[object] = []
+    protocol.pause_writing()
+    drains = [asyncio.create_task(protocol._drain_helper()) for _ in range(2)]
+    await settle()
+    seen.append((len(protocol._drain_waiters), [d.done() for d in drains]))
+    protocol.resume_writing()
+    await asyncio.gather(*drains)
+    seen.append(len(protocol._drain_waiters))
+    protocol.pause_writing()
+    lost = asyncio.create_task(protocol._drain_helper())
+    await settle()
+    protocol.connection_lost(ConnectionResetError("gone"))
+    try:
+        await lost
+    except ConnectionResetError as exc:
+        seen.append(repr(exc))
+    seen.append(len(protocol._drain_waiters))
+    return seen
+
+
+@pytest.mark.anyio
+async def test_each_connections_stream_waits_for_its_drains_in_a_list_as_in_asyncios_deque() -> None:
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    here, there = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=here)
+    try:
+        protocol = writer.transport.get_protocol()
+        assert isinstance(protocol._drain_waiters, collections.deque)  # asyncio's own
+        expected = await drain_scenario(asyncio.StreamReaderProtocol(asyncio.StreamReader()))
+        TCPServer(None, asyncio.get_running_loop(), Config(), WorkerContext(None), {}, reader, writer)
+        assert protocol._drain_waiters == [] and type(protocol._drain_waiters) is list
+        assert await drain_scenario(protocol) == expected
+    finally:
+        writer.close()
+        there.close()
 
 
 class PingedStream:
