@@ -1,9 +1,10 @@
 """The benchmark's load generator: N concurrent chat clients, SSE or WebSocket, in its own process.
 
 It runs apart from the service (and can be pinned to another core) so that its CPU is not the
-service's, and it is kept cheap: plain asyncio, HTTP/1.1 requests written by hand, chunked bodies
-and SSE parsed incrementally, one `time.time()` per network read. WebSocket clients use the
-`websockets` package (it offers permessage-deflate, as browsers do, unless --ws-compression off).
+service's, and it is kept cheap: plain asyncio, HTTP/1.1 requests and WebSocket frames written by
+hand, chunked bodies, SSE and frames parsed incrementally, one `time.time()` per network read on
+both transports. WebSocket clients offer permessage-deflate, as browsers do, unless
+--ws-compression off (and inflate what the service sends compressed, if it took the offer).
 
 Each client owns one thread (created before the measured part) and runs one turn: it connects,
 sends `bench n=<deltas> rate=<rate> stall=<stall>`, and reads until `metadata`; with
@@ -27,9 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
 import resource
+import struct
 import sys
 import time
+import zlib
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,6 +74,120 @@ class Turn:
         self.deltas = 0
         self.error: str | None = None
         self.opened = False  # first event of the stream received (idle streams)
+
+
+class WebSocketClient:
+    """A WebSocket client written by hand (RFC 6455, and RFC 7692 for what the server compresses):
+    the bench's clients stamp each network read, as the SSE ones do, with no library task or
+    queue between the socket and the stamp."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inflate: bool) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buffer = b""
+        self.fragments: list[bytes] = []
+        self.compressed = False  # the message being assembled: compressed, text (not binary)
+        self.text = False
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS) if inflate else None
+        self.closed = False  # the server's close frame came
+
+    @classmethod
+    async def connect(cls, host: str, port: int, path: str, offer_compression: bool) -> WebSocketClient:
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        head = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n")
+        if offer_compression:
+            head += "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        writer.write(head.encode() + b"\r\n")
+        raw = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = raw[:-4].split(b"\r\n")
+        if status_line.split(b" ", 2)[1] != b"101":
+            writer.close()
+            raise TurnError(f"WebSocket handshake answered {status_line.decode(errors='replace')}")
+        extensions = b"".join(v for n, _, v in (line.partition(b":") for line in lines)
+                              if n.strip().lower() == b"sec-websocket-extensions")
+        return cls(reader, writer, b"permessage-deflate" in extensions)
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        """A client's frames are masked (RFC 6455 5.3)."""
+        mask = os.urandom(4)
+        size = len(payload)
+        if size < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        elif size < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        repeated = (mask * (size // 4 + 1))[:size]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
+        self.writer.write(head + mask + masked)
+
+    def send_text(self, payload: bytes) -> None:
+        self._send(0x1, payload)
+
+    async def receive(self) -> tuple[list[bytes], float]:
+        """The text messages completed by the next network read, and when it was read."""
+        while True:
+            data = await self.reader.read(65536)
+            received = time.time()
+            if not data:
+                raise TurnError("the WebSocket's connection ended")
+            self.buffer += data
+            texts = self._parse()
+            if texts:
+                return texts, received
+            if self.closed:
+                raise TurnError("the service closed the WebSocket")
+
+    def _parse(self) -> list[bytes]:
+        texts = []
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            first, second = buffer[0], buffer[1]
+            size, offset = second & 0x7F, 2
+            if size == 126:
+                if len(buffer) < 4:
+                    break
+                size, offset = struct.unpack_from("!H", buffer, 2)[0], 4
+            elif size == 127:
+                if len(buffer) < 10:
+                    break
+                size, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if len(buffer) < offset + size:
+                break
+            payload, buffer = buffer[offset:offset + size], buffer[offset + size:]
+            opcode = first & 0x0F
+            if opcode == 0x9:  # ping
+                self._send(0xA, payload)
+            elif opcode == 0x8:  # close
+                self.closed = True
+            elif opcode in (0x1, 0x2, 0x0):  # text, binary, continuation
+                if opcode:  # a message's first frame
+                    self.compressed, self.text = bool(first & 0x40), opcode == 0x1
+                self.fragments.append(payload)
+                if first & 0x80:  # the message's last frame
+                    message = b"".join(self.fragments)
+                    self.fragments = []
+                    if self.compressed and self.inflater is not None:
+                        message = self.inflater.decompress(message + b"\x00\x00\xff\xff")
+                    if self.text:
+                        texts.append(message)
+        self.buffer = buffer
+        return texts
+
+    async def close(self) -> None:
+        """The closing handshake: 1000, then the server's close frame (or the connection's end)."""
+        self._send(0x8, struct.pack("!H", 1000))
+        try:
+            async with asyncio.timeout(2):
+                while not self.closed:
+                    data = await self.reader.read(65536)
+                    if not data:
+                        return
+                    self.buffer += data
+                    self._parse()
+        except (TimeoutError, ConnectionError):
+            pass
 
 
 class Load:
@@ -116,6 +235,35 @@ class Load:
         else:
             while data := await reader.read(65536):
                 yield data
+
+    @staticmethod
+    async def _stamped_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]):
+        """The body as each network read brings it, with the time it was read. A chunked body is
+        de-chunked from whole reads, not read chunk by chunk (two waits each)."""
+        if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
+            async for data in Load._body_chunks(reader, headers):
+                yield data, time.time()
+            return
+        raw = b""
+        while True:
+            data = await reader.read(65536)
+            received = time.time()
+            if not data:
+                raise TurnError("the stream's connection ended mid-body")
+            raw += data
+            body = []
+            while (line_end := raw.find(b"\r\n")) >= 0:
+                size = int(raw[:line_end].split(b";", 1)[0], 16)
+                if size == 0:  # the last chunk
+                    yield b"".join(body), received
+                    return
+                end = line_end + 2 + size
+                if len(raw) < end + 2:
+                    break  # the rest of this chunk comes with a later read
+                body.append(raw[line_end + 2:end])
+                raw = raw[end + 2:]
+            if body:
+                yield b"".join(body), received
 
     async def _read_all(self, reader: asyncio.StreamReader, headers: dict[bytes, bytes]) -> bytes:
         return b"".join([c async for c in self._body_chunks(reader, headers)])
@@ -168,21 +316,18 @@ class Load:
                 raise TurnError(f"HTTP {status} {kind}")
             saw_metadata = False
             buffer = b""
-            async for data in self._body_chunks(reader, headers):
-                received = time.time()
+            async for data, received in self._stamped_body(reader, headers):
                 buffer += data
                 # Events end at a blank line; the service writes "\n" line endings only.
                 *events, buffer = buffer.split(b"\n\n")
                 for block in events:
-                    name = b""
-                    payload = None
-                    for line in block.split(b"\n"):
-                        if line.startswith(b"event: "):
-                            name = line[7:]
-                        elif line.startswith(b"data: "):
-                            payload = line[6:]
-                    if payload is None:
-                        continue  # retry: field or a keepalive comment
+                    # The service writes `event:` first and one `data:` line last (its data is
+                    # single-line JSON); the retry field and keepalive comments have neither.
+                    data_at = block.find(b"\ndata: ")
+                    if data_at < 0 or not block.startswith(b"event: "):
+                        continue
+                    name = block[7:block.index(b"\n")]
+                    payload = block[data_at + 7:]
                     self._mark_open(turn)
                     if name == DELTA:
                         self._record_delta(turn, orjson.loads(payload)["delta"]["content"], received)
@@ -197,30 +342,30 @@ class Load:
             writer.close()
 
     async def ws_turn(self, thread_id: str, turn: Turn) -> None:
-        from websockets.asyncio.client import connect
-
-        compression = None if self.args.ws_compression == "off" else "deflate"
-        url = f"ws://{self.host}:{self.port}/ws/chat"
         turn.start = time.time()
-        async with connect(url, compression=compression, ping_interval=None, max_size=None,
-                           open_timeout=60, close_timeout=2) as ws:
-            await ws.send(orjson.dumps({"thread_id": thread_id, "message": self.message}).decode())
+        socket = await WebSocketClient.connect(self.host, self.port, "/ws/chat", self.args.ws_compression == "on")
+        try:
+            socket.send_text(orjson.dumps({"thread_id": thread_id, "message": self.message}))
             saw_metadata = False
-            async for text in ws:
-                received = time.time()
-                frame = orjson.loads(text)
-                name = frame.get("event")
-                self._mark_open(turn)
-                if name == "thread.message.delta":
-                    self._record_delta(turn, frame["data"]["delta"]["content"], received)
-                elif name == "metadata":
-                    saw_metadata = True
-                    break
-                elif name == "error":
-                    raise TurnError(f"error event {frame.get('type')}")
-                elif name == "thread.run.failed":
-                    raise TurnError(f"run failed {frame['data'].get('type')}")
+            while not saw_metadata:
+                texts, received = await socket.receive()
+                for text in texts:
+                    frame = orjson.loads(text)
+                    name = frame.get("event")
+                    self._mark_open(turn)
+                    if name == "thread.message.delta":
+                        self._record_delta(turn, frame["data"]["delta"]["content"], received)
+                    elif name == "metadata":
+                        saw_metadata = True
+                        break
+                    elif name == "error":
+                        raise TurnError(f"error event {frame.get('type')}")
+                    elif name == "thread.run.failed":
+                        raise TurnError(f"run failed {frame['data'].get('type')}")
             self._finish(turn, saw_metadata)
+            await socket.close()
+        finally:
+            socket.writer.close()
 
     async def client(self, index: int, thread_id: str, go: float) -> None:
         await asyncio.sleep(max(0.0, go + index * self.args.ramp / max(1, self.args.streams) - time.monotonic()))
