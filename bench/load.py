@@ -36,6 +36,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,39 +77,143 @@ class Turn:
         self.opened = False  # first event of the stream received (idle streams)
 
 
-class WebSocketClient:
-    """A WebSocket client written by hand (RFC 6455, and RFC 7692 for what the server compresses):
-    the bench's clients stamp each network read, as the SSE ones do, with no library task or
-    queue between the socket and the stamp."""
+class TurnConnection(asyncio.Protocol):
+    """One turn's connection, parsed in `data_received` as its bytes arrive, stamped once per
+    network read. No task is woken per read: after a pause of the service, the burst it sends
+    is stamped as fast as it arrives, not as fast as this process's tasks get their turn."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inflate: bool) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.buffer = b""
+    def __init__(self, load: Load, turn: Turn, request: bytes) -> None:
+        self.load = load
+        self.turn = turn
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.buffer = b""  # what arrived and is not parsed yet
+        self.status: int | None = None  # once the response head is in
+        self.headers: dict[bytes, bytes] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        received = time.time()
+        self.buffer += data
+        try:
+            if self.status is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                status_line, *lines = self.buffer[:end].split(b"\r\n")
+                self.buffer = self.buffer[end + 4:]
+                self.status = int(status_line.split(b" ", 2)[1])
+                for line in lines:
+                    name, _, value = line.partition(b":")
+                    self.headers[name.strip().lower()] = value.strip()
+                self.head_received()
+            self.body_received(received)
+        except Exception as exc:  # a TurnError, or a malformed response
+            self.end(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.end(self.ended_early())
+
+    def end(self, error: BaseException | None = None) -> None:
+        if not self.ended.done():
+            if error is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def ended_early(self) -> BaseException | None:
+        """What the connection's end means now (None: the turn is complete)."""
+        return TurnError("stream ended without metadata")
+
+    def head_received(self) -> None:
+        pass
+
+    def body_received(self, received: float) -> None:
+        raise NotImplementedError
+
+
+class SSETurn(TurnConnection):
+    """POST /chat with Accept: text/event-stream; the body is chunked (HTTP/1.1)."""
+
+    events = b""  # de-chunked, not yet a whole event
+
+    def ended_early(self) -> BaseException | None:
+        if self.status is not None and self.status != 200:
+            return self.refusal()
+        return super().ended_early()
+
+    def refusal(self) -> TurnError:
+        kind = orjson.loads(self.buffer).get("type", "?") if self.buffer.startswith(b"{") else "?"
+        return TurnError(f"HTTP {self.status} {kind}")
+
+    def body_received(self, received: float) -> None:
+        if self.status != 200:  # an error's JSON: whole once Content-Length bytes are in
+            if len(self.buffer) >= int(self.headers.get(b"content-length", b"-1")) >= 0:
+                raise self.refusal()
+            return
+        raw = self.buffer
+        body = []
+        while (line_end := raw.find(b"\r\n")) >= 0:
+            size = int(raw[:line_end].split(b";", 1)[0], 16)
+            end = line_end + 2 + size
+            if len(raw) < end + 2:
+                break  # the rest of this chunk comes with a later read
+            body.append(raw[line_end + 2:end])
+            raw = raw[end + 2:]
+            if size == 0:
+                break  # the last chunk: the stream ended (with or without metadata)
+        self.buffer = raw
+        # Events end at a blank line; the service writes "\n" line endings only.
+        *events, self.events = (self.events + b"".join(body)).split(b"\n\n")
+        turn = self.turn
+        for block in events:
+            # The service writes `event:` first and one `data:` line last (its data is single-line
+            # JSON); the retry field and keepalive comments have neither.
+            data_at = block.find(b"\ndata: ")
+            if data_at < 0 or not block.startswith(b"event: "):
+                continue
+            name = block[7:block.index(b"\n")]
+            payload = block[data_at + 7:]
+            self.load._mark_open(turn)
+            if name == DELTA:
+                self.load._record_delta(turn, orjson.loads(payload)["delta"]["content"], received)
+            elif name == b"metadata":
+                self.load._finish(turn, True)
+                self.end()
+                return
+            elif name == b"error":
+                raise TurnError(f"error event {orjson.loads(payload).get('type')}")
+            elif name == b"thread.run.failed":
+                raise TurnError(f"run failed {orjson.loads(payload).get('type')}")
+
+
+class WebSocketTurn(TurnConnection):
+    """GET /ws/chat upgraded (RFC 6455), the chat frame, the events; then the closing handshake.
+    Offers permessage-deflate when asked to, and inflates what the service compressed (RFC 7692)."""
+
+    def __init__(self, load: Load, turn: Turn, request: bytes, message: bytes) -> None:
+        super().__init__(load, turn, request)
+        self.message = message
         self.fragments: list[bytes] = []
         self.compressed = False  # the message being assembled: compressed, text (not binary)
         self.text = False
-        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS) if inflate else None
-        self.closed = False  # the server's close frame came
+        self.inflater: Any = None
+        self.closing = False  # metadata came: our close went out, the service's is awaited
 
-    @classmethod
-    async def connect(cls, host: str, port: int, path: str, offer_compression: bool) -> WebSocketClient:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-        head = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n")
-        if offer_compression:
-            head += "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
-        writer.write(head.encode() + b"\r\n")
-        raw = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = raw[:-4].split(b"\r\n")
-        if status_line.split(b" ", 2)[1] != b"101":
-            writer.close()
-            raise TurnError(f"WebSocket handshake answered {status_line.decode(errors='replace')}")
-        extensions = b"".join(v for n, _, v in (line.partition(b":") for line in lines)
-                              if n.strip().lower() == b"sec-websocket-extensions")
-        return cls(reader, writer, b"permessage-deflate" in extensions)
+    def head_received(self) -> None:
+        if self.status != 101:
+            raise TurnError(f"WebSocket handshake answered {self.status}")
+        if b"permessage-deflate" in self.headers.get(b"sec-websocket-extensions", b""):
+            self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.send(0x1, self.message)
 
-    def _send(self, opcode: int, payload: bytes) -> None:
+    def send(self, opcode: int, payload: bytes) -> None:
         """A client's frames are masked (RFC 6455 5.3)."""
         mask = os.urandom(4)
         size = len(payload)
@@ -120,26 +225,35 @@ class WebSocketClient:
             head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
         repeated = (mask * (size // 4 + 1))[:size]
         masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
-        self.writer.write(head + mask + masked)
+        self.transport.write(head + mask + masked)  # type: ignore[union-attr]
 
-    def send_text(self, payload: bytes) -> None:
-        self._send(0x1, payload)
+    def ended_early(self) -> BaseException | None:
+        if self.closing:
+            return None  # the service closed after our close: all done
+        return super().ended_early()
 
-    async def receive(self) -> tuple[list[bytes], float]:
-        """The text messages completed by the next network read, and when it was read."""
-        while True:
-            data = await self.reader.read(65536)
-            received = time.time()
-            if not data:
-                raise TurnError("the WebSocket's connection ended")
-            self.buffer += data
-            texts = self._parse()
-            if texts:
-                return texts, received
-            if self.closed:
-                raise TurnError("the service closed the WebSocket")
+    def body_received(self, received: float) -> None:
+        for text in self.messages():
+            if self.closing:
+                continue
+            frame = orjson.loads(text)
+            name = frame.get("event")
+            self.load._mark_open(self.turn)
+            if name == "thread.message.delta":
+                self.load._record_delta(self.turn, frame["data"]["delta"]["content"], received)
+            elif name == "metadata":
+                self.load._finish(self.turn, True)
+                self.closing = True
+                self.send(0x8, struct.pack("!H", 1000))
+                # The service's close frame ends it; at most 2 s later, it ends anyway.
+                asyncio.get_running_loop().call_later(2, self.end)
+            elif name == "error":
+                raise TurnError(f"error event {frame.get('type')}")
+            elif name == "thread.run.failed":
+                raise TurnError(f"run failed {frame['data'].get('type')}")
 
-    def _parse(self) -> list[bytes]:
+    def messages(self) -> list[bytes]:
+        """The text messages the buffer completes; answers pings, and notes the service's close."""
         texts = []
         buffer = self.buffer
         while len(buffer) >= 2:
@@ -158,10 +272,13 @@ class WebSocketClient:
             payload, buffer = buffer[offset:offset + size], buffer[offset + size:]
             opcode = first & 0x0F
             if opcode == 0x9:  # ping
-                self._send(0xA, payload)
+                self.send(0xA, payload)
             elif opcode == 0x8:  # close
-                self.closed = True
-            elif opcode in (0x1, 0x2, 0x0):  # text, binary, continuation
+                if not self.closing:
+                    raise TurnError("the service closed the WebSocket")
+                self.end()
+                break
+            elif opcode in (0x0, 0x1, 0x2):  # continuation, text, binary
                 if opcode:  # a message's first frame
                     self.compressed, self.text = bool(first & 0x40), opcode == 0x1
                 self.fragments.append(payload)
@@ -174,20 +291,6 @@ class WebSocketClient:
                         texts.append(message)
         self.buffer = buffer
         return texts
-
-    async def close(self) -> None:
-        """The closing handshake: 1000, then the server's close frame (or the connection's end)."""
-        self._send(0x8, struct.pack("!H", 1000))
-        try:
-            async with asyncio.timeout(2):
-                while not self.closed:
-                    data = await self.reader.read(65536)
-                    if not data:
-                        return
-                    self.buffer += data
-                    self._parse()
-        except (TimeoutError, ConnectionError):
-            pass
 
 
 class Load:
@@ -236,35 +339,6 @@ class Load:
             while data := await reader.read(65536):
                 yield data
 
-    @staticmethod
-    async def _stamped_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]):
-        """The body as each network read brings it, with the time it was read. A chunked body is
-        de-chunked from whole reads, not read chunk by chunk (two waits each)."""
-        if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
-            async for data in Load._body_chunks(reader, headers):
-                yield data, time.time()
-            return
-        raw = b""
-        while True:
-            data = await reader.read(65536)
-            received = time.time()
-            if not data:
-                raise TurnError("the stream's connection ended mid-body")
-            raw += data
-            body = []
-            while (line_end := raw.find(b"\r\n")) >= 0:
-                size = int(raw[:line_end].split(b";", 1)[0], 16)
-                if size == 0:  # the last chunk
-                    yield b"".join(body), received
-                    return
-                end = line_end + 2 + size
-                if len(raw) < end + 2:
-                    break  # the rest of this chunk comes with a later read
-                body.append(raw[line_end + 2:end])
-                raw = raw[end + 2:]
-            if body:
-                yield b"".join(body), received
-
     async def _read_all(self, reader: asyncio.StreamReader, headers: dict[bytes, bytes]) -> bytes:
         return b"".join([c async for c in self._body_chunks(reader, headers)])
 
@@ -305,67 +379,29 @@ class Load:
         if turn.deltas != self.args.deltas:
             raise TurnError(f"received {turn.deltas} of {self.args.deltas} deltas")
 
+    async def _run_turn(self, connection: Callable[[], TurnConnection]) -> None:
+        _, protocol = await asyncio.get_running_loop().create_connection(connection, self.host, self.port)
+        try:
+            await protocol.ended
+        finally:
+            protocol.end()
+
     async def sse_turn(self, thread_id: str, turn: Turn) -> None:
         body = orjson.dumps({"thread_id": thread_id, "message": self.message})
+        request = (f"POST /chat HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: text/event-stream\r\n"
+                   f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
         turn.start = time.time()
-        reader, writer, status, headers = await self._request("POST", "/chat", body, "text/event-stream")
-        try:
-            if status != 200:
-                error = await self._read_all(reader, headers)
-                kind = orjson.loads(error).get("type", "?") if error.startswith(b"{") else "?"
-                raise TurnError(f"HTTP {status} {kind}")
-            saw_metadata = False
-            buffer = b""
-            async for data, received in self._stamped_body(reader, headers):
-                buffer += data
-                # Events end at a blank line; the service writes "\n" line endings only.
-                *events, buffer = buffer.split(b"\n\n")
-                for block in events:
-                    # The service writes `event:` first and one `data:` line last (its data is
-                    # single-line JSON); the retry field and keepalive comments have neither.
-                    data_at = block.find(b"\ndata: ")
-                    if data_at < 0 or not block.startswith(b"event: "):
-                        continue
-                    name = block[7:block.index(b"\n")]
-                    payload = block[data_at + 7:]
-                    self._mark_open(turn)
-                    if name == DELTA:
-                        self._record_delta(turn, orjson.loads(payload)["delta"]["content"], received)
-                    elif name == b"metadata":
-                        saw_metadata = True
-                    elif name == b"error":
-                        raise TurnError(f"error event {orjson.loads(payload).get('type')}")
-                    elif name == b"thread.run.failed":
-                        raise TurnError(f"run failed {orjson.loads(payload).get('type')}")
-            self._finish(turn, saw_metadata)
-        finally:
-            writer.close()
+        await self._run_turn(lambda: SSETurn(self, turn, request.encode() + body))
 
     async def ws_turn(self, thread_id: str, turn: Turn) -> None:
+        head = (f"GET /ws/chat HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                "Sec-WebSocket-Version: 13\r\n")
+        if self.args.ws_compression == "on":
+            head += "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        message = orjson.dumps({"thread_id": thread_id, "message": self.message})
         turn.start = time.time()
-        socket = await WebSocketClient.connect(self.host, self.port, "/ws/chat", self.args.ws_compression == "on")
-        try:
-            socket.send_text(orjson.dumps({"thread_id": thread_id, "message": self.message}))
-            saw_metadata = False
-            while not saw_metadata:
-                texts, received = await socket.receive()
-                for text in texts:
-                    frame = orjson.loads(text)
-                    name = frame.get("event")
-                    self._mark_open(turn)
-                    if name == "thread.message.delta":
-                        self._record_delta(turn, frame["data"]["delta"]["content"], received)
-                    elif name == "metadata":
-                        saw_metadata = True
-                        break
-                    elif name == "error":
-                        raise TurnError(f"error event {frame.get('type')}")
-                    elif name == "thread.run.failed":
-                        raise TurnError(f"run failed {frame['data'].get('type')}")
-            self._finish(turn, saw_metadata)
-            await socket.close()
-        finally:
-            socket.writer.close()
+        await self._run_turn(lambda: WebSocketTurn(self, turn, head.encode() + b"\r\n", message))
 
     async def client(self, index: int, thread_id: str, go: float) -> None:
         await asyncio.sleep(max(0.0, go + index * self.args.ramp / max(1, self.args.streams) - time.monotonic()))
