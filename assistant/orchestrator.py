@@ -1,8 +1,9 @@
 """One run: the upstream rounds, the tool loop between them, and how the run ends.
 
-`iterate_run_events` is the core loop and yields the service's events; `execute_run` drives it
-into the run's log (the pipeline's only writer); `run_answer` and `wait_until_accepted` are what
-the JSON and streaming handlers wait on.
+`run_rounds` is the core loop and appends the service's events to the run's log (the pipeline's
+only writer, with the run's tools); `execute_run` gives it its cancel scope and ends the log
+whatever happens; `run_answer` and `wait_until_accepted` are what the JSON and streaming
+handlers wait on.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from anyio.abc import TaskGroup
 
 from .config import Settings
 from .errors import RunCancelled, UpstreamError, ServiceError
@@ -76,37 +75,37 @@ class Engine(Protocol):
 
 
 async def _run_tool(
-    registry: ToolRegistry,
-    call: ToolCall,
-    correlation_id: str,
-    send: anyio.abc.ObjectSendStream[ToolResult],
+    registry: ToolRegistry, call: ToolCall, log: RunLog, tracker: ToolTracker, results: dict[str, ToolResult]
 ) -> None:
-    async with send:
-        await send.send(await execute_tool(registry, call, correlation_id=correlation_id))
+    """One tool call; its step ends in the log as soon as it returns, whatever the others do."""
+    result = await execute_tool(registry, call, correlation_id=log.correlation_id)
+    results[call.call_id] = result
+    log.append(tracker.finish_call(result))
 
 
 def _interrupted(call: ToolCall, reason: str, correlation_id: str) -> ToolResult:
     return ToolResult(tool_call_id=call.call_id, output=error_output(reason, correlation_id), is_error=True)
 
 
-async def iterate_run_events(
+async def run_rounds(
     engine: Engine,
     registry: ToolRegistry,
     settings: Settings,
     log: RunLog,
     message: str,
-    task_group: TaskGroup,
     tracker: ToolTracker,
-) -> AsyncIterator[Event]:
-    """The run's events, from `thread.run.created` to its outcome (completed or failed).
+) -> None:
+    """The run's events, from `thread.run.created` to its outcome (completed or failed), appended
+    to its log as they come.
 
-    Service errors (upstream down, timeouts, broken streams) are raised, not yielded. Tools run
-    in `task_group`, which belongs to the caller, so no task group is open across a yield here.
-    A round that cannot go on (an error, the run stopped, too many rounds) is handed back to the
-    engine to settle, so the thread's next message is accepted upstream.
+    Service errors (upstream down, timeouts, broken streams) are raised, not logged as events.
+    A round's tools run in a task group of their own, open while they run (the run holds none
+    while it streams: ~0.4 KiB per open stream). A round that cannot go on (an error, the run
+    stopped, too many rounds) is handed back to the engine to settle, so the thread's next
+    message is accepted upstream.
     """
     thread_id, run_id = log.thread_id, log.run_id
-    yield Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id, "stream_url": stream_path(run_id)})
+    log.append(Event(RUN_CREATED, {"thread_id": thread_id, "run_id": run_id, "stream_url": stream_path(run_id)}))
     turn_input = engine.first_input(thread_id, message)
     for round_number in range(1, settings.max_tool_rounds + 2):
         parser = engine.new_parser(tracker)
@@ -118,7 +117,7 @@ async def iterate_run_events(
                 log.mark_upstream_answered()
                 async for batch in batches:
                     for event in [e for upstream_event in batch for e in parser.parse(upstream_event)]:
-                        yield event
+                        log.append(event)
                     del batch  # an idle stream holds no upstream batch (`response.created` echoes the request)
                     if parser.ended:
                         break
@@ -129,39 +128,34 @@ async def iterate_run_events(
                 error = redact(error)
                 reason = "the upstream run failed"
                 for event in tracker.finish_open(f"the run failed: {error}", log.correlation_id):
-                    yield event  # a step the failure cut off (a hosted tool's) ends before the outcome
-                yield Event(RUN_FAILED, {"error": error, "type": type, "code": code})
+                    log.append(event)  # a step the failure cut off (a hosted tool's) ends before the outcome
+                log.append(Event(RUN_FAILED, {"error": error, "type": type, "code": code}))
                 return
             if not parser.ended:
                 raise UpstreamError("the upstream stream ended before the response was complete")
             calls = parser.tool_calls
             if not calls:
                 settled = True
-                yield Event(RUN_COMPLETED, {"thread_id": thread_id, "run_id": run_id})
+                log.append(Event(RUN_COMPLETED, {"thread_id": thread_id, "run_id": run_id}))
                 return
             if round_number > settings.max_tool_rounds:
                 limit = settings.max_tool_rounds
                 reason = "tool round limit reached"
-                yield Event(
+                log.append(Event(
                     RUN_FAILED,
                     {
                         "error": f"the model kept calling tools after {limit} rounds (MAX_TOOL_ROUNDS)",
                         "type": "tool_rounds_exceeded",
                         "code": None,
                     },
-                )
+                ))
                 return
 
             for call in calls:
-                yield tracker.start_call(call)
-            send, receive = anyio.create_memory_object_stream[ToolResult](len(calls))
-            async with send:
+                log.append(tracker.start_call(call))
+            async with anyio.create_task_group() as tools:
                 for call in calls:
-                    task_group.start_soon(_run_tool, registry, call, log.correlation_id, send.clone())
-            async with receive:
-                async for result in receive:
-                    results[result.tool_call_id] = result
-                    yield tracker.finish_call(result)
+                    tools.start_soon(_run_tool, registry, call, log, tracker, results)
             turn_input = engine.next_input(parser, [results[c.call_id] for c in calls])
             settled = True
         finally:
@@ -183,16 +177,13 @@ async def execute_run(
     thread_id_var.set(log.thread_id)
     run_id_var.set(log.run_id)
     tracker = ToolTracker()
+    scope = log.cancel_scope = anyio.CancelScope()  # stopping the run cancels its tools too
     try:
-        async with anyio.create_task_group() as task_group:
-            log.cancel_scope = task_group.cancel_scope  # stopping the run cancels its tools too
+        with scope:
             if log.cancel_reason is not None or log.error is not None:
-                task_group.cancel_scope.cancel()  # stopped (or shut down) before its task started
+                scope.cancel()  # stopped (or shut down) before its task started
             try:
-                events = iterate_run_events(engine, registry, settings, log, message, task_group, tracker)
-                async with aclosing(events):
-                    async for event in events:
-                        log.append(event)
+                await run_rounds(engine, registry, settings, log, message, tracker)
             except ServiceError as exc:
                 # Kept with the log for its retention: without the tracebacks, whose frames hold
                 # the run's tool inputs and outputs, its message and its next input (the events'
@@ -218,7 +209,7 @@ async def execute_run(
         logger.warning("run ended with %s: %s", log.error.type, log.error.message)
         log.append(Event(ERROR, log.error.payload(log.correlation_id)))
         return
-    if task_group.cancel_scope.cancelled_caught and log.outcome is None:
+    if scope.cancelled_caught and log.outcome is None:
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))
     logger.info("run finished", extra={"events": log.last_seq, "elapsed_seconds": _elapsed(log)})
