@@ -7,17 +7,19 @@ notices (error frames, a resume's first frame), then whatever the current turn's
 what was sent, and the close frame when the reader ends the connection.
 The writer reads the run's log directly, as the SSE handler does: a slow client holds up only
 its own writer, never the run, and a delta costs no queue hop.
+They are asyncio tasks in an asyncio task group, timed by `asyncio.timeout`: anyio's task (its
+own cancel scope and event), task group and per-wait cancel scope held ~4 KiB more per open
+socket, and every full garbage collection walks each open socket's objects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
-import anyio
 import orjson
-from anyio.abc import TaskGroup
 from starlette.types import Message
 from starlette.websockets import WebSocket
 
@@ -66,6 +68,8 @@ class ChatConnection:
         self._close_with: tuple[int, str] | None = None  # the writer's last frame (a bad client, or going away)
         self._going_away = False  # the service is shutting down: close once no turn is running
         self._client_gone = False  # the client's disconnect came (its close frame, or the socket's end)
+        self._tasks: asyncio.TaskGroup | None = None
+        self._starting: asyncio.Task[None] | None = None  # a turn's start, waiting for its thread
 
     def go_away(self) -> None:
         """The service is shutting down: a client told so (1001) reconnects elsewhere at once,
@@ -75,26 +79,33 @@ class ChatConnection:
 
     async def serve(self) -> None:
         await self.websocket.accept()
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._write_frames, task_group.cancel_scope)
-            await self._read_frames(task_group)
-            if self._close_with is None:
-                task_group.cancel_scope.cancel()
-                return
-            # The writer sends the close frame after the frame it may be sending, and sends nothing
-            # after it; the connection ends (a turn still starting included) when the client answers
-            # it, at the latest at the slow-client timeout.
-            if self._client_gone:
-                task_group.cancel_scope.cancel()
-                return
-            task_group.cancel_scope.deadline = self._send_deadline or time.monotonic() + self.settings.slow_client_timeout_seconds
-            self._wake_writer()
-            # The client's frames are still taken (and dropped) until then: hypercorn queues at
-            # most 10 for the app and, once it is full, blocks on the disconnect it puts after
-            # the app returned, and never closes the socket.
-            while (await self.websocket.receive())["type"] != "websocket.disconnect":
-                pass
-            task_group.cancel_scope.cancel()
+        async with asyncio.TaskGroup() as self._tasks:
+            writer = self._tasks.create_task(self._write_frames())
+            try:
+                await self._read_frames()
+                if self._close_with is not None and not self._client_gone:
+                    await self._await_close()
+            finally:
+                writer.cancel()
+                if self._starting is not None:
+                    self._starting.cancel()
+
+    async def _await_close(self) -> None:
+        """The writer sends the close frame after the frame it may be sending, and sends nothing
+        after it; the connection ends (a turn still starting included) when the client answers
+        it, at the latest at the slow-client timeout."""
+        deadline = self._send_deadline or time.monotonic() + self.settings.slow_client_timeout_seconds
+        self._wake_writer()
+        try:
+            async with asyncio.timeout_at(deadline) as timeout:  # asyncio's clock is time.monotonic()
+                # The client's frames are still taken (and dropped) until then: hypercorn queues at
+                # most 10 for the app and, once it is full, blocks on the disconnect it puts after
+                # the app returned, and never closes the socket.
+                while (await self.websocket.receive())["type"] != "websocket.disconnect":
+                    pass
+        except TimeoutError:
+            if not timeout.expired():
+                raise
 
     def _notify(self, frame: str) -> None:
         self._notices.append(frame)
@@ -104,7 +115,7 @@ class ChatConnection:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def _write_frames(self, scope: anyio.CancelScope) -> None:
+    async def _write_frames(self) -> None:
         """The only task that sends: notices first, then the turn's events past the last sent;
         when the reader asks for a close, the close frame, and then it ends the connection."""
         while True:
@@ -158,7 +169,7 @@ class ChatConnection:
         allowed = self.settings.slow_client_timeout_seconds
         if len(frame) > SEND_PIECE_BYTES // 4:  # may be over SEND_PIECE_BYTES once encoded
             allowed *= max(1.0, len(frame.encode()) / SEND_PIECE_BYTES)
-        self._send_deadline = time.monotonic() + allowed  # asyncio's clock, as anyio.current_time() (1.7 us a call)
+        self._send_deadline = time.monotonic() + allowed  # asyncio's clock
         await self.websocket.send_text(frame)
         self._send_deadline = None
 
@@ -175,10 +186,14 @@ class ChatConnection:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 return None
             # At most the timeout: the next send's deadline may come sooner than this one's.
-            with anyio.move_on_after(min(left, self.settings.slow_client_timeout_seconds)):
-                return await self.websocket.receive()
+            try:
+                async with asyncio.timeout(min(left, self.settings.slow_client_timeout_seconds)) as timeout:
+                    return await self.websocket.receive()
+            except TimeoutError:
+                if not timeout.expired():
+                    raise
 
-    async def _read_frames(self, task_group: TaskGroup) -> None:
+    async def _read_frames(self) -> None:
         while True:
             message = await self._receive()
             if message is None:
@@ -206,9 +221,9 @@ class ChatConnection:
             except orjson.JSONDecodeError:
                 self._notify(error_frame(BadRequest("the frame is not valid JSON"), self.correlation_id))
                 continue
-            self._handle_frame(frame, task_group)
+            self._handle_frame(frame)
 
-    def _handle_frame(self, frame: Any, task_group: TaskGroup) -> None:
+    def _handle_frame(self, frame: Any) -> None:
         """A chat message (with an optional `idempotency_key`), `{"resume": run_id, "last_event_id": id}`
         or `{"cancel": run_id}`."""
         try:
@@ -231,7 +246,8 @@ class ChatConnection:
             self._notify(error_frame(exc, self.correlation_id))
             return
         self.turn_running = True
-        task_group.start_soon(self._start_turn, request, key)
+        assert self._tasks is not None
+        self._starting = self._tasks.create_task(self._start_turn(request, key))
 
     def _cancel(self, run_id: Any) -> None:
         self.manager.stop(check_run_id(run_id, "'cancel'"), "cancelled by the client")
@@ -253,6 +269,7 @@ class ChatConnection:
         self._notify(orjson.dumps({"event": RUN_RESUMED, "id": None, "data": data}).decode())
 
     async def _start_turn(self, request: ChatRequest, key: str | None) -> None:
+        """One at a time (`turn_running`); cancelled with the connection while its thread is busy."""
         try:
             # keyed_run and start_run with no await between: a key cannot be taken in the gap
             earlier = None if key is None else self.manager.keyed_run(request.thread_id, key, request.message)
@@ -264,6 +281,8 @@ class ChatConnection:
             self.turn_running = False
             self._notify(error_frame(exc, self.correlation_id))
             return
+        finally:
+            self._starting = None  # a finished task is not kept for the life of the connection
         self._following = (log, 0)
         self._wake_writer()
 

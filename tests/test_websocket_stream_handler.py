@@ -162,6 +162,47 @@ async def test_the_close_frame_ends_the_connection_and_a_turn_still_waiting_for_
     assert manager.started == []
 
 
+class LeavesAfterFrames(TimedWebSocket):
+    """Hands out its timed frames, then disconnects (no close frame from the service)."""
+
+    async def receive(self) -> dict[str, Any]:
+        if self.timed_frames:
+            return await super().receive()
+        await anyio.sleep(0.01)
+        return {"type": "websocket.disconnect", "code": 1001}
+
+
+@pytest.mark.anyio
+async def test_a_client_leaving_while_its_turn_waits_for_a_busy_thread_starts_no_run() -> None:
+    chat = orjson.dumps({"thread_id": "conv_1", "message": "hi"}).decode()
+    websocket = LeavesAfterFrames([(chat, 0.0)])
+    manager = BusyThreads()
+    connection = ChatConnection(websocket, manager, settings(), correlation_id="cid")  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        await connection.serve()
+    manager.free.set()
+    await anyio.sleep(0.05)
+    assert manager.started == [] and websocket.sent == []
+
+
+@pytest.mark.anyio
+async def test_a_started_turn_keeps_no_task_of_its_start_for_the_life_of_the_connection() -> None:
+    """An idle socket holds only what it waits with: the finished start task is let go."""
+    chat = orjson.dumps({"thread_id": "conv_1", "message": "hi"}).decode()
+    websocket = LeavesAfterFrames([(chat, 0.0)])
+    manager = BusyThreads()
+    manager.free.set()
+    connection = ChatConnection(websocket, manager, settings(), correlation_id="cid")  # type: ignore[arg-type]
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(connection.serve)
+        with anyio.fail_after(5):
+            while not manager.started:
+                await anyio.sleep(0.001)
+        await anyio.sleep(0)
+        assert connection._starting is None and connection._following is not None
+    assert manager.started == ["hi"]
+
+
 class ResumableRun:
     def __init__(self, log: RunLog) -> None:
         self.log = log
