@@ -17,6 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import ServiceError
 from .events import ERROR, RUN_RESUMED, Event, stream_path
 from .run_log import EventsDropped, RunLog, Wakeup
+from .timeouts import MoveOn
 
 logger = logging.getLogger("assistant.sse")
 
@@ -89,13 +90,13 @@ class SSEResponse:
     waits for the client's next ASGI message, and one loop timer asks the sender for a
     keepalive comment when nothing was sent for the heartbeat interval, or drops the client
     when one send has waited longer than the slow-client timeout. Either ends the stream by
-    moving the sender's `asyncio.timeout` to now (anyio's CancelScope, with its two sets, held
+    moving the sender's `MoveOn` (an `asyncio.timeout`) to now (anyio's CancelScope, with its two sets, held
     ~0.5 KiB more per open stream).
     The sender waits on one `Wakeup` per wait, with no timeout of its own: that keeps the path
     of each delta free of timers.
     """
 
-    _stop: asyncio.Timeout  # the sender's: no deadline until the stream is ended from outside
+    _stop: MoveOn  # the sender's: no deadline until the stream is ended from outside
     _receive: Receive
     _next_message: asyncio.Task[Message]  # the client's next ASGI message
     _timer: asyncio.TimerHandle
@@ -135,25 +136,21 @@ class SSEResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.done = True
             return
-        try:
-            async with asyncio.timeout(None) as self._stop:
-                self._receive = receive
-                self._watching = True
-                self._watch_next_message()
-                first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
-                self._timer = asyncio.get_running_loop().call_later(first, self._on_timer)
-                try:
-                    # An error this stream sends itself carries the ID of the request reading it.
-                    await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
-                    self.done = True
-                finally:
-                    self._watching = False
-                    self._timer.cancel()
-                    self._next_message.remove_done_callback(self._client_said)
-                    self._next_message.cancel()
-        except TimeoutError:
-            if not self._stop.expired():  # not `_end`'s: someone else's timeout
-                raise
+        async with MoveOn(None) as self._stop:
+            self._receive = receive
+            self._watching = True
+            self._watch_next_message()
+            first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
+            self._timer = asyncio.get_running_loop().call_later(first, self._on_timer)
+            try:
+                # An error this stream sends itself carries the ID of the request reading it.
+                await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
+                self.done = True
+            finally:
+                self._watching = False
+                self._timer.cancel()
+                self._next_message.remove_done_callback(self._client_said)
+                self._next_message.cancel()
 
     def _end(self) -> None:
         """End the stream: the sender is cancelled on the loop's next iteration."""

@@ -7,7 +7,7 @@ notices (error frames, a resume's first frame), then whatever the current turn's
 what was sent, and the close frame when the reader ends the connection.
 The writer reads the run's log directly, as the SSE handler does: a slow client holds up only
 its own writer, never the run, and a delta costs no queue hop.
-They are asyncio tasks in an asyncio task group, timed by `asyncio.timeout`: anyio's task (its
+They are asyncio tasks in an asyncio task group, timed by `MoveOn` (an `asyncio.timeout`): anyio's task (its
 own cancel scope and event), task group and per-wait cancel scope held ~4 KiB more per open
 socket, and every full garbage collection walks each open socket's objects.
 """
@@ -31,6 +31,7 @@ from .http_api import parse_event_id
 from .run_log import EventsDropped, RunLog, Wakeup
 from .run_manager import RunManager
 from .sse_stream_handler import SEND_PIECE_BYTES, event_id
+from .timeouts import MoveOn
 
 logger = logging.getLogger("assistant.websocket")
 
@@ -96,16 +97,12 @@ class ChatConnection:
         it, at the latest at the slow-client timeout."""
         deadline = self._send_deadline or time.monotonic() + self.settings.slow_client_timeout_seconds
         self._wake_writer()
-        try:
-            async with asyncio.timeout_at(deadline) as timeout:  # asyncio's clock is time.monotonic()
-                # The client's frames are still taken (and dropped) until then: hypercorn queues at
-                # most 10 for the app and, once it is full, blocks on the disconnect it puts after
-                # the app returned, and never closes the socket.
-                while (await self.websocket.receive())["type"] != "websocket.disconnect":
-                    pass
-        except TimeoutError:
-            if not timeout.expired():
-                raise
+        async with MoveOn(deadline):
+            # The client's frames are still taken (and dropped) until then: hypercorn queues at
+            # most 10 for the app and, once it is full, blocks on the disconnect it puts after
+            # the app returned, and never closes the socket.
+            while (await self.websocket.receive())["type"] != "websocket.disconnect":
+                pass
 
     def _notify(self, frame: str) -> None:
         self._notices.append(frame)
@@ -186,12 +183,8 @@ class ChatConnection:
                 logger.warning("dropping a WebSocket client that stopped reading")
                 return None
             # At most the timeout: the next send's deadline may come sooner than this one's.
-            try:
-                async with asyncio.timeout(min(left, self.settings.slow_client_timeout_seconds)) as timeout:
-                    return await self.websocket.receive()
-            except TimeoutError:
-                if not timeout.expired():
-                    raise
+            async with MoveOn(time.monotonic() + min(left, self.settings.slow_client_timeout_seconds)):
+                return await self.websocket.receive()
 
     async def _read_frames(self) -> None:
         while True:
