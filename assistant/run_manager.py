@@ -31,6 +31,7 @@ import anyio
 
 from .config import Settings
 from .errors import BadRequest, NotFound, ServiceError, ShuttingDown, ThreadBusy
+from .garbage_collection import note_ended
 from .orchestrator import Engine, execute_run, nothing_but_an_error
 from .run_log import RunLog
 from .tool_executor import ToolRegistry
@@ -203,6 +204,7 @@ class RunManager:
                     del self._keys[(log.thread_id, key)]
             self._finished.append(log)
             self._expire()
+            note_ended()  # towards the next full garbage collection
 
     async def _take_thread(self, thread_id: str) -> None:
         """Wait until the thread is this message's, in the order messages came; `ThreadBusy`
