@@ -5,7 +5,6 @@ Run it with `hypercorn app:app` (see Procfile). Bad configuration stops start-up
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -36,6 +35,7 @@ from assistant.http_api import (
     health,
     stream_run,
 )
+from assistant.garbage_collection import tune_garbage_collector
 from assistant.hypercorn_mends import mend_hypercorn
 from assistant.logs import adopt_server_loggers, configure_logging, register_secrets
 from assistant.middleware import APIKeyMiddleware, CORSMiddleware, CorrelationIdMiddleware
@@ -46,25 +46,6 @@ from assistant.upstream import create_openai_client
 from assistant.websocket_stream_handler import websocket_chat
 
 logger = logging.getLogger("assistant")
-
-
-def tune_garbage_collector() -> None:
-    """Fewer full collections, each walking less: every one stalls every stream while it runs.
-
-    A full collection walks every object the collector tracks, ~0.13 ms per open stream (1,000
-    streams: 130 ms, no delta sent meanwhile). Python's default ran one every few seconds under
-    load, which put those stalls in the p99 latency (1,000 streams x 10 deltas/s: 98 ms; with
-    one every 50 young (gen1) collections instead of 10: 31 ms). Rarer is not better for ever:
-    what they free is mostly hypercorn's closed connections (each a reference cycle, ~8 KiB), so
-    under connection churn a rarer collection finds more garbage, stalls longer and lets memory
-    pile up (bench scenario E, 800 new connections/s: every 50: ~80 ms every 3.5 s, +28 MiB;
-    every 100: ~200 ms every 8 s, +47 MiB; the default: ~18 ms every 0.8 s, +12 MiB).
-    """
-    # What start-up built (modules, the SDK's models, the tool schemas) lives as long as the
-    # process: the collector need not walk it again.
-    gc.collect()  # what start-up left as garbage is freed, not frozen
-    gc.freeze()
-    gc.set_threshold(700, 10, 50)
 
 
 def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable[..., Any]] | None = None) -> Starlette:

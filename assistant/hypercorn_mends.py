@@ -40,6 +40,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from .garbage_collection import note_ended
+
 _compression = False  # WS_COMPRESSION: take the permessage-deflate a client offers
 _stalled_seconds = 30.0  # SLOW_CLIENT_TIMEOUT_SECONDS
 _original_accept = Handshake.accept
@@ -378,11 +380,19 @@ class LeanQueue:
 def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
     """hypercorn's, with a list for the drain waiters of the connection's asyncio stream: a
     deque (~0.7 KiB) for the writes that wait for a client that is slow to read, which most
-    connections never have. asyncio only appends to it, removes from it and iterates over it."""
+    connections never have. asyncio only appends to it, removes from it and iterates over it.
+    Each connection counts, as it ends, towards the next full garbage collection
+    (garbage_collection.py): hypercorn builds it in the connection's own task."""
     _original_tcp_server_init(self, *args, **kwargs)
+    if (task := asyncio.current_task()) is not None:
+        task.add_done_callback(_count_ended_connection)
     protocol = self.writer.transport.get_protocol()
     if type(getattr(protocol, "_drain_waiters", None)) is collections.deque and not protocol._drain_waiters:
         protocol._drain_waiters = []
+
+
+def _count_ended_connection(task: asyncio.Task[Any]) -> None:
+    note_ended()
 
 
 def _waiting(waiters: list[asyncio.Future[None]] | None, waiter: asyncio.Future[None]) -> list[asyncio.Future[None]]:

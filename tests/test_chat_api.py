@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from app import create_app
-from assistant import responses_engine
+from assistant import responses_engine, run_manager
 from assistant.config import load_settings
 from assistant.example_tools import calculator
 from assistant.logs import JsonFormatter
@@ -1199,14 +1199,24 @@ def test_unreadable_retry_after_falls_back_to_backoff(client: TestClient, upstre
     assert chat(client, "hi").json()["responses"] == ["ok"] and route.call_count == 2
 
 
-def test_the_service_makes_full_garbage_collections_rarer_and_skips_what_start_up_built() -> None:
-    """Each full collection stalls every stream (app.tune_garbage_collector says why)."""
+def test_the_service_makes_pythons_full_garbage_collections_rare_and_skips_what_start_up_built() -> None:
+    """Each full collection stalls every stream (assistant/garbage_collection.py says why)."""
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)  # Python's default
     with make_client() as test_client:
         assert test_client.get("/health").status_code == 200
-        assert gc.get_threshold() == (700, 10, 50)
+        assert gc.get_threshold() == (700, 10, 1000)
         assert gc.get_freeze_count() > 10_000
+
+
+def test_each_run_counts_as_it_ends_towards_the_next_full_garbage_collection(
+    client: TestClient, upstream: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[int] = []
+    monkeypatch.setattr(run_manager, "note_ended", lambda: ended.append(1))
+    upstream.post("/responses").mock(side_effect=[sse_response(text_events("ok")), openai_error(400, "no")])
+    assert chat(client, "hi").json()["responses"] == ["ok"] and len(ended) == 1
+    assert chat(client, "again").status_code == 502 and len(ended) == 2  # a run that fails ends too
 
 
 @pytest.mark.anyio

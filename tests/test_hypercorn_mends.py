@@ -1,7 +1,8 @@
 """assistant/hypercorn_mends.py, in process: hypercorn's handshake declines compression unless
-asked to take it, a stalled write or close is reset only when the client takes nothing, and the
-lean queue and event (and a connection's drain waiters) behave as asyncio's, which they
-replace, and the ping loop leaves nothing behind (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
+asked to take it, a stalled write or close is reset only when the client takes nothing, the lean
+queue and event (and a connection's drain waiters) behave as asyncio's, which they replace, the
+ping loop leaves nothing behind, and each connection counts, as it ends, towards the next full
+garbage collection (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
 tests/test_shutdown.py, tests/test_faults.py)."""
 
 from __future__ import annotations
@@ -357,3 +358,29 @@ async def test_the_ping_loop_pings_until_its_socket_closes_and_leaves_nothing_be
         with pytest.raises(asyncio.CancelledError):
             await loop
     assert stream not in hypercorn_mends._ping_wakes
+
+
+@pytest.mark.anyio
+async def test_each_hypercorn_connection_counts_once_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    ended: list[int] = []
+    monkeypatch.setattr(hypercorn_mends, "note_ended", lambda: ended.append(1))
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    loop = asyncio.get_running_loop()
+    config = Config()
+    config.keep_alive_timeout = 0.1  # a connection that never sent a request lingers this long
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await TCPServer(None, loop, config, WorkerContext(None), {}, reader, writer)
+
+    connections = []
+    for _ in range(2):
+        here, there = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=here)
+        connections.append((loop.create_task(serve(reader, writer)), there))
+    await asyncio.sleep(0.05)
+    assert ended == []  # open connections are not counted
+    for task, there in connections:
+        there.close()  # the client leaves
+        await asyncio.wait_for(task, 5)
+    await asyncio.sleep(0)  # the task's done callbacks
+    assert ended == [1, 1]

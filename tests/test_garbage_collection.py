@@ -1,0 +1,80 @@
+"""assistant/garbage_collection.py: a full collection after every FULL_COLLECTION_EVERY
+connections and runs ended, counted from the last full collection whoever made it (how
+connections and runs are counted: tests/test_hypercorn_mends.py, tests/test_chat_api.py)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from assistant import garbage_collection
+
+
+@pytest.fixture
+def full_collections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The full collections made from here on (what each found), every third ending counted."""
+    monkeypatch.setattr(garbage_collection, "FULL_COLLECTION_EVERY", 3)
+    monkeypatch.setattr(garbage_collection, "_ended", 0)
+    threshold = gc.get_threshold()
+    made: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            made.append(info["collected"])
+
+    gc.callbacks.append(seen)
+    try:
+        yield made
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*threshold)
+
+
+def test_every_third_ending_makes_one_full_collection(full_collections: list[int]) -> None:
+    for _ in range(2):
+        garbage_collection.note_ended()
+    assert full_collections == []
+    garbage_collection.note_ended()
+    assert len(full_collections) == 1
+    for _ in range(5):
+        garbage_collection.note_ended()
+    assert len(full_collections) == 2
+
+
+def test_what_the_full_collection_frees_is_the_cycles_left_behind(full_collections: list[int]) -> None:
+    class Connection:
+        pass
+
+    for _ in range(3):
+        left = Connection()
+        left.itself = left  # a reference cycle, as hypercorn's ended connections leave
+        del left
+        garbage_collection.note_ended()
+    assert len(full_collections) == 1 and full_collections[0] >= 3
+
+
+def test_a_full_collection_made_elsewhere_starts_the_count_again(full_collections: list[int]) -> None:
+    garbage_collection.tune_garbage_collector()
+    garbage_collection.tune_garbage_collector()  # every app's start-up calls it: one callback
+    assert gc.callbacks.count(garbage_collection._count_from_full_collections) == 1
+    garbage_collection.note_ended()
+    garbage_collection.note_ended()
+    gc.collect()  # Python's own trigger, or anyone's
+    full_collections.clear()
+    garbage_collection.note_ended()
+    garbage_collection.note_ended()
+    assert full_collections == []
+    garbage_collection.note_ended()
+    assert len(full_collections) == 1
+
+
+def test_young_collections_do_not_start_the_count_again(full_collections: list[int]) -> None:
+    garbage_collection.tune_garbage_collector()
+    full_collections.clear()
+    garbage_collection.note_ended()
+    garbage_collection.note_ended()
+    gc.collect(1)
+    garbage_collection.note_ended()
+    assert len(full_collections) == 1
