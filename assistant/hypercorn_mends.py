@@ -2,7 +2,8 @@
 loops and oversized messages; the close of a connection whose client stopped reading; writes to
 a lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
-stream's drain waiters.
+stream's drain waiters. Each connection also counts, as it ends, towards the next full garbage
+collection (garbage_collection.py).
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
