@@ -1,28 +1,29 @@
 """When the garbage collector walks every object: once every 1,000 connections and runs ended,
-not when Python's own count says.
+not when Python's own rule says.
 
 A full collection walks every object the collector tracks, ~0.15-0.2 ms per open stream (1,000
-streams: 150-200 ms with no delta sent meanwhile): each one stalls every stream. What it frees
+streams: 140-230 ms with no delta sent meanwhile): each one stalls every stream. What it frees
 here is mostly what ended connections and runs leave in reference cycles (hypercorn's connection,
 ~8 KiB each; a run's tasks and exceptions); short-lived cycles go in the young collections.
-Python starts one by counting the objects that reach its oldest generation, and with many
-streams open those are mostly the streams' current waits, promoted by the young collections they
-happen to outlive and freed a moment later: 1,000 streams x 10 deltas/s got a full collection
-every 20-40 s that found next to nothing (bench/RESULTS.md, "Session 19"). Counted by
-connections and runs ended, full collections come as often as before under connection churn
-(bench scenario E), where they keep memory level, and leave long streams alone. Python's own
-trigger stays, 20 times rarer, for garbage from anywhere else.
+Python starts one after so many collections of the middle generation, once the objects promoted
+to the oldest since the last one are a quarter of those it holds; with many streams open those
+are mostly the streams' current waits, promoted by the young collections they happen to outlive
+and freed a moment later, so the quarter is always reached: 1,000 streams x 10 deltas/s got a
+full collection every 20-40 s that found next to nothing (bench/RESULTS.md, "Session 19").
+Counted by connections and runs ended, they leave long streams alone, and under connection churn
+(bench scenario E) they come more often than Python's rule made them, each much shorter, and
+memory grows less. Python's rule stays, 20 times rarer, for garbage from anywhere else.
 """
 
 from __future__ import annotations
 
 import gc
 
-# Connections and runs ended between two full collections. Under churn (a new connection and a
-# run per turn) that is one every 500 turns: about as often as Python's own trigger made them.
+# Connections and runs ended between two full collections: under churn (a new connection and a
+# run per turn), one every 500 turns.
 FULL_COLLECTION_EVERY = 1000
-# Python's trigger, kept as a backstop: a full collection after this many collections of the
-# middle generation (its default is 10; the service had 50 until session 19).
+# Python's rule, kept as a backstop: a full collection after this many collections of the middle
+# generation (its default is 10).
 _PYTHON_FULL_THRESHOLD = 1000
 
 _ended = 0

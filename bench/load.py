@@ -441,12 +441,14 @@ class Load:
         threads = await asyncio.gather(*(new_thread() for _ in range(args.streams)))
         print("READY", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        # No full collection here while the clients measure: it pauses every client at once
-        # (walking 1,000 WebSocket clients: 30-90 ms), and the latency it adds would be counted
-        # as the service's. Young collections go on (well under a millisecond each).
+        # No full collection here while the clients measure latency: it pauses every client at
+        # once (walking 1,000 WebSocket clients: 30-90 ms), and the delay would be counted as the
+        # service's. Young collections go on (well under a millisecond each). Runs of turn after
+        # turn (--duration: memory under churn) keep them, or the closed connections would pile up.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(700, 10, 1_000_000_000)
+        if not args.duration:
+            gc.set_threshold(700, 10, 1_000_000_000)
 
         cpu0, t0 = cpu_seconds(), time.time()
         go = time.monotonic()

@@ -17,7 +17,9 @@ def full_collections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The full collections made from here on (what each found), every third ending counted."""
     monkeypatch.setattr(garbage_collection, "FULL_COLLECTION_EVERY", 3)
     monkeypatch.setattr(garbage_collection, "_ended", 0)
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # the rest of the test process stays walked
     threshold = gc.get_threshold()
+    registered = garbage_collection._count_from_full_collections in gc.callbacks
     made: list[int] = []
 
     def seen(phase: str, info: dict[str, int]) -> None:
@@ -25,10 +27,14 @@ def full_collections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
             made.append(info["collected"])
 
     gc.callbacks.append(seen)
+    gc.disable()  # no automatic collection in between: only the ones counted here (gc.collect works)
     try:
         yield made
     finally:
+        gc.enable()
         gc.callbacks.remove(seen)
+        if not registered and garbage_collection._count_from_full_collections in gc.callbacks:
+            gc.callbacks.remove(garbage_collection._count_from_full_collections)
         gc.set_threshold(*threshold)
 
 
