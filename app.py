@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from assistant.assistants_engine import AssistantsEngine
 from assistant.config import ConfigError, Settings, load_settings
 from assistant.errors import ServiceError
+from assistant.garbage_collection import tune_garbage_collector
 from assistant.http_api import (
     STATIC_DIR,
     Endpoint,
@@ -35,7 +36,6 @@ from assistant.http_api import (
     health,
     stream_run,
 )
-from assistant.garbage_collection import tune_garbage_collector
 from assistant.hypercorn_mends import mend_hypercorn
 from assistant.logs import adopt_server_loggers, configure_logging, register_secrets
 from assistant.middleware import APIKeyMiddleware, CORSMiddleware, CorrelationIdMiddleware
