@@ -1,7 +1,7 @@
 """The service's performance benchmark: one command, one table.
 
     python bench/run.py [--quick] [--pin] [--transport sse|ws|both] [--streams N] [--deltas N]
-                        [--rate R] [--idle-streams N] [--scenarios ABCDEF] [--worker-class uvloop]
+                        [--rate R] [--idle-streams N] [--scenarios ABCDEFG] [--worker-class uvloop]
                         [--json FILE]
 
 It starts bench/fast_upstream.py (a fake OpenAI that costs little CPU, whose deltas carry their
@@ -17,6 +17,9 @@ instead of $PORT), then drives it with bench/load.py, a separate process, once p
   E  --churn-clients each running 5-delta turns back  memory under connection churn: whether RSS
      to back for --churn-seconds, a new connection      levels off (closed connections are freed
      per turn                                           by the garbage collector's full collections)
+  G  1,000 streams x 10 deltas/s in 10 s turns, back  latency where streams end and begin all the
+     to back for 60 s, a new connection per turn        time (the full garbage collections that free
+                                                        the ended ones stall every open stream)
   F  D's then B's load (SSE) against bench/floor.py's the floors: what a plain asyncio relay, and a
      relays instead of the service                      bare ASGI relay under hypercorn, cost per delta
                                                         and per idle stream
@@ -25,7 +28,7 @@ CPU is the service's (every process its command started: one, as hypercorn_confi
 `workers = 0`), from /proc/<pid>/stat utime+stime, over the measured part only (threads are
 created before it). RSS is the serving process's VmRSS ("worker RSS" in the table). D runs
 on a fresh service per transport, after a small warm-up, so memory freed by earlier scenarios
-cannot hide what the idle streams cost. With --pin the service runs on the first CPU, the fake
+cannot hide what the idle streams cost (E and G as well: what they measure starts from a known state). With --pin the service runs on the first CPU, the fake
 upstream, the load and this script on the second, so the service's figures are one core's.
 
 --quick runs every scenario at a tiny size, through the full path, in seconds (CI's smoke test):
@@ -430,7 +433,8 @@ class Bench:
     warnings: int = 0  # service log lines at WARNING or above, over every service started
 
     def load(self, service: Service, transport: str, streams: int, deltas: int, rate: float, *,
-             stall: float = 0.0, ramp: float = 0.0, hold: float | None = None, duration: float = 0.0) -> LoadRun:
+             stall: float = 0.0, ramp: float = 0.0, hold: float | None = None, duration: float = 0.0,
+             keep_full_collections: bool = False) -> LoadRun:
         assert self.upstream is not None
         stalled = stall if hold is None else 0.0  # with hold, run.py releases the stall itself
         command = [
@@ -442,6 +446,8 @@ class Bench:
         ]
         if hold is not None:
             command.append("--hold")
+        if keep_full_collections:
+            command.append("--keep-full-collections")
         with tempfile.TemporaryFile() as stderr:
             proc = launch(command, self.load_cpus, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=stderr, text=True)
@@ -560,15 +566,16 @@ class Table:
 
 
 def add_latency(table: Table, name: str, transport: str, run: LoadRun, p99_limit: float,
-                detail: bool) -> None:
+                detail: bool, steady: bool = True) -> None:
     lat = run.latencies_ms()
     table.add(name, transport, "latency p50", pct(lat, 50), "ms", digits=2)
     if detail:
         table.add(name, transport, "latency p90", pct(lat, 90), "ms", digits=2)
     table.add(name, transport, "latency p99", pct(lat, 99), "ms", p99_limit, digits=2, vs_sse=True)
     table.add(name, transport, "latency max", lat[-1] if lat else None, "ms", digits=2)
-    steady = run.latencies_ms(steady=True)
-    table.add(name, transport, "latency p99, all streams open", pct(steady, 99), "ms", digits=2)
+    if steady:
+        all_open = run.latencies_ms(steady=True)
+        table.add(name, transport, "latency p99, all streams open", pct(all_open, 99), "ms", digits=2)
 
 
 def add_common(table: Table, name: str, transport: str, run: LoadRun) -> None:
@@ -626,10 +633,12 @@ def main() -> int:
     parser.add_argument("--sustained-seconds", type=float, help="C: length of each stream at 10 deltas/s (default 60: long enough to include full garbage collections)")
     parser.add_argument("--churn-clients", type=int, help="E: clients running turns back to back (default 50)")
     parser.add_argument("--churn-seconds", type=float, help="E: how long they do (default 60)")
+    parser.add_argument("--turnover-streams", type=int, help="G: concurrent streams (default 1000)")
+    parser.add_argument("--turnover-seconds", type=float, help="G: how long each client starts new turns (default 60)")
     parser.add_argument("--full-rate-deltas", type=int, help="A: deltas of the one full-rate stream (default 5000)")
     parser.add_argument("--ramp", type=float, help="B and C: seconds over which clients start "
                         "(default: half a stream's length, at most 5 s)")
-    parser.add_argument("--scenarios", default="ABCDEF", help="which to run, e.g. BD (default ABCDEF)")
+    parser.add_argument("--scenarios", default="ABCDEFG", help="which to run, e.g. BD (default ABCDEFG)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
                         help="the WebSocket clients offer permessage-deflate as browsers do (default on; the "
                              "service declines it unless --service-setting WS_COMPRESSION=on)")
@@ -651,6 +660,9 @@ def main() -> int:
     a_deltas = args.full_rate_deltas or (100 if quick else 5000)
     e_clients = args.churn_clients or (5 if quick else 50)
     e_seconds = args.churn_seconds or (0.5 if quick else 60.0)
+    g_streams = args.turnover_streams or (10 if quick else 1000)
+    g_deltas = 5 if quick else 100
+    g_seconds = args.turnover_seconds or (0.5 if quick else 60.0)
     hold = 0.2 if quick else 3.0
     args.settle = 0.05 if quick else 0.3
 
@@ -732,7 +744,7 @@ def main() -> int:
                 progress(f"E {transport}: {e_clients} clients running turns for {e_seconds:g} s, a connection each")
                 service = new_service()
                 bench.load(service, transport, min(20, e_clients), 5, 0)  # warm-up: imports, pools
-                run = bench.load(service, transport, e_clients, 5, 0, duration=e_seconds)
+                run = bench.load(service, transport, e_clients, 5, 0, duration=e_seconds, keep_full_collections=True)
                 count_errors("E", transport, run)
                 add_churn(table, "E churn", transport, run)
                 retire(service)
@@ -799,6 +811,26 @@ def main() -> int:
                 add_common(table, name, transport, run)
         if set("ABC") & set(scenarios):
             retire(service)
+
+        # G on a fresh service too: what the runs and connections ended before would change when
+        # its full garbage collections come.
+        if "G" in scenarios:
+            for transport in transports:
+                progress(f"G {transport}: {g_streams} streams x {g_deltas} deltas at 10/s, turn after turn for "
+                         f"{g_seconds:g} s, a connection each")
+                service = new_service()
+                bench.load(service, transport, min(20, g_streams), 5, 0)  # warm-up: imports, pools
+                run = bench.load(service, transport, g_streams, g_deltas, 10.0, ramp=ramp_for(g_deltas, 10.0),
+                                 duration=g_seconds)
+                count_errors("G", transport, run)
+                name = f"G {g_streams}x10/s turnover"
+                table.add(name, transport, "turns/s (a new connection each)", run.turns / run.wall, "/s", digits=0)
+                add_latency(table, name, transport, run, SUSTAINED_P99_MS, detail=False, steady=False)
+                table.add(name, transport, "CPU per delta, all-in", 1e6 * run.service_cpu / max(1, run.deltas), "us")
+                table.add(name, transport, "service CPU busy", 100 * run.service_cpu / run.wall, "% core", digits=0)
+                add_pool(table, name, transport, run)
+                add_common(table, name, transport, run)
+                retire(service)
 
         # F: the floors. D's then B's load (SSE) against bench/floor.py's relays instead of the service.
         if "F" in scenarios:

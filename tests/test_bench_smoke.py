@@ -1,7 +1,8 @@
 """Smoke test of the benchmark (bench/run.py): its quick run goes through every scenario.
 
 `--quick` starts the fast fake upstream and the service as the Procfile does, and drives each
-scenario (full rate, concurrent streams, sustained, idle streams, connection churn) over SSE and WebSocket at a tiny
+scenario (full rate, concurrent streams, sustained, idle streams, connection churn, streams
+that end and begin) over SSE and WebSocket at a tiny
 size, then the floors (bench/floor.py's relays in the service's place) over SSE. This test checks that the benchmark still works end to end and that no stream failed. It
 never asserts on a timing, CPU or memory figure: CI machines are too noisy, and that is what the
 full run (`python bench/run.py --pin`) is for.
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("A full rate", "B ", "C ", "D idle", "E churn")
+SCENARIOS = ("A full rate", "B ", "C ", "D idle", "E churn", "G ")
 FLOORS = ("F floor: raw asyncio relay", "F floor: bare ASGI relay, hypercorn")  # SSE only
 
 
