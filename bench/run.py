@@ -17,7 +17,7 @@ instead of $PORT), then drives it with bench/load.py, a separate process, once p
   E  --churn-clients each running 5-delta turns back  memory under connection churn: whether RSS
      to back for --churn-seconds, a new connection      levels off (closed connections are freed
      per turn                                           by the garbage collector's full collections)
-  G  1,000 streams x 10 deltas/s in 10 s turns, back  latency where streams end and begin all the
+  G  1,000 streams x 10 deltas/s in 30 s turns, back  latency where streams end and begin all the
      to back for 60 s, a new connection per turn        time (the full garbage collections that free
                                                         the ended ones stall every open stream)
   F  D's then B's load (SSE) against bench/floor.py's the floors: what a plain asyncio relay, and a
@@ -661,7 +661,7 @@ def main() -> int:
     e_clients = args.churn_clients or (5 if quick else 50)
     e_seconds = args.churn_seconds or (0.5 if quick else 60.0)
     g_streams = args.turnover_streams or (10 if quick else 1000)
-    g_deltas = 5 if quick else 100
+    g_deltas = 5 if quick else 300
     g_seconds = args.turnover_seconds or (0.5 if quick else 60.0)
     hold = 0.2 if quick else 3.0
     args.settle = 0.05 if quick else 0.3
@@ -820,8 +820,10 @@ def main() -> int:
                          f"{g_seconds:g} s, a connection each")
                 service = new_service()
                 bench.load(service, transport, min(20, g_streams), 5, 0)  # warm-up: imports, pools
-                run = bench.load(service, transport, g_streams, g_deltas, 10.0, ramp=ramp_for(g_deltas, 10.0),
-                                 duration=g_seconds)
+                # Clients start evenly over a turn's length, so that turns end and begin at a steady
+                # pace, not in waves (a wave of 1,000 new turns saturates the core for its length).
+                run = bench.load(service, transport, g_streams, g_deltas, 10.0,
+                                 ramp=args.ramp if args.ramp is not None else g_deltas / 10.0, duration=g_seconds)
                 count_errors("G", transport, run)
                 name = f"G {g_streams}x10/s turnover"
                 table.add(name, transport, "turns/s (a new connection each)", run.turns / run.wall, "/s", digits=0)
