@@ -18,8 +18,7 @@ instead of $PORT), then drives it with bench/load.py, a separate process, once p
      to back for --churn-seconds, a new connection      levels off (closed connections are freed
      per turn                                           by the garbage collector's full collections)
   G  1,000 streams x 10 deltas/s in 30 s turns, back  latency where streams end and begin all the
-     to back for 60 s, a new connection per turn        time (the full garbage collections that free
-                                                        the ended ones stall every open stream)
+     to back for 60 s, a new connection per turn        time (~33 turns a second with all open)
   F  D's then B's load (SSE) against bench/floor.py's the floors: what a plain asyncio relay, and a
      relays instead of the service                      bare ASGI relay under hypercorn, cost per delta
                                                         and per idle stream
@@ -636,8 +635,8 @@ def main() -> int:
     parser.add_argument("--turnover-streams", type=int, help="G: concurrent streams (default 1000)")
     parser.add_argument("--turnover-seconds", type=float, help="G: how long each client starts new turns (default 60)")
     parser.add_argument("--full-rate-deltas", type=int, help="A: deltas of the one full-rate stream (default 5000)")
-    parser.add_argument("--ramp", type=float, help="B and C: seconds over which clients start "
-                        "(default: half a stream's length, at most 5 s)")
+    parser.add_argument("--ramp", type=float, help="B, C and G: seconds over which clients start "
+                        "(default: half a stream's length, at most 5 s; G: a turn's length)")
     parser.add_argument("--scenarios", default="ABCDEFG", help="which to run, e.g. BD (default ABCDEFG)")
     parser.add_argument("--ws-compression", choices=("on", "off"), default="on",
                         help="the WebSocket clients offer permessage-deflate as browsers do (default on; the "
@@ -829,7 +828,9 @@ def main() -> int:
                 table.add(name, transport, "turns/s (a new connection each)", run.turns / run.wall, "/s", digits=0)
                 add_latency(table, name, transport, run, SUSTAINED_P99_MS, detail=False, steady=False)
                 table.add(name, transport, "CPU per delta, all-in", 1e6 * run.service_cpu / max(1, run.deltas), "us")
-                table.add(name, transport, "service CPU busy", 100 * run.service_cpu / run.wall, "% core", digits=0)
+                # Over the whole run: its first and last turn's length hold half the streams on average.
+                table.add(name, transport, "service CPU busy (whole run)", 100 * run.service_cpu / run.wall, "% core",
+                          digits=0)
                 add_pool(table, name, transport, run)
                 add_common(table, name, transport, run)
                 retire(service)
