@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import socket
 import struct
+import weakref
 
 import anyio
 import pytest
@@ -387,3 +389,58 @@ async def test_each_hypercorn_connection_counts_once_as_it_ends(monkeypatch: pyt
         await asyncio.wait_for(task, 5)
     await asyncio.sleep(0)  # the task's done callbacks
     assert ended == [1, 1]
+
+
+async def streamed_app(scope: dict, receive: object, send: object) -> None:
+    """A response in two body messages, as a stream's."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"one ", "more_body": True})
+    await send({"type": "http.response.body", "body": b"two"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mended", [True, False])
+async def test_an_ended_connection_is_freed_without_the_garbage_collector(
+    monkeypatch: pytest.MonkeyPatch, mended: bool
+) -> None:
+    """Its server, protocol and transport go as it ends: no full collection has to find them."""
+    monkeypatch.setattr(hypercorn_mends, "note_ended", lambda: None)
+    if mended:
+        mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    else:  # the control: hypercorn's own __init__, so the test shows the cycles it breaks
+        monkeypatch.setattr(TCPServer, "__init__", hypercorn_mends._original_tcp_server_init)
+    loop = asyncio.get_running_loop()
+    served: list[weakref.ref] = []
+    ended = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = TCPServer(ASGIWrapper(streamed_app), loop, Config(), WorkerContext(None), {}, reader, writer)
+        served.extend([weakref.ref(server), weakref.ref(writer.transport)])
+        del reader, writer
+        try:
+            await server
+        finally:
+            del server
+            loop.call_soon(ended.set)  # after the task's done callbacks
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 5)
+        assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"two\r\n0\r\n\r\n")
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(ended.wait(), 5)
+        await asyncio.sleep(0)
+        alive = [ref() is not None for ref in served]
+    finally:
+        if was_enabled:
+            gc.enable()
+        listener.close()
+        await listener.wait_closed()
+    assert alive == ([False, False] if mended else [True, True])
