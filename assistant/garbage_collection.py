@@ -1,27 +1,32 @@
-"""When the garbage collector walks every object: once every 1,000 connections and runs ended,
+"""When the garbage collector walks every object: once every 10,000 connections and runs ended,
 not when Python's own rule says.
 
 A full collection walks every object the collector tracks, ~0.15-0.2 ms per open stream (1,000
-streams: 140-230 ms with no delta sent meanwhile): each one stalls every stream. What it frees
-here is mostly what ended connections and runs leave in reference cycles (hypercorn's connection,
-~8 KiB each; a run's tasks and exceptions); short-lived cycles go in the young collections.
+streams: 140-230 ms with no delta sent meanwhile): each one stalls every stream. What it would
+free is what is left in reference cycles that outlived a few young collections; short-lived
+cycles go in the young collections. Ended connections and runs leave none (hypercorn's cycle in
+each connection is broken as it ends, hypercorn_mends.py; asyncio's in each socket transport as
+it closes, here): with 1,000 streams coming and going, a full collection found 42-500 objects
+where it had found 16,000-18,000 (bench/RESULTS.md, "Session 21"). So it is made rarely, for
+garbage from anywhere else (a cancelled task's traceback, an error's).
 Python starts one after so many collections of the middle generation, once the objects promoted
 to the oldest since the last one are a quarter of those it holds; with many streams open those
 are mostly the streams' current waits, promoted by the young collections they happen to outlive
 and freed a moment later, so the quarter is always reached: 1,000 streams x 10 deltas/s got a
 full collection every 20-40 s that found next to nothing (bench/RESULTS.md, "Session 19").
-Counted by connections and runs ended, they leave long streams alone, and under connection churn
-(bench scenario E) they come more often than Python's rule made them, each much shorter, and
-memory grows less. Python's rule stays, 20 times rarer, for garbage from anywhere else.
+Counted by connections and runs ended, they leave long streams alone, and come as the service's
+traffic makes new objects. Python's rule stays, 20 times rarer, as a backstop.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
+from asyncio import selector_events
 
 # Connections and runs ended between two full collections: under churn (a new connection and a
-# run per turn), one every 500 turns.
-FULL_COLLECTION_EVERY = 1000
+# run per turn), one every 5,000 turns.
+FULL_COLLECTION_EVERY = 10_000
 # Python's rule, kept as a backstop: a full collection after this many collections of the middle
 # generation (its default is 10).
 _PYTHON_FULL_THRESHOLD = 1000
@@ -39,6 +44,28 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(700, 10, _PYTHON_FULL_THRESHOLD)
     if _count_from_full_collections not in gc.callbacks:
         gc.callbacks.append(_count_from_full_collections)
+    free_closed_transports()
+
+
+def free_closed_transports() -> None:
+    """Python 3.12's fix (gh-100348) where it is missing: a socket transport refers to itself
+    through `_read_ready_cb` (a bound method), so a closed one, with its socket, waited for a
+    full collection once it had lived past a few young ones: every long stream's connection, and
+    every pooled upstream connection. Dropped once the connection is lost, when asyncio reads
+    from it no more."""
+    transport_class = selector_events._SelectorSocketTransport
+    if sys.version_info >= (3, 12) or getattr(transport_class, "_frees_itself", False):
+        return
+    original = transport_class._call_connection_lost
+
+    def call_connection_lost(self: selector_events._SelectorSocketTransport, exc: BaseException | None) -> None:
+        try:
+            original(self, exc)
+        finally:
+            self._read_ready_cb = None
+
+    transport_class._call_connection_lost = call_connection_lost  # type: ignore[method-assign]
+    transport_class._frees_itself = True  # type: ignore[attr-defined]
 
 
 def note_ended() -> None:

@@ -2,9 +2,9 @@
 loops and oversized messages; the close of a connection whose client stopped reading; writes to
 a lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
-stream's drain waiters. An ended connection leaves no reference cycle behind (hypercorn's and
-asyncio's are broken as it ends), so reference counting frees it, and it counts towards the next
-full garbage collection (garbage_collection.py).
+stream's drain waiters. An ended connection leaves no reference cycle of hypercorn's behind (it
+is broken as the connection ends), so reference counting frees it, and it counts towards the
+next full garbage collection (garbage_collection.py).
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
@@ -394,18 +394,14 @@ def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
 
 
 def _end_connection(server: TCPServer, task: asyncio.Task[Any]) -> None:
-    """The connection's task ended: break the two reference cycles it leaves, so that reference
-    counting frees it at once, and count it towards the next full garbage collection.
+    """The connection's task ended: break the reference cycle hypercorn leaves in it, so that
+    reference counting frees it at once, and count it towards the next full garbage collection.
 
     hypercorn's server and protocol refer to each other (`protocol`, and the protocol's `send`
-    bound to the server), and asyncio's socket transport to itself (`_read_ready_cb`, a bound
-    method, until Python 3.12). A connection that lived past a few young collections (any
-    stream) sat in the oldest generation, and only a full collection, which stalls every stream,
-    freed it: ~30 objects, ~8 KiB."""
+    bound to the server). A connection that lived past a few young collections (any stream) sat
+    in the oldest generation, and only a full collection, which stalls every stream, freed it:
+    ~30 objects, ~8 KiB. (asyncio's own cycle in the socket transport: garbage_collection.py.)"""
     server.__dict__.pop("protocol", None)
-    transport = server.writer.transport
-    if transport.is_closing() and transport.get_protocol() is None and hasattr(transport, "_read_ready_cb"):
-        transport._read_ready_cb = None  # closed: asyncio reads no more from it
     note_ended()
 
 

@@ -4,7 +4,10 @@ connections and runs are counted: tests/test_hypercorn_mends.py, tests/test_chat
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import socket
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -84,3 +87,30 @@ def test_young_collections_do_not_start_the_count_again(full_collections: list[i
     gc.collect(1)
     garbage_collection.note_ended()
     assert len(full_collections) == 1
+
+
+@pytest.mark.anyio
+async def test_a_closed_socket_transport_is_freed_without_the_garbage_collector() -> None:
+    """asyncio's transport refers to itself until Python 3.12: a long connection's waited for a
+    full collection once closed."""
+    garbage_collection.free_closed_transports()
+    garbage_collection.free_closed_transports()  # every app's start-up calls it: applied once
+    here, there = socket.socketpair()
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await asyncio.open_connection(sock=here)
+        transport = weakref.ref(writer.transport)
+        there.sendall(b"hello")
+        assert await reader.readexactly(5) == b"hello"  # it has read
+        writer.close()
+        await writer.wait_closed()
+        del reader, writer
+        await asyncio.sleep(0)
+        alive = transport() is not None
+    finally:
+        there.close()
+        if was_enabled:
+            gc.enable()
+    assert not alive
