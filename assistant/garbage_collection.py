@@ -6,9 +6,10 @@ streams: 140-230 ms with no delta sent meanwhile): each one stalls every stream.
 free is what is left in reference cycles that outlived a few young collections; short-lived
 cycles go in the young collections. Ended connections and runs leave none (hypercorn's cycle in
 each connection is broken as it ends, hypercorn_mends.py; asyncio's in each socket transport as
-it closes, here): with 1,000 streams coming and going, a full collection found 42-500 objects
-where it had found 16,000-18,000 (bench/RESULTS.md, "Session 21"). So it is made rarely, for
-garbage from anywhere else (a cancelled task's traceback, an error's).
+its connection is lost, here): with 1,000 streams coming and going, a full collection found
+42-500 objects where it had found 16,000-20,000, and still stalled every stream for 0.2 s
+(bench/RESULTS.md, "Session 21"). So it is made rarely, for garbage from anywhere else (a
+cancelled task's traceback, an error's).
 Python starts one after so many collections of the middle generation, once the objects promoted
 to the oldest since the last one are a quarter of those it holds; with many streams open those
 are mostly the streams' current waits, promoted by the young collections they happen to outlive
@@ -21,7 +22,6 @@ traffic makes new objects. Python's rule stays, 20 times rarer, as a backstop.
 from __future__ import annotations
 
 import gc
-import sys
 from asyncio import selector_events
 
 # Connections and runs ended between two full collections: under churn (a new connection and a
@@ -35,8 +35,8 @@ _ended = 0
 
 
 def tune_garbage_collector() -> None:
-    """Take what start-up built out of every collection and make Python's own full collections
-    rare: `note_ended` starts them."""
+    """Take what start-up built out of every collection, make Python's own full collections
+    rare (`note_ended` starts them), and have closed socket transports freed without one."""
     gc.collect()  # what start-up left as garbage is freed, not frozen
     # What start-up built (modules, the SDK's models, the tool schemas) lives as long as the
     # process: the collector need not walk it again.
@@ -48,24 +48,29 @@ def tune_garbage_collector() -> None:
 
 
 def free_closed_transports() -> None:
-    """Python 3.12's fix (gh-100348) where it is missing: a socket transport refers to itself
-    through `_read_ready_cb` (a bound method), so a closed one, with its socket, waited for a
-    full collection once it had lived past a few young ones: every long stream's connection, and
-    every pooled upstream connection. Dropped once the connection is lost, when asyncio reads
-    from it no more."""
-    transport_class = selector_events._SelectorSocketTransport
-    if sys.version_info >= (3, 12) or getattr(transport_class, "_frees_itself", False):
-        return
-    original = transport_class._call_connection_lost
+    """Free each asyncio socket transport as its connection is lost, not in a full collection.
 
-    def call_connection_lost(self: selector_events._SelectorSocketTransport, exc: BaseException | None) -> None:
-        try:
-            original(self, exc)
-        finally:
-            self._read_ready_cb = None
+    A socket transport refers to itself through a bound method (`_read_ready_cb`; since Python
+    3.12 also `_write_ready`), so a closed one, with its socket, waited for a full collection
+    once it had lived past a few young ones: every long stream's connection, and every pooled
+    upstream connection. Python 3.12 drops them in `close()` (gh-100348); this drops them once
+    the connection is lost, which an aborted transport reaches too, on every version."""
+    selector_events._SelectorSocketTransport._call_connection_lost = (  # type: ignore[method-assign]
+        _call_connection_lost_then_free
+    )
 
-    transport_class._call_connection_lost = call_connection_lost  # type: ignore[method-assign]
-    transport_class._frees_itself = True  # type: ignore[attr-defined]
+
+_asyncio_call_connection_lost = selector_events._SelectorSocketTransport._call_connection_lost
+
+
+def _call_connection_lost_then_free(self: selector_events._SelectorSocketTransport, exc: BaseException | None) -> None:
+    """asyncio's, then the self-references dropped: by now the loop calls no reader or writer of it."""
+    try:
+        _asyncio_call_connection_lost(self, exc)
+    finally:
+        self._read_ready_cb = None
+        if "_write_ready" in vars(self):
+            self._write_ready = None
 
 
 def note_ended() -> None:

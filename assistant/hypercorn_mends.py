@@ -384,7 +384,8 @@ def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
     deque (~0.7 KiB) for the writes that wait for a client that is slow to read, which most
     connections never have. asyncio only appends to it, removes from it and iterates over it.
     Each connection counts, as it ends, towards the next full garbage collection
-    (garbage_collection.py): hypercorn builds it in the connection's own task."""
+    (garbage_collection.py), and its reference cycle is broken as it ends (`_end_connection`):
+    hypercorn builds it in the connection's own task."""
     _original_tcp_server_init(self, *args, **kwargs)
     if (task := asyncio.current_task()) is not None:
         task.add_done_callback(partial(_end_connection, self))

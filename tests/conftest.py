@@ -7,9 +7,11 @@ range fails the test at once.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,16 @@ def block_real_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """The collector off (after one collection) for the test: what is freed, reference counting freed."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

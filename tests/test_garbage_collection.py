@@ -5,9 +5,11 @@ connections and runs are counted: tests/test_hypercorn_mends.py, tests/test_chat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import weakref
+from asyncio import selector_events
 from collections.abc import Iterator
 
 import pytest
@@ -90,27 +92,35 @@ def test_young_collections_do_not_start_the_count_again(full_collections: list[i
 
 
 @pytest.mark.anyio
-async def test_a_closed_socket_transport_is_freed_without_the_garbage_collector() -> None:
-    """asyncio's transport refers to itself until Python 3.12: a long connection's waited for a
-    full collection once closed."""
-    garbage_collection.free_closed_transports()
-    garbage_collection.free_closed_transports()  # every app's start-up calls it: applied once
+@pytest.mark.parametrize("ending", ["close", "abort"])
+@pytest.mark.parametrize("mended", [True, False])
+@pytest.mark.usefixtures("no_automatic_gc")
+async def test_a_closed_socket_transport_is_freed_without_the_garbage_collector(
+    monkeypatch: pytest.MonkeyPatch, mended: bool, ending: str
+) -> None:
+    """asyncio's socket transport refers to itself: a long connection's waited for a full
+    collection once closed or aborted."""
+    transport_class = selector_events._SelectorSocketTransport
+    monkeypatch.setattr(transport_class, "_call_connection_lost", garbage_collection._asyncio_call_connection_lost)
+    if mended:
+        garbage_collection.free_closed_transports()
+        garbage_collection.free_closed_transports()  # every app's start-up calls it: applied once
+        assert transport_class._call_connection_lost is garbage_collection._call_connection_lost_then_free
     here, there = socket.socketpair()
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
     try:
         reader, writer = await asyncio.open_connection(sock=here)
         transport = weakref.ref(writer.transport)
         there.sendall(b"hello")
         assert await reader.readexactly(5) == b"hello"  # it has read
-        writer.close()
-        await writer.wait_closed()
+        if ending == "close":
+            writer.close()
+        else:
+            writer.transport.abort()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
         del reader, writer
         await asyncio.sleep(0)
         alive = transport() is not None
     finally:
         there.close()
-        if was_enabled:
-            gc.enable()
-    assert not alive
+    assert alive is not mended

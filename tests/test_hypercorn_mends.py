@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import socket
 import struct
 import weakref
@@ -400,48 +399,33 @@ async def streamed_app(scope: dict, receive: object, send: object) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("mended", [True, False])
+@pytest.mark.usefixtures("no_automatic_gc")
 async def test_an_ended_connection_is_freed_without_the_garbage_collector(
     monkeypatch: pytest.MonkeyPatch, mended: bool
 ) -> None:
     """Its server and protocol go as it ends: no full collection has to find them. (Its socket
     transport's own cycle: tests/test_garbage_collection.py.)"""
     monkeypatch.setattr(hypercorn_mends, "note_ended", lambda: None)
-    if mended:
-        mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
-    else:  # the control: hypercorn's own __init__, so the test shows the cycles it breaks
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    if not mended:  # the control: hypercorn's own __init__, so the test shows the cycle it breaks
         monkeypatch.setattr(TCPServer, "__init__", hypercorn_mends._original_tcp_server_init)
     loop = asyncio.get_running_loop()
+    here, there = socket.socketpair()
     served: list[weakref.ref] = []
-    ended = asyncio.Event()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve() -> None:
+        reader, writer = await asyncio.open_connection(sock=here)
         server = TCPServer(ASGIWrapper(streamed_app), loop, Config(), WorkerContext(None), {}, reader, writer)
         served.append(weakref.ref(server))
-        del reader, writer
-        try:
-            await server
-        finally:
-            del server
-            loop.call_soon(ended.set)  # after the task's done callbacks
+        await server
 
-    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        response = await asyncio.wait_for(reader.read(), 5)
-        assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"two\r\n0\r\n\r\n")
-        writer.close()
-        await writer.wait_closed()
-        await asyncio.wait_for(ended.wait(), 5)
-        await asyncio.sleep(0)
-        alive = [ref() is not None for ref in served]
-    finally:
-        if was_enabled:
-            gc.enable()
-        listener.close()
-        await listener.wait_closed()
-    assert alive == [not mended]
+    connection = loop.create_task(serve())
+    client_reader, client_writer = await asyncio.open_connection(sock=there)
+    client_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = await asyncio.wait_for(client_reader.read(), 5)
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"two\r\n0\r\n\r\n")
+    client_writer.close()
+    await asyncio.wait_for(connection, 5)
+    await asyncio.sleep(0)  # the task's done callbacks
+    del connection
+    assert [ref() is not None for ref in served] == [not mended]
