@@ -11,7 +11,6 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import anyio
@@ -175,28 +174,9 @@ class ResponsesEngine:
                 dropped, _ = self._undelivered.popitem(last=False)
                 logger.warning("dropping the undelivered tool outputs of thread %s (MAX_HELD_THREADS)", dropped)
 
-    @asynccontextmanager
-    async def open_round(
-        self, thread_id: str, items: list[dict[str, Any]]
-    ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+    def open_round(self, thread_id: str, items: list[dict[str, Any]]) -> Round:
         """Create a streamed response on the thread and give its events, in batches."""
-        response = await self._create_response(thread_id, items)
-        chunks = _body_chunks(response)
-        events = iterate_sse_events(chunks)
-        try:
-            yield events
-            await events.aclose()
-            # Read the body's end (the upstream closes it right after the last event), so the
-            # connection goes back to the pool instead of being dropped: no new TLS handshake.
-            with anyio.move_on_after(DRAIN_SECONDS):
-                try:
-                    async for _ in chunks:
-                        pass
-                except httpx.HTTPError:
-                    pass  # the response is complete; the connection is just not reused
-        finally:
-            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
-                await response.aclose()
+        return Round(self, thread_id, items)
 
     async def _create_response(self, thread_id: str, items: list[dict[str, Any]]) -> httpx.Response:
         """The streamed response, through retries and repairs. A method of its own, so that
@@ -337,6 +317,43 @@ class ResponsesEngine:
                 return False
         return False if len(page.data) < LOOK_BACK_ITEMS else None  # False: the whole conversation was read
 
+
+
+class Round:
+    """One round's streamed response, as `async with`: its events in batches; on a normal end
+    the body read to its end (so the connection goes back to the pool instead of being dropped:
+    no new TLS handshake), and the response closed however the round ends. A class, not an
+    `asynccontextmanager`: an idle stream holds no generator, context manager object and entry
+    in the loop's set of async generators for it (~0.5 KiB)."""
+
+    __slots__ = ("_engine", "_thread_id", "_items", "_response", "_chunks", "_events")
+
+    def __init__(self, engine: ResponsesEngine, thread_id: str, items: list[dict[str, Any]]) -> None:
+        self._engine = engine
+        self._thread_id = thread_id
+        self._items: list[dict[str, Any]] | None = items
+
+    async def __aenter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        items, self._items = self._items, None  # nothing of the request kept while it streams
+        assert items is not None, "a round is entered once"
+        self._response = await self._engine._create_response(self._thread_id, items)
+        self._chunks = _body_chunks(self._response)
+        self._events = iterate_sse_events(self._chunks)
+        return self._events
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                await self._events.aclose()
+                with anyio.move_on_after(DRAIN_SECONDS):
+                    try:
+                        async for _ in self._chunks:
+                            pass
+                    except httpx.HTTPError:
+                        pass  # the response is complete; the connection is just not reused
+        finally:
+            with anyio.CancelScope(shield=True):  # also when the run is being cancelled
+                await self._response.aclose()
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
