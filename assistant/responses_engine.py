@@ -334,8 +334,9 @@ class Round:
         self._items: list[dict[str, Any]] | None = items
 
     async def __aenter__(self) -> AsyncIterator[list[dict[str, Any]]]:
-        items, self._items = self._items, None  # nothing of the request kept while it streams
-        assert items is not None, "a round is entered once"
+        items, self._items = self._items, None
+        if items is None:
+            raise RuntimeError("a round is entered once")
         self._response = await self._engine._create_response(self._thread_id, items)
         self._chunks = _body_chunks(self._response)
         self._events = iterate_sse_events(self._chunks)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import socket
+import sys
 import weakref
 from asyncio import selector_events
 from collections.abc import Iterator
@@ -123,4 +124,6 @@ async def test_a_closed_socket_transport_is_freed_without_the_garbage_collector(
         alive = transport() is not None
     finally:
         there.close()
-    assert alive is not mended
+    # Python 3.12 frees a closed one itself (gh-100348), not an aborted one.
+    freed_by_asyncio = ending == "close" and sys.version_info >= (3, 12)
+    assert alive is not (mended or freed_by_asyncio)

@@ -421,11 +421,14 @@ async def test_an_ended_connection_is_freed_without_the_garbage_collector(
 
     connection = loop.create_task(serve())
     client_reader, client_writer = await asyncio.open_connection(sock=there)
-    client_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    response = await asyncio.wait_for(client_reader.read(), 5)
-    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"two\r\n0\r\n\r\n")
-    client_writer.close()
-    await asyncio.wait_for(connection, 5)
+    try:
+        client_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(client_reader.read(), 5)
+        assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"two\r\n0\r\n\r\n")
+    finally:
+        client_writer.close()
+        if not connection.done():
+            await asyncio.wait_for(connection, 5)  # the client's close ends it
     await asyncio.sleep(0)  # the task's done callbacks
     del connection
     assert [ref() is not None for ref in served] == [not mended]
