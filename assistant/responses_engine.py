@@ -318,7 +318,6 @@ class ResponsesEngine:
         return False if len(page.data) < LOOK_BACK_ITEMS else None  # False: the whole conversation was read
 
 
-
 class Round:
     """One round's streamed response, as `async with`: its events in batches; on a normal end
     the body read to its end (so the connection goes back to the pool instead of being dropped:
@@ -331,13 +330,10 @@ class Round:
     def __init__(self, engine: ResponsesEngine, thread_id: str, items: list[dict[str, Any]]) -> None:
         self._engine = engine
         self._thread_id = thread_id
-        self._items: list[dict[str, Any]] | None = items
+        self._items = items
 
     async def __aenter__(self) -> AsyncIterator[list[dict[str, Any]]]:
-        items, self._items = self._items, None
-        if items is None:
-            raise RuntimeError("a round is entered once")
-        self._response = await self._engine._create_response(self._thread_id, items)
+        self._response = await self._engine._create_response(self._thread_id, self._items)
         self._chunks = _body_chunks(self._response)
         self._events = iterate_sse_events(self._chunks)
         return self._events

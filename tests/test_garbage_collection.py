@@ -19,8 +19,11 @@ from assistant import garbage_collection
 
 
 @pytest.fixture
-def full_collections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The full collections made from here on (what each found), every third ending counted."""
+def full_collections(monkeypatch: pytest.MonkeyPatch, no_automatic_gc: None) -> Iterator[list[int]]:
+    """The full collections made from here on (what each found), every third ending counted;
+    no automatic collection in between (gc.collect works)."""
+    transport_class = selector_events._SelectorSocketTransport
+    monkeypatch.setattr(transport_class, "_call_connection_lost", transport_class._call_connection_lost)
     monkeypatch.setattr(garbage_collection, "FULL_COLLECTION_EVERY", 3)
     monkeypatch.setattr(garbage_collection, "_ended", 0)
     monkeypatch.setattr(gc, "freeze", lambda: None)  # the rest of the test process stays walked
@@ -33,11 +36,9 @@ def full_collections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
             made.append(info["collected"])
 
     gc.callbacks.append(seen)
-    gc.disable()  # no automatic collection in between: only the ones counted here (gc.collect works)
     try:
         yield made
     finally:
-        gc.enable()
         gc.callbacks.remove(seen)
         if not registered and garbage_collection._count_from_full_collections in gc.callbacks:
             gc.callbacks.remove(garbage_collection._count_from_full_collections)
