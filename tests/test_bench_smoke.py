@@ -47,3 +47,23 @@ def test_quick_benchmark_runs_every_scenario_without_errors() -> None:
         assert sum(r[0].startswith(scenario) for r in error_rows) >= 2, output
     assert all(r[3] == "0" for r in error_rows), output
     assert "errors counted: 0" in proc.stdout, output
+
+
+@pytest.mark.timeout(120)
+def test_the_call_counter_counts_the_services_calls_per_delta_and_per_turn() -> None:
+    """bench/count_calls.py --quick: the counter loads in the server, counts, and attributes the
+    calls to packages (the service's own among them). It asserts no count: only that there are some."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "count_calls.py"), "--quick", "--top", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    output = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, output
+    rows = {cells[0]: [float(c) for c in cells[1:]]
+            for cells in ([c.strip() for c in line.split("|")] for line in proc.stdout.splitlines())
+            if len(cells) == 5 and cells[0] not in ("package", "") and not cells[0].startswith("-")}
+    for package in ("assistant", "asyncio", "h11", "hypercorn", "starlette", "total"):
+        assert package in rows, output
+    python_per_delta, c_per_delta, python_per_turn, c_per_turn = rows["assistant"]
+    assert python_per_delta > 0 and c_per_delta > 0 and python_per_turn > python_per_delta, output
+    assert "per delta, the functions called most:" in proc.stdout, output
