@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
+from typing import Any
 
 import anyio
 
@@ -36,8 +37,10 @@ class Wakeup:
         if not self._future.done():
             self._future.set_result(None)
 
-    async def wait(self) -> None:
-        await self._future
+    def __await__(self) -> Generator[Any, None, None]:
+        """`await wakeup`: the future's own wait, with no coroutine frame of its own to enter and
+        resume on every delta."""
+        return self._future.__await__()
 
 
 class RunLog:
@@ -148,7 +151,7 @@ class RunLog:
         one per wake-up of its readers."""
         self._waiters.append(wakeup)
         try:
-            await wakeup.wait()
+            await wakeup
         finally:
             if wakeup in self._waiters:  # not woken by an event: the list still holds it
                 self._waiters.remove(wakeup)

@@ -289,19 +289,19 @@ class Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        """Until data, the end, or an error arrives; raises httpx.ReadTimeout after the read
-        timeout of silence."""
-        self._waiter = self.loop.create_future()
+    def _wait(self) -> asyncio.Future[None]:
+        """To await until data, the end, or an error arrives; it raises httpx.ReadTimeout after
+        the read timeout of silence. A bare future, not a coroutine: the body's reader waits on
+        one per delta, and an idle stream holds no frame for it."""
+        waiter = self._waiter = self.loop.create_future()
         if self._read_timeout is not None and self._timer is None:
             self._timer = self.loop.call_at(self.last_activity + self._read_timeout, self._check_timeout)
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -381,9 +381,9 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def wait_body(self) -> None:
+    def wait_body(self) -> asyncio.Future[None]:
         self._raise_error()
-        await self._wait()
+        return self._wait()
 
     @property
     def reusable(self) -> bool:

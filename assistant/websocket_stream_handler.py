@@ -153,7 +153,7 @@ class ChatConnection:
             if self._following is not None:
                 await self._following[0].wait_next_or(self._wakeup)
             else:
-                await self._wakeup.wait()
+                await self._wakeup
 
     def _end_turn(self) -> None:
         self._following = None

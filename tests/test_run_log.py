@@ -428,16 +428,24 @@ async def test_a_wakeup_wakes_once_and_setting_it_again_or_after_a_cancelled_wai
         early = Wakeup()
         early.set()
         early.set()
-        await early.wait()  # set before the wait: returns at once
+        await early  # set before the wait: returns at once
         abandoned = Wakeup()
         with anyio.move_on_after(0.01):
-            await abandoned.wait()
+            await abandoned
         abandoned.set()  # the reader left (its wait was cancelled): nothing to wake, no error
         later = Wakeup()
+        woke = []
+
+        async def wait_later() -> None:
+            await later
+            woke.append(True)
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(later.wait)
+            tg.start_soon(wait_later)
             await anyio.sleep(0.01)
+            assert woke == []
             later.set()
+    assert woke == [True]
 
 
 @pytest.mark.anyio
