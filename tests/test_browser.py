@@ -165,6 +165,75 @@ def test_new_thread_button(page: object) -> None:
     assert page.locator(".turn.user").count() == 0  # type: ignore[attr-defined]
 
 
+def reload(page: object) -> None:
+    page.reload()  # type: ignore[attr-defined]
+    page.wait_for_selector("#thread:has-text('thread')")  # type: ignore[attr-defined]
+
+
+def test_a_reload_keeps_the_thread_and_what_the_page_showed(page: object, fake_upstream: ServerProcess) -> None:  # noqa: F811
+    """The page keeps its thread and transcript in the tab's sessionStorage: a reload goes on
+    with the same thread, and New thread starts afresh, for reloads too."""
+    thread = page.inner_text("#thread")  # type: ignore[attr-defined]
+    thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.05 3", "ws")
+    assert_whole_reply_without_error(page, 3)
+    shown = page.inner_text("#log")  # type: ignore[attr-defined]
+    reload(page)
+    assert page.inner_text("#thread") == thread  # type: ignore[attr-defined]
+    assert page.inner_text("#log") == shown  # type: ignore[attr-defined]
+    assert page.input_value("#transport") == "ws"  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.05 2", "sse")
+    assert_whole_reply_without_error(page, 2)
+    assert page.inner_text("#thread") == thread  # type: ignore[attr-defined]
+    assert responses_made(fake_upstream, thread_id) == 2
+    page.click("#new-thread")  # type: ignore[attr-defined]
+    page.wait_for_function(f"() => document.querySelector('#thread').textContent !== {thread!r}")  # type: ignore[attr-defined]
+    new_thread = page.inner_text("#thread")  # type: ignore[attr-defined]
+    reload(page)
+    assert page.inner_text("#thread") == new_thread  # type: ignore[attr-defined]
+    assert page.locator(".turn.user").count() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_reply_still_coming_at_a_reload_is_read_again_in_full(
+    page: object, fake_upstream: ServerProcess, transport: str  # noqa: F811
+) -> None:
+    """The run goes on while the page reloads; the page reads its reply again from the run's
+    start, over the transport it used: the whole reply, once, and the model asked once."""
+    thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
+    send(page, "fault:slow 0.2 16", transport)
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word2')"
+    )
+    reload(page)
+    assert_whole_reply_without_error(page, 16)
+    assert page.locator(".turn.user").count() == 1  # type: ignore[attr-defined]
+    assert page.locator(".turn.assistant").count() == 2  # the greeting and the reply  # type: ignore[attr-defined]
+    assert page.evaluate("() => state.ws !== null") == (transport == "ws")  # type: ignore[attr-defined]
+    assert responses_made(fake_upstream, thread_id) == 1
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_message_waiting_for_its_thread_at_a_reload_is_answered_once(
+    page: object, page_service: ServerProcess, fake_upstream: ServerProcess, transport: str  # noqa: F811
+) -> None:
+    """Reloaded before its run id came (the thread was busy), the page sends the message again
+    with the same key: the run the first send started, or the one this send starts, never both."""
+    thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
+    busy = threading.Thread(target=httpx.post, args=(f"{page_service.url}/chat",), kwargs={
+        "json": {"thread_id": thread_id, "message": "fault:slow 0.1 15"}, "timeout": 30, "trust_env": False})
+    busy.start()
+    time.sleep(0.3)  # the thread is busy for ~1.5 s
+    send(page, "fault:slow 0.05 8", transport)
+    time.sleep(0.3)
+    assert page.evaluate("() => state.turn !== null && state.turn.runId === null")  # type: ignore[attr-defined]
+    reload(page)
+    assert_whole_reply_without_error(page, 8)
+    busy.join()
+    assert page.locator(".turn.user").count() == 1  # type: ignore[attr-defined]
+    assert responses_made(fake_upstream, thread_id) == 2  # the busy turn's, and this message's once
+
+
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 def test_page_behind_nginx_under_a_prefix(browser: object, nginx_proxy: NginxProxy, transport: str) -> None:
     context = browser.new_context()  # type: ignore[attr-defined]

@@ -129,6 +129,7 @@ function endTurn() {
   state.turn = null;
   $("send").disabled = false;
   $("stop").hidden = true;
+  save();
 }
 
 // --- SSE over fetch (EventSource cannot POST) ----------------------------------------------------
@@ -226,19 +227,25 @@ function newIdempotencyKey() {
   return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-async function sendOverSSE(turn, message) {
+// `message` is sent with `key`, unless the turn knows its run's stream already (a reply read again
+// after a reload): then that is read.
+async function sendOverSSE(turn, message, key) {
   turn.abort = new AbortController();
   const signal = turn.abort.signal;
-  const key = newIdempotencyKey();
   const post = () => fetch("chat", {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "text/event-stream", "Idempotency-Key": key },
     body: JSON.stringify({ thread_id: state.threadId, message }),
     signal,
   });
+  const resume = () => {
+    const headers = { Accept: "text/event-stream" };
+    if (turn.lastEventId) headers["Last-Event-ID"] = turn.lastEventId;
+    return fetch(turn.streamUrl, { headers, signal });
+  };
   let response = null, failure = null;
   try {
-    response = await post();
+    response = await (turn.streamUrl ? resume() : post());
   } catch (error) {
     failure = error;
   }
@@ -268,13 +275,7 @@ async function sendOverSSE(turn, message) {
     }
     response = null;
     try {
-      if (turn.streamUrl) {
-        const headers = { Accept: "text/event-stream" };
-        if (turn.lastEventId) headers["Last-Event-ID"] = turn.lastEventId;
-        response = await fetch(turn.streamUrl, { headers, signal });
-      } else {
-        response = await post();
-      }
+      response = await (turn.streamUrl ? resume() : post());
     } catch (error) {
       failure = error;
     }
@@ -334,9 +335,10 @@ async function resumeOverWebSocket(turn, closed) {
   state.ws.send(JSON.stringify(turn.runId ? { resume: turn.runId, last_event_id: turn.lastEventId } : turn.message));
 }
 
-async function sendOverWebSocket(turn, message) {
+async function sendOverWebSocket(turn, message, key) {
   await openSocket();
-  turn.message = { thread_id: state.threadId, message, idempotency_key: newIdempotencyKey() };
+  if (turn.runId) return state.ws.send(JSON.stringify({ resume: turn.runId, last_event_id: turn.lastEventId }));
+  turn.message = { thread_id: state.threadId, message, idempotency_key: key };
   state.ws.send(JSON.stringify(turn.message));
 }
 
@@ -352,6 +354,7 @@ async function newThread() {
   state.threadId = null;
   state.abandonedRunId = null;  // a run of the old thread holds no one up now
   $("thread").textContent = "";
+  save();
   let response, body;
   try {
     response = await fetch("threads", { method: "POST" });
@@ -364,6 +367,7 @@ async function newThread() {
   state.threadId = body.thread_id;
   $("thread").textContent = `thread ${body.thread_id}`;
   if (body.initial_message) addTurn("assistant", body.initial_message);
+  save();
 }
 
 async function send(event) {
@@ -375,12 +379,61 @@ async function send(event) {
   $("send").disabled = true;
   await stopAbandonedRun();
   addTurn("user", message);
+  await startTurn(message, newIdempotencyKey());
+}
+
+// The reply to `message`, over the transport chosen; with `run`, the reply of that run, read
+// from its start (after a reload).
+async function startTurn(message, key, run = null) {
+  $("send").disabled = true;
   const turn = (state.turn = addTurn("assistant"));
+  Object.assign(turn, { text: message, key }, run);
+  $("stop").hidden = !turn.runId;
   try {
-    await ($("transport").value === "ws" ? sendOverWebSocket : sendOverSSE)(turn, message);
+    await ($("transport").value === "ws" ? sendOverWebSocket : sendOverSSE)(turn, message, key);
   } catch (error) {
     if (error.name !== "AbortError") handleEvent(turn, "error", { type: "network_error", error: error.message });
   }
+}
+
+// --- a reload: the thread, what the page showed, and a reply still coming ---------------------
+// Kept in sessionStorage (this tab's, until it closes). A reply still coming is read again from
+// its run's start (README "Resuming a stream"), or, if its run id had not come yet, its message
+// is sent again with the same key: the run the first send started, not a second answer.
+
+const SAVED = "assistant-chat";
+
+function save() {
+  if (!state.threadId) return sessionStorage.removeItem(SAVED);
+  const log = $("log").cloneNode(true);
+  const turn = state.turn;
+  let coming = null;
+  if (turn) {
+    log.children[[...$("log").children].indexOf(turn.el)]?.remove();  // rebuilt from its events
+    coming = { message: turn.text, key: turn.key, run: turn.streamUrl ? { runId: turn.runId, streamUrl: turn.streamUrl } : null };
+  }
+  try {
+    sessionStorage.setItem(SAVED, JSON.stringify({ threadId: state.threadId, log: log.innerHTML, coming,
+                                                   transport: $("transport").value }));
+  } catch {
+    // storage full or refused: a reload starts a new thread
+  }
+}
+
+function restore() {
+  let saved = null;
+  try {
+    saved = JSON.parse(sessionStorage.getItem(SAVED));
+  } catch {
+    // nothing usable kept
+  }
+  if (!saved?.threadId) return false;
+  state.threadId = saved.threadId;
+  $("thread").textContent = `thread ${saved.threadId}`;
+  if (saved.transport) $("transport").value = saved.transport;
+  $("log").innerHTML = saved.log;  // the page's own markup: every text in it was set as text
+  if (saved.coming) startTurn(saved.coming.message, saved.coming.key, saved.coming.run);
+  return true;
 }
 
 $("composer").addEventListener("submit", send);
@@ -396,4 +449,5 @@ $("stop").addEventListener("click", () => {
     .catch(() => {});
 });
 $("new-thread").addEventListener("click", newThread);
-newThread();
+window.addEventListener("pagehide", save);  // a reply still coming is kept as such
+if (!restore()) newThread();
