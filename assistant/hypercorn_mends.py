@@ -229,7 +229,8 @@ async def _handle_websocket_events(self: WSStream) -> None:
     """hypercorn's, but a message over `websocket_max_message_size` (hypercorn_config.py: twice
     MAX_BODY_BYTES) is refused once (1009) and dropped as it comes, and the frames behind it are
     read on, so that the client's answer to the close ends the connection. hypercorn stopped
-    reading there, keeping the message and the socket for good when another frame followed."""
+    reading there, keeping the message and the socket for good when another frame followed. A
+    frame that breaks the protocol gets a close frame with its code before the connection ends."""
     for event in self.connection.events():
         if isinstance(event, Message):
             if getattr(self, "_refused_too_large", False):
@@ -249,6 +250,11 @@ async def _handle_websocket_events(self: WSStream) -> None:
         elif isinstance(event, CloseConnection):
             if self.connection.state == ConnectionState.REMOTE_CLOSING:
                 await self._send_wsproto_event(event.response())
+            elif self.connection.state == ConnectionState.OPEN:
+                # Not the client's close: wsproto failed the connection on a frame that broke the
+                # protocol (1002; 1007 for text that is not UTF-8). Say so before closing, as RFC
+                # 6455 (7.1.7) asks; hypercorn only closed, and the client saw 1006.
+                await self._send_wsproto_event(CloseConnection(code=event.code, reason=event.reason))
             await self.send(StreamClosed(stream_id=self.stream_id))
 
 

@@ -143,3 +143,28 @@ async def test_an_oversized_frame_alone_closes_the_socket(small_body_service: Se
         assert int.from_bytes(data[2:4], "big") == 1009 and eof
     finally:
         sock.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("frame", "code"), [
+    (b"\x81\x05hello", 1002),  # not masked: a client's frames must be
+    (_client_frame(0x1, b"\xff\xfe"), 1007),  # a text message that is not UTF-8
+    (_client_frame(0x3, b"x"), 1002),  # a reserved opcode
+])
+async def test_a_frame_that_breaks_the_protocol_gets_a_close_frame_saying_why(
+    small_body_service: ServerProcess, frame: bytes, code: int
+) -> None:
+    """RFC 6455 7.1.7: an endpoint failing an established connection should send a close frame
+    with the reason's code first. hypercorn dropped the connection without one, so a client
+    library saw 1006 (abnormal closure) and could not tell its own bug from a network failure."""
+    sock = _handshake(small_body_service.port)
+    client_port = sock.getsockname()[1]
+    try:
+        sock.sendall(frame)
+        data, eof = await anyio.to_thread.run_sync(_read_until_eof, sock, 3.0)
+        assert data.startswith(b"\x88") and int.from_bytes(data[2:4], "big") == code, data[:40]
+        assert eof
+    finally:
+        sock.close()
+    await anyio.sleep(1.0)
+    assert not {"ESTAB", "CLOSE-WAIT"} & set(_server_sockets(small_body_service.port, client_port))
