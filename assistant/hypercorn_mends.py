@@ -2,7 +2,8 @@
 loops and oversized messages; the close of a connection whose client stopped reading; writes to
 a lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
-stream's drain waiters. An ended connection leaves no reference cycle of hypercorn's behind (it
+stream's drain waiters; the answer to a request that is not valid HTTP/1.1 (the service's JSON
+error, not a bare status). An ended connection leaves no reference cycle of hypercorn's behind (it
 is broken as the connection ends), so reference counting frees it, and it counts towards the
 next full garbage collection (garbage_collection.py).
 
@@ -30,6 +31,7 @@ from functools import partial
 from typing import Any
 
 import h11
+import orjson
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -42,7 +44,10 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from .errors import ServiceError, log_refusal
 from .garbage_collection import note_ended
+from .logs import correlation_id_var
+from .middleware import new_correlation_id
 
 _compression = False  # WS_COMPRESSION: take the permessage-deflate a client offers
 _stalled_seconds = 30.0  # SLOW_CLIENT_TIMEOUT_SECONDS
@@ -199,7 +204,7 @@ async def _handle_events(self: H11Protocol) -> None:
             event = self.connection.next_event()
         except h11.RemoteProtocolError as error:
             if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
-                await self._send_error_response(error.error_status_hint)
+                await _refuse_malformed_request(self, error)
             await self.send(Closed())
             break
         else:
@@ -223,6 +228,30 @@ async def _handle_events(self: H11Protocol) -> None:
             elif isinstance(event, Data):
                 # WebSocket pass through
                 await self.stream.handle(event)
+
+
+# A request h11 cannot read: hypercorn answered it with a bare status (no body, no correlation ID).
+_MALFORMED_REQUEST_TYPES = {431: "request_headers_too_large", 501: "not_implemented"}
+
+
+async def _refuse_malformed_request(self: H11Protocol, error: h11.RemoteProtocolError) -> None:
+    """The service's JSON error (README "Errors") for a request that is not valid HTTP/1.1, with a
+    new correlation ID in the body, the header and the log line; the connection then closes."""
+    status = error.error_status_hint
+    refusal = ServiceError(f"malformed HTTP request: {error}", status_code=status,
+                           type=_MALFORMED_REQUEST_TYPES.get(status, "invalid_request"))
+    correlation_id = new_correlation_id()
+    correlation_id_var.set(correlation_id)  # the connection's task ends here: nothing else logs with it
+    log_refusal(refusal)
+    body = orjson.dumps(refusal.payload(correlation_id))
+    headers = [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
+        (b"cache-control", b"no-store"), (b"x-correlation-id", correlation_id.encode()),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
 
 
 async def _handle_websocket_events(self: WSStream) -> None:

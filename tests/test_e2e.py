@@ -412,6 +412,45 @@ async def test_errors_are_json_with_a_type(service: ServerProcess) -> None:
         assert_json_error(await client.post(f"{base}/chat", json=huge), 413, "payload_too_large")
 
 
+def raw_http_answer(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """What the service answers to `request`, bytes as sent, read until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "type"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, "invalid_request"),
+    (b"BREW /chat HTCPCP/1.0\r\n\r\n", 400, "invalid_request"),
+    # a head still coming past hypercorn's h11_max_incomplete_size (16 KiB), all of it read (no reset)
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000, 431, "request_headers_too_large"),
+    (b"POST /chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "not_implemented"),
+])
+def test_a_request_that_is_not_http_gets_the_services_json_error(
+    service: ServerProcess, request_bytes: bytes, status: int, type: str
+) -> None:
+    """h11 cannot read it, so no route sees it: hypercorn answered with a bare status and no body.
+    The answer is the service's own error, with a correlation ID the log line carries too."""
+    answer_status, headers, body = raw_http_answer(service.port, request_bytes)
+    assert answer_status == status, (headers, body)
+    assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
+    assert headers["connection"] == "close"
+    error = json.loads(body)
+    assert set(error) == {"error", "type", "correlation_id"}, error
+    assert error["type"] == type and error["error"].startswith("malformed HTTP request: "), error
+    assert error["correlation_id"] == headers["x-correlation-id"]
+    deadline = time.monotonic() + 5
+    while error["correlation_id"] not in service.output():
+        assert time.monotonic() < deadline, "no log line carries the error's correlation ID"
+        time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. JSON replies
 
