@@ -14,10 +14,13 @@ middle, where nothing starts or ends but what is measured:
              turn (its one delta included)
 
 A call is a Python function entered or a coroutine or generator resumed (a task that wakes up
-re-enters every frame of its await chain), or a C function called from Python, counted in the
-package that called it. The deltas and turns counted are those the load received in the window.
-The profiler slows the server several times over, hence the light loads; the counts do not
-depend on speed. --quick: a tiny run, in seconds (CI's smoke test); its counts are rough.
+re-enters every frame of its await chain), counted in the package of that function, or a C
+function called from Python, counted in the package of its caller. The deltas and turns counted
+are those the load received in the window. The profiler slows the server several times over,
+hence the light loads. The counts depend on the load, not on the machine's speed: how many
+events one read or one loop iteration carries changes asyncio's share, so compare counts of
+the same load only (not --quick's, which are rough). --quick: a tiny run, in seconds (CI's
+smoke test).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ def package_of(filename: str) -> str:
     if not path.is_absolute():  # <frozen ...>, <string> (dataclasses' and namedtuples' generated code)
         return "stdlib"
     parts = path.resolve().parts
-    if "site-packages" in parts:
-        return parts[parts.index("site-packages") + 1].removesuffix(".py")
+    for packages in ("site-packages", "dist-packages"):
+        if packages in parts:
+            return parts[parts.index(packages) + 1].removesuffix(".py")
     try:
         relative = path.resolve().relative_to(REPO)
     except ValueError:
@@ -58,10 +62,10 @@ def package_of(filename: str) -> str:
 
 
 class CountedServer:
-    """The server with the call counter loaded; `count()` brackets a window of its life."""
+    """The server with the call counter loaded; `start()` and `stop()` bracket a window of its life."""
 
     def __init__(self, upstream: Upstream, floor: bool) -> None:
-        self.out = Path(tempfile.mkstemp(prefix="bench-calls-", suffix=".tsv")[1])
+        self.out = Path(tempfile.gettempdir()) / f"bench-calls-{os.getpid()}.tsv"  # the server writes it
         saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "BENCH_CALL_COUNTS")}
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COUNTER_DIR), saved["PYTHONPATH"]]))
         os.environ["BENCH_CALL_COUNTS"] = str(self.out)
@@ -79,24 +83,27 @@ class CountedServer:
         return time.time()
 
     def stop(self) -> tuple[float, list[tuple[int, str, str, str]]]:
-        self.out.write_text("")
+        self.out.unlink(missing_ok=True)
         os.kill(self.service.worker, signal.SIGUSR2)
         t1 = time.time()
         deadline = time.monotonic() + 30
-        while not self.out.read_text().endswith("\n"):
+        while not self.out.exists():  # the counter writes another file, then renames it to this one
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not write its call counts")
+                raise RuntimeError(f"the server did not write its call counts (its log: {self.service.log_path})")
             time.sleep(0.05)
-        time.sleep(0.1)  # the file is written in one go, but let the writer finish
         rows = []
         for line in self.out.read_text().splitlines():
             count, kind, filename, name = line.split("\t")
             rows.append((int(count), kind, filename, name))
         return t1, rows
 
-    def close(self) -> None:
+    def close(self, keep_log: bool) -> None:
         self.service.stop()
         self.out.unlink(missing_ok=True)
+        if keep_log:
+            print(f"server log: {self.service.log_path}", file=sys.stderr)
+        else:
+            self.service.log_path.unlink(missing_ok=True)
 
 
 def run_load(server: CountedServer, transport: str, streams: int, deltas: int, rate: float,
@@ -130,7 +137,7 @@ def run_load(server: CountedServer, transport: str, streams: int, deltas: int, r
 
 
 def by_package(rows: list[tuple[int, str, str, str]], per: int) -> dict[str, tuple[float, float]]:
-    """Python and C calls per unit, by the package that made them."""
+    """Python calls per unit by the package of the function called, C calls by their caller's."""
     python: collections.Counter[str] = collections.Counter()
     c: collections.Counter[str] = collections.Counter()
     for count, kind, filename, _ in rows:
@@ -178,12 +185,14 @@ def main() -> int:
     upstream = Upstream(None)
     try:
         server = CountedServer(upstream, args.floor)
+        failed = True
         try:
             run_load(server, args.transport, 5, 5, 0.0, 0.0, (0.0, 0.3))  # warm-up: imports, pools
             delta_rows, deltas, _ = run_load(server, args.transport, *delta_load, delta_window)
             turn_rows, _, turns = run_load(server, args.transport, *turn_load, turn_window)
+            failed = False
         finally:
-            server.close()
+            server.close(keep_log=failed)
     finally:
         upstream.stop()
     if not deltas or not turns:

@@ -187,7 +187,9 @@ def test_a_reload_keeps_the_thread_and_what_the_page_showed(page: object, fake_u
     assert page.inner_text("#thread") == thread  # type: ignore[attr-defined]
     assert responses_made(fake_upstream, thread_id) == 2
     page.click("#new-thread")  # type: ignore[attr-defined]
-    page.wait_for_function(f"() => document.querySelector('#thread').textContent !== {thread!r}")  # type: ignore[attr-defined]
+    page.wait_for_function(  # type: ignore[attr-defined]
+        f"() => !['', {thread!r}].includes(document.querySelector('#thread').textContent)"  # cleared, then the new one
+    )
     new_thread = page.inner_text("#thread")  # type: ignore[attr-defined]
     reload(page)
     assert page.inner_text("#thread") == new_thread  # type: ignore[attr-defined]
@@ -218,7 +220,8 @@ def test_a_message_waiting_for_its_thread_at_a_reload_is_answered_once(
     page: object, page_service: ServerProcess, fake_upstream: ServerProcess, transport: str  # noqa: F811
 ) -> None:
     """Reloaded before its run id came (the thread was busy), the page sends the message again
-    with the same key: the run the first send started, or the one this send starts, never both."""
+    with the same key. The reload drops the first send (its client went away while it waited for
+    the thread), so this send starts the run: answered once, and the model asked once."""
     thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
     busy = threading.Thread(target=httpx.post, args=(f"{page_service.url}/chat",), kwargs={
         "json": {"thread_id": thread_id, "message": "fault:slow 0.1 15"}, "timeout": 30, "trust_env": False})
@@ -232,6 +235,67 @@ def test_a_message_waiting_for_its_thread_at_a_reload_is_answered_once(
     busy.join()
     assert page.locator(".turn.user").count() == 1  # type: ignore[attr-defined]
     assert responses_made(fake_upstream, thread_id) == 2  # the busy turn's, and this message's once
+
+
+# Run once before the page's own script on every load: its run's stream is gone (the service
+# restarted, or the run's events expired).
+RUN_STREAMS_EXPIRED = """(() => {
+    const original = window.fetch;
+    window.fetch = async (url, options) => String(url).startsWith("chat/stream/")
+        ? new Response(JSON.stringify({ error: "no longer kept", type: "run_expired", correlation_id: "c" }),
+                       { status: 404, headers: { "Content-Type": "application/json" } })
+        : original(url, options);
+})()"""
+
+
+def test_a_reply_that_cannot_be_read_again_after_a_reload_keeps_what_it_showed(page: object) -> None:
+    send(page, "fault:slow 0.2 16", "sse")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent.includes('word2')"
+    )
+    shown = last_reply(page)
+    page.add_init_script(RUN_STREAMS_EXPIRED)  # type: ignore[attr-defined]
+    reload(page)
+    wait_idle(page)
+    assert page.locator(".error").last.inner_text() == "Error (run_expired): no longer kept"  # type: ignore[attr-defined]
+    assert shown in page.inner_text("#log")  # type: ignore[attr-defined]
+    reload(page)  # and it stays, without a reply still coming
+    assert shown in page.inner_text("#log")  # type: ignore[attr-defined]
+    wait_idle(page)
+
+
+# Run before the page's own script: what the page saved is made an hour old.
+SAVED_LONG_AGO = """(() => {
+    const saved = JSON.parse(sessionStorage.getItem("assistant-chat") || "null");
+    if (saved) sessionStorage.setItem("assistant-chat", JSON.stringify({ ...saved, savedAt: Date.now() - 3600e3 }));
+})()"""
+
+
+def test_a_message_reloaded_long_before_its_answer_began_is_not_sent_again(
+    page: object, page_service: ServerProcess, fake_upstream: ServerProcess  # noqa: F811
+) -> None:
+    """Past RESUME_FOR_MS the service may have forgotten the message's key, so sending it again
+    could answer it twice: the page says so instead, and the thread goes on."""
+    thread_id = page.evaluate("() => state.threadId")  # type: ignore[attr-defined]
+    busy = threading.Thread(target=httpx.post, args=(f"{page_service.url}/chat",), kwargs={
+        "json": {"thread_id": thread_id, "message": "fault:slow 0.1 15"}, "timeout": 30, "trust_env": False})
+    busy.start()
+    time.sleep(0.3)
+    send(page, "fault:slow 0.05 8", "sse")
+    time.sleep(0.3)
+    assert page.evaluate("() => state.turn !== null && state.turn.runId === null")  # type: ignore[attr-defined]
+    page.add_init_script(SAVED_LONG_AGO)  # type: ignore[attr-defined]
+    reload(page)
+    wait_idle(page)
+    assert "too long ago to send it again safely" in page.locator(".error").last.inner_text()  # type: ignore[attr-defined]
+    busy.join()
+    time.sleep(0.5)
+    assert responses_made(fake_upstream, thread_id) == 1  # the busy turn's alone
+    send(page, "fault:slow 0.05 2", "sse")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => [...document.querySelectorAll('.turn.assistant .bubble')].pop().textContent === 'word0 word1'"
+    )
+    wait_idle(page)
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])

@@ -88,12 +88,17 @@ function showStep(turn, step, done) {
 // One handler for both transports: they carry the same events.
 function handleEvent(turn, name, data) {
   if (turn !== state.turn) return; // a turn given up (New thread): its late events go nowhere
+  if (turn.before && name !== "error") {  // the reply read again after a reload replaces what it showed before
+    turn.before.remove();
+    turn.before = null;
+  }
   const wasAtBottom = atBottom();
   switch (name) {
     case "thread.run.created":
       turn.runId = data.run_id;
       turn.streamUrl = data.stream_url;
       $("stop").hidden = false;
+      save();
       break;
     case "thread.message.delta":
       openBubble(turn).textContent += data.delta.content;
@@ -117,7 +122,8 @@ function handleEvent(turn, name, data) {
       break;
     case "error":
       showError(turn, `Error (${data.type}): ${data.error}` +
-        (data.retry_after_seconds ? ` Try again in ${Math.ceil(data.retry_after_seconds)} s.` : ""));
+        (data.retry_after_seconds ? ` Try again in ${Math.ceil(data.retry_after_seconds)} s.` : "") +
+        (data.type === "thread_not_found" ? " Press New thread to start another." : ""));
       break;
   }
   if (name === "metadata" || name === "error" || (name === "thread.run.resumed" && data.complete)) endTurn();
@@ -126,6 +132,7 @@ function handleEvent(turn, name, data) {
 function endTurn() {
   state.turn?.abort?.abort();
   state.turn?.el.classList.add("ended");  // an empty reply bubble no longer shows "…"
+  keepShownBeforeReload(state.turn?.before);
   state.turn = null;
   $("send").disabled = false;
   $("stop").hidden = true;
@@ -389,6 +396,7 @@ async function startTurn(message, key, run = null) {
   const turn = (state.turn = addTurn("assistant"));
   Object.assign(turn, { text: message, key }, run);
   $("stop").hidden = !turn.runId;
+  save();
   try {
     await ($("transport").value === "ws" ? sendOverWebSocket : sendOverSSE)(turn, message, key);
   } catch (error) {
@@ -397,9 +405,12 @@ async function startTurn(message, key, run = null) {
 }
 
 // --- a reload: the thread, what the page showed, and a reply still coming ---------------------
-// Kept in sessionStorage (this tab's, until it closes). A reply still coming is read again from
-// its run's start (README "Resuming a stream"), or, if its run id had not come yet, its message
-// is sent again with the same key: the run the first send started, not a second answer.
+// Kept in sessionStorage (this tab's, until it closes), saved as a turn starts, as its run id
+// comes, as it ends and as the page is hidden or left. A reply still coming is read again from its
+// run's start (README "Resuming a stream"); what it showed before the reload stays until the
+// first event comes, and for good if it cannot be read again. If its run id had not come yet, its
+// message is sent again with the same key (the run the first send started, not a second answer),
+// but only within RESUME_FOR_MS: later the service may have forgotten the key.
 
 const SAVED = "assistant-chat";
 
@@ -409,15 +420,23 @@ function save() {
   const turn = state.turn;
   let coming = null;
   if (turn) {
-    log.children[[...$("log").children].indexOf(turn.el)]?.remove();  // rebuilt from its events
+    const el = log.children[[...$("log").children].indexOf(turn.el)];
+    if (turn.before) el?.remove();  // nothing came since the last reload: what showed before it stays
+    else el?.classList.add("before-reload");
     coming = { message: turn.text, key: turn.key, run: turn.streamUrl ? { runId: turn.runId, streamUrl: turn.streamUrl } : null };
   }
   try {
     sessionStorage.setItem(SAVED, JSON.stringify({ threadId: state.threadId, log: log.innerHTML, coming,
-                                                   transport: $("transport").value }));
+                                                   transport: $("transport").value, savedAt: Date.now() }));
   } catch {
-    // storage full or refused: a reload starts a new thread
+    sessionStorage.removeItem(SAVED);  // storage full or refused: a reload starts a new thread, not an older state
   }
+}
+
+// The reply could not be read again: what it showed before the reload stays.
+function keepShownBeforeReload(el) {
+  el?.classList.remove("before-reload");
+  el?.classList.add("ended");
 }
 
 function restore() {
@@ -432,7 +451,17 @@ function restore() {
   $("thread").textContent = `thread ${saved.threadId}`;
   if (saved.transport) $("transport").value = saved.transport;
   $("log").innerHTML = saved.log;  // the page's own markup: every text in it was set as text
-  if (saved.coming) startTurn(saved.coming.message, saved.coming.key, saved.coming.run);
+  $("log").lastElementChild?.scrollIntoView({ block: "end" });
+  const coming = saved.coming;
+  const before = $("log").querySelector(".before-reload");
+  if (coming?.run || (coming && Date.now() - saved.savedAt < RESUME_FOR_MS)) {
+    startTurn(coming.message, coming.key, { ...coming.run, before });
+  } else if (coming) {
+    keepShownBeforeReload(before);
+    showError(before ? { el: before } : null, "The page was reloaded before this message was answered, too long " +
+      "ago to send it again safely (it could be answered twice): send it again if no answer comes.");
+    save();
+  }
   return true;
 }
 
@@ -450,4 +479,5 @@ $("stop").addEventListener("click", () => {
 });
 $("new-thread").addEventListener("click", newThread);
 window.addEventListener("pagehide", save);  // a reply still coming is kept as such
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "hidden") save(); });
 if (!restore()) newThread();

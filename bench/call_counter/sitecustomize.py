@@ -4,7 +4,8 @@ counts.
 
 It does nothing unless BENCH_CALL_COUNTS names a file. Then SIGUSR1 starts counting the main
 thread's calls (`sys.setprofile`), and SIGUSR2 stops and writes them to that file, one
-tab-separated line per function: count, "py" or "c", the caller's file, the function's name.
+tab-separated line per function: count, "py" (with the function's file) or "c" (with its
+caller's file), the function's name.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def _install(path: str) -> None:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         sys.setprofile(None)
-        with open(path, "w") as out:
+        with open(path + ".part", "w") as out:
             for (kind, filename, name), count in counts.most_common():
                 out.write(f"{count}\t{kind}\t{filename}\t{name}\n")
+        os.replace(path + ".part", path)  # the reader sees the whole file or none
 
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
