@@ -338,15 +338,19 @@ async function resumeOverWebSocket(turn, closed) {
   } catch {
     return; // its close comes next, and tries again
   }
-  // Lost before the run id came: the message again, with its key (README "Sending a message again").
+  sendTurnFrame(turn);
+}
+
+// The run read on after the last event seen (from its start after a reload), or, the run id not
+// known yet, the message again with its key (README "Sending a message again").
+function sendTurnFrame(turn) {
   state.ws.send(JSON.stringify(turn.runId ? { resume: turn.runId, last_event_id: turn.lastEventId } : turn.message));
 }
 
 async function sendOverWebSocket(turn, message, key) {
   await openSocket();
-  if (turn.runId) return state.ws.send(JSON.stringify({ resume: turn.runId, last_event_id: turn.lastEventId }));
   turn.message = { thread_id: state.threadId, message, idempotency_key: key };
-  state.ws.send(JSON.stringify(turn.message));
+  sendTurnFrame(turn);
 }
 
 // --- threads and the form ---------------------------------------------------------------------
