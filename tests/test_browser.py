@@ -237,6 +237,20 @@ def test_a_message_waiting_for_its_thread_at_a_reload_is_answered_once(
     assert responses_made(fake_upstream, thread_id) == 2  # the busy turn's, and this message's once
 
 
+def test_a_run_the_page_gave_up_on_is_still_stopped_after_a_reload(page: object) -> None:
+    """A run the page could not stop yet (the service unreachable) is stopped before the next
+    message, also when a reload came in between."""
+    page.evaluate("() => { state.abandonedRunId = 'run_abandoned1'; save(); }")  # type: ignore[attr-defined]
+    reload(page)
+    assert page.evaluate("() => state.abandonedRunId") == "run_abandoned1"  # type: ignore[attr-defined]
+    stops = []
+    page.on("request", lambda request: stops.append(request.url) if request.url.endswith("/cancel") else None)  # type: ignore[attr-defined]
+    send(page, "hello", "sse")
+    wait_idle(page)
+    assert stops == [page.url + "runs/run_abandoned1/cancel"]  # type: ignore[attr-defined]
+    assert page.evaluate("() => state.abandonedRunId") is None  # the service answered (404): nothing left to stop  # type: ignore[attr-defined]
+
+
 # Run once before the page's own script on every load: its run's stream is gone (the service
 # restarted, or the run's events expired).
 RUN_STREAMS_EXPIRED = """(() => {

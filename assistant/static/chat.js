@@ -431,7 +431,8 @@ function save() {
   }
   try {
     sessionStorage.setItem(SAVED, JSON.stringify({ threadId: state.threadId, log: log.innerHTML, coming,
-                                                   transport: $("transport").value, savedAt: Date.now() }));
+                                                   transport: $("transport").value, savedAt: Date.now(),
+                                                   abandonedRunId: state.abandonedRunId }));
   } catch {
     sessionStorage.removeItem(SAVED);  // storage full or refused: a reload starts a new thread, not an older state
   }
@@ -452,6 +453,7 @@ function restore() {
   }
   if (!saved?.threadId) return false;
   state.threadId = saved.threadId;
+  state.abandonedRunId = saved.abandonedRunId ?? null;  // still to stop before the next message
   $("thread").textContent = `thread ${saved.threadId}`;
   if (saved.transport) $("transport").value = saved.transport;
   $("log").innerHTML = saved.log;  // the page's own markup: every text in it was set as text
