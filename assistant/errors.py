@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 
+import orjson
+
 
 class ServiceError(Exception):
     status_code = 500
@@ -110,6 +112,15 @@ class UpstreamTimeout(ServiceError):
 class ShuttingDown(ServiceError):
     status_code = 503
     type = "shutting_down"
+
+
+def error_body_and_headers(error: ServiceError, correlation_id: str | None) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An error answered below Starlette (raw ASGI or hypercorn's own HTTP events): its JSON body
+    and the headers every error carries."""
+    body = orjson.dumps(error.payload(correlation_id))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+               (b"cache-control", b"no-store")]
+    return body, headers
 
 
 def log_refusal(error: ServiceError) -> None:

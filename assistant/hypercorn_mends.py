@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any
 
 import h11
-import orjson
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -44,7 +43,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
-from .errors import ServiceError, log_refusal
+from .errors import ServiceError, error_body_and_headers, log_refusal
 from .garbage_collection import note_ended
 from .logs import correlation_id_var
 from .middleware import new_correlation_id
@@ -243,12 +242,9 @@ async def _refuse_malformed_request(self: H11Protocol, error: h11.RemoteProtocol
     correlation_id = new_correlation_id()
     correlation_id_var.set(correlation_id)  # the connection's task ends here: nothing else logs with it
     log_refusal(refusal)
-    body = orjson.dumps(refusal.payload(correlation_id))
-    headers = [
-        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
-        (b"cache-control", b"no-store"), (b"x-correlation-id", correlation_id.encode()),
-        *self.config.response_headers("h11"),
-    ]
+    body, headers = error_body_and_headers(refusal, correlation_id)
+    headers += [(b"connection", b"close"), (b"x-correlation-id", correlation_id.encode()),
+                *self.config.response_headers("h11")]
     await self._send_h11_event(h11.Response(status_code=status, headers=headers))
     await self._send_h11_event(h11.Data(data=body))
     await self._send_h11_event(h11.EndOfMessage())

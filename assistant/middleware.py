@@ -12,7 +12,7 @@ from starlette.middleware import cors
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BadRequest, Unauthorized, log_refusal
+from .errors import BadRequest, Unauthorized, error_body_and_headers, log_refusal
 from .logs import correlation_id_var
 
 # A caller's own ID is kept only when it is a short token that is safe in headers and logs.
@@ -113,19 +113,9 @@ class APIKeyMiddleware:
                 await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})  # a bare 403
                 return
             answer = "websocket.http.response"
-        body = orjson.dumps(error.payload(correlation_id))
-        await send(
-            {
-                "type": f"{answer}.start",
-                "status": error.status_code,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                    (b"cache-control", b"no-store"),
-                ],
-            }
-        )
+        body, headers = error_body_and_headers(error, correlation_id)
+        await send({"type": f"{answer}.start", "status": error.status_code,
+                    "headers": [*headers, (b"www-authenticate", b"Bearer")]})
         await send({"type": f"{answer}.body", "body": body})
 
 
