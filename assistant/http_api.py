@@ -35,6 +35,7 @@ from .middleware import is_bare_root_path
 from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
 from .sse_stream_handler import KEEPALIVE, SSE_HEADERS, SSEResponse, frame_error, frame_retry
+from .timeouts import MoveOn
 
 logger = logging.getLogger("assistant.http")
 
@@ -139,22 +140,19 @@ async def read_json_body(request: Request, max_bytes: int, idle_seconds: float) 
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)")
     chunks = []
     size = 0
-    body = request.stream()
     try:
-        while True:
-            with anyio.move_on_after(idle_seconds) as idle:
-                chunk = await anext(body, None)
-            if idle.cancelled_caught:
-                raise RequestTimeout(f"the client sent none of the rest of its body for {idle_seconds:g} s "
-                                     "(SLOW_CLIENT_TIMEOUT_SECONDS)")
-            if chunk is None:
-                break
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
-            chunks.append(chunk)
+        async with MoveOn(time.monotonic() + idle_seconds) as idle:  # moved on with each chunk
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
+                chunks.append(chunk)
+                idle.reschedule(time.monotonic() + idle_seconds)
     except ClientDisconnect:
         raise ClientGone("the client hung up while sending its request") from None
+    if idle.expired():
+        raise RequestTimeout(f"the client sent none of the rest of its body for {idle_seconds:g} s "
+                             "(SLOW_CLIENT_TIMEOUT_SECONDS)")
     body = b"".join(chunks)
     if not body.strip():
         raise BadRequest("the body is empty; send a JSON object")

@@ -30,6 +30,7 @@ from .events import (
 from .logs import redact, run_id_var, thread_id_var
 from .message_parser import ToolTracker
 from .run_log import RunLog
+from .timeouts import MoveOn
 from .tool_executor import ToolCall, ToolRegistry, ToolResult, cancelled_from_outside, error_output, execute_tool
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ async def wait_until_accepted(log: RunLog, head_deadline: float) -> None:
     if log.head_deadline is None:
         log.head_deadline = head_deadline
     deadline = log.head_deadline
-    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+    async with MoveOn(deadline):
         await log.wait_upstream_answered()
     if nothing_but_an_error(log) and (log.finished_at or 0.0) <= deadline:
         raise log.error  # type: ignore[misc]  # nothing but the error to show: a plain HTTP error says it best

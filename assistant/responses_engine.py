@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -21,6 +22,7 @@ import orjson
 from .config import Settings
 from .errors import NotFound
 from .message_parser import MessageParser, ToolTracker
+from .timeouts import MoveOn
 from .tool_executor import ToolRegistry, ToolResult
 from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error, may_have_taken_effect
 from .upstream_sse import iterate_sse_events
@@ -342,7 +344,7 @@ class Round:
         try:
             if exc_type is None:
                 await self._events.aclose()
-                with anyio.move_on_after(DRAIN_SECONDS):
+                async with MoveOn(time.monotonic() + DRAIN_SECONDS):
                     try:
                         async for _ in self._chunks:
                             pass

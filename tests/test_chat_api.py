@@ -243,6 +243,35 @@ def test_a_connection_dropped_after_the_last_event_still_answers(
         assert names[-3:] == ["thread.message.completed", "thread.run.completed", "metadata"]
 
 
+class HeldOpenAfterTheLastEvent(httpx.AsyncByteStream):
+    """Every event of a complete response, then nothing: the body's end never comes."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+        await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("headers", [JSON, SSE])
+def test_a_body_held_open_after_the_last_event_still_answers_at_once(
+    client: TestClient, upstream: respx.MockRouter, headers: dict[str, str]
+) -> None:
+    """The reply is complete: the end of the body is waited for only DRAIN_SECONDS (0.5 s),
+    not for as long as the upstream keeps the connection."""
+    stream = HeldOpenAfterTheLastEvent(sse(text_events("All here.")))
+    upstream.post("/responses").mock(return_value=httpx.Response(200, stream=stream))
+    started = time.monotonic()
+    response = chat(client, "hello", headers=headers)
+    assert response.status_code == 200 and time.monotonic() - started < 3
+    if headers is JSON:
+        assert response.json()["responses"] == ["All here."]
+    else:
+        names = [e["event"] for e in events_of(response.text)]
+        assert names[-3:] == ["thread.message.completed", "thread.run.completed", "metadata"]
+
+
 def test_sse_reply(client: TestClient, upstream: respx.MockRouter) -> None:
     upstream.post("/responses").mock(return_value=sse_response(text_events("Hello, world!", chunks=4)))
     response = chat(client, "hello", headers=SSE)
@@ -886,6 +915,30 @@ async def test_a_client_that_hangs_up_while_sending_its_body_is_client_gone_not_
     scope = {"type": "http", "method": "POST", "path": "/chat", "headers": [(b"content-type", b"application/json")]}
     with pytest.raises(ClientGone):
         await read_json_body(Request(scope, receive), 1000, 30)
+
+
+@pytest.mark.anyio
+async def test_a_body_sent_slowly_is_read_while_each_part_comes_within_the_idle_limit() -> None:
+    """The idle limit is per part, not for the whole body: a slow client that keeps sending is
+    read to the end; one that stops for longer than the limit is a RequestTimeout."""
+    from starlette.requests import Request
+
+    from assistant.errors import RequestTimeout
+    from assistant.http_api import read_json_body
+
+    def receiver(parts: list[bytes], pause: float) -> Any:
+        async def receive() -> dict[str, Any]:
+            await anyio.sleep(pause)
+            body = parts.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(parts)}
+        return receive
+
+    scope = {"type": "http", "method": "POST", "path": "/chat", "headers": [(b"content-type", b"application/json")]}
+    steady = receiver([b'{"thread_id": ', b'"conv_1", ', b'"message": ', b'"hi"}'], 0.15)
+    assert await read_json_body(Request(scope, steady), 1000, 0.4) == {"thread_id": "conv_1", "message": "hi"}
+    stalled = receiver([b'{"thread_id": ', b'"conv_1"}'], 0.5)
+    with pytest.raises(RequestTimeout):
+        await read_json_body(Request(scope, stalled), 1000, 0.3)
 
 
 def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: TestClient) -> None:
