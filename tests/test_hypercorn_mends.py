@@ -14,6 +14,8 @@ import struct
 import weakref
 
 import anyio
+import h11
+import h11._connection
 import pytest
 
 from hypercorn.app_wrappers import ASGIWrapper
@@ -42,6 +44,7 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
                       (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
                       (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
+    monkeypatch.setattr(h11._connection, "set_comma_header", h11._connection.set_comma_header)
 
 
 def answered_extensions(offer: bytes) -> str | None:
@@ -432,3 +435,38 @@ async def test_an_ended_connection_is_freed_without_the_garbage_collector(
     await asyncio.sleep(0)  # the task's done callbacks
     del connection
     assert [ref() is not None for ref in served] == [not mended]
+
+
+RESPONSE_HEADS = [  # (request, response headers): the framing headers h11 sets or clears
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [("Content-Type", "text/event-stream"), ("X-Correlation-ID", "abc")]),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [("content-length", "5"), ("Transfer-Encoding", "chunked")]),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [("Content-Length", "5"), ("content-length", "5")]),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", [("Server", "hypercorn")]),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [("Connection", "keep-alive, Upgrade")]),
+    (b"GET / HTTP/1.0\r\n\r\n", [("Date", "today"), ("transfer-encoding", "chunked")]),
+    (b"GET / HTTP/1.0\r\n\r\n", [("Content-Length", "0")]),
+]
+
+
+def send_response_head(request: bytes, headers: list[tuple[str, str]]) -> tuple[bytes, object, object]:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(request)
+    assert isinstance(connection.next_event(), h11.Request)
+    data = connection.send(h11.Response(status_code=200, headers=headers))
+    return data, connection.our_state, connection._cstate.keep_alive
+
+
+@pytest.mark.parametrize(("request_head", "headers"), RESPONSE_HEADS)
+def test_a_response_head_is_written_as_h11_writes_it(request_head: bytes, headers: list[tuple[str, str]]) -> None:
+    """h11 validates a response's headers once, not three times, and writes the same head."""
+    expected = send_response_head(request_head, headers)
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    assert h11._connection.set_comma_header is hypercorn_mends._set_comma_header
+    assert send_response_head(request_head, headers) == expected
+
+
+def test_a_response_header_h11_refuses_is_still_refused() -> None:
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    for bad in ([("X-Bad", "line\r\nbreak")], [("Bad Name", "x")], [("Content-Length", "5"), ("Content-Length", "6")]):
+        with pytest.raises(h11.LocalProtocolError):
+            send_response_head(RESPONSE_HEADS[0][0], bad)
