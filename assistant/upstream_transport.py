@@ -17,6 +17,7 @@ re-armed lazily, not one per chunk). Failures raise httpx's exceptions.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import select
 import ssl
 import time
@@ -39,11 +40,23 @@ def _seconds(timeout: float | None) -> str:
     return "the time the system allows" if timeout is None else f"{timeout:g} s"
 
 
-def _happy_eyeballs(loop: asyncio.AbstractEventLoop) -> dict[str, float]:
+def _happy_eyeballs(loop: asyncio.AbstractEventLoop, host: str) -> dict[str, float]:
     """Race a host's addresses 250 ms apart, so an unreachable one (IPv6, say) does not hold up
     the next. asyncio's own loop takes the option; uvloop's (hypercorn's `-k uvloop`) refuses it
-    with a TypeError and tries the addresses in turn."""
-    return {"happy_eyeballs_delay": 0.25} if isinstance(loop, asyncio.BaseEventLoop) else {}
+    with a TypeError and tries the addresses in turn. An IP address is one address: asyncio's
+    race would still run it in a task of its own, a turn of the loop later (and leave a
+    reference cycle per connection)."""
+    if not isinstance(loop, asyncio.BaseEventLoop) or _is_ip_address(host):
+        return {}
+    return {"happy_eyeballs_delay": 0.25}
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Body:
@@ -555,7 +568,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(
-                    protocol, host, port, ssl=tls, server_hostname=host if tls else None, **_happy_eyeballs(loop)
+                    protocol, host, port, ssl=tls, server_hostname=host if tls else None, **_happy_eyeballs(loop, host)
                 )
         except BaseException as exc:
             if made:

@@ -1271,6 +1271,26 @@ async def test_an_unreachable_first_address_does_not_hold_up_the_next(monkeypatc
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(("host", "raced"), [("127.0.0.1", False), ("localhost", True)])
+async def test_only_a_name_has_its_addresses_raced(monkeypatch: pytest.MonkeyPatch, host: str, raced: bool) -> None:
+    """An IP address is one address: racing it would only run the attempt in a task of its
+    own, a turn of the loop later."""
+    loop = asyncio.get_running_loop()
+    create_connection = loop.create_connection
+    delays: list[object] = []
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        delays.append(kwargs.get("happy_eyeballs_delay"))
+        return await create_connection(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", recording)
+    async with serve(Reply([full(b"ok")])) as server:
+        async with httpx.AsyncClient(transport=UpstreamTransport(), trust_env=False) as client:
+            assert (await client.get(f"http://{host}:{server.port}/")).content == b"ok"
+    assert delays == [0.25 if raced else None]
+
+
+@pytest.mark.anyio
 async def test_connections_are_reused_when_their_descriptors_are_above_1023() -> None:
     """A service with ~1,000 clients holds descriptors above 1023 for its upstream sockets:
     the check for a close waiting in the socket must work there (select.select cannot)."""
