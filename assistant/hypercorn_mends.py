@@ -3,16 +3,19 @@ loops and oversized messages; the close of a connection whose client stopped rea
 a lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
 stream's drain waiters; the answer to a request that is not valid HTTP/1.1 (the service's JSON
-error, not a bare status); and h11's validating a response's headers three times over. An ended connection leaves no reference cycle of hypercorn's behind (it
-is broken as the connection ends), so reference counting frees it, and it counts towards the
-next full garbage collection (garbage_collection.py).
+error, not a bare status); the wait, before each request's app starts, for the connection's
+keep-alive timer to stop (`KeepAliveTimer`); and h11's validating a response's headers three
+times over. An ended connection leaves no reference cycle of hypercorn's behind (it is broken
+as the connection ends), so reference counting frees it, and it counts towards the next full
+garbage collection (garbage_collection.py).
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
-Written for hypercorn 0.18.0 and applied to it only (four of them replace a hypercorn function
-with a copy that differs where it says), the h11 one for h11 0.16.0: tests/test_shutdown.py, tests/test_e2e.py,
-tests/test_faults.py, tests/test_e2e_websocket_close.py and tests/test_hypercorn_mends.py fail
-if another version leaves them out. Each is worth reporting upstream.
+Written for hypercorn 0.18.0 and applied to it only (five of them replace a hypercorn function
+with a copy that differs where it says), the h11 one for h11 0.16.0: tests/test_shutdown.py,
+tests/test_e2e.py, tests/test_faults.py, tests/test_e2e_websocket_close.py and
+tests/test_hypercorn_mends.py fail if another version leaves them out. Each is worth reporting
+upstream.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     WorkerContext.event_class = LeanEvent
     TCPServer.__init__ = _init_tcp_server  # type: ignore[method-assign]
+    TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     if importlib.metadata.version("h11") == "0.16.0":
         h11._connection.set_comma_header = _set_comma_header  # type: ignore[attr-defined]
 
@@ -424,14 +428,50 @@ class LeanQueue:
         self._getters = _wake(self._getters)
 
 
+class KeepAliveTimer:
+    """hypercorn's AsyncioSingleTask as a connection uses it, for its keep-alive timeout
+    (`_idle_timeout`), but stopping it does not wait for its task to end. hypercorn stops it as
+    each request comes in, and waited: three turns of the loop (the task, asyncio.wait_for's
+    inner one, then the task's end), each behind every stream's work, before it started the
+    request's app. A stopped timer cannot close its connection: its task is cancelled before it
+    runs again (a close already begun goes on, as in hypercorn's)."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        await self.stop()
+        self._task = task_group._task_group.create_task(action())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+async def _idle_timeout(self: TCPServer) -> None:
+    """hypercorn's, with asyncio.timeout for asyncio.wait_for: one task per idle connection, not
+    two, and one turn of the loop to stop."""
+    try:
+        async with asyncio.timeout(self.config.keep_alive_timeout):
+            await self.context.terminated.wait()
+    except TimeoutError:
+        pass
+    await asyncio.shield(self._initiate_server_close())
+
+
 def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
-    """hypercorn's, with a list for the drain waiters of the connection's asyncio stream: a
+    """hypercorn's, with a lean keep-alive timer (`KeepAliveTimer`), and a list for the drain
+    waiters of the connection's asyncio stream: a
     deque (~0.7 KiB) for the writes that wait for a client that is slow to read, which most
     connections never have. asyncio only appends to it, removes from it and iterates over it.
     Each connection counts, as it ends, towards the next full garbage collection
     (garbage_collection.py), and its reference cycle is broken as it ends (`_end_connection`):
     hypercorn builds it in the connection's own task."""
     _original_tcp_server_init(self, *args, **kwargs)
+    self.idle_task = KeepAliveTimer()  # type: ignore[assignment]
     if (task := asyncio.current_task()) is not None:
         task.add_done_callback(partial(_end_connection, self))
     protocol = self.writer.transport.get_protocol()

@@ -11,7 +11,11 @@ import asyncio
 import collections
 import socket
 import struct
+import time
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import h11
@@ -42,7 +46,8 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((Handshake, "accept"), (WSStream, "handle"), (WSStream, "_send_pings"),
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
                       (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
-                      (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__")):
+                      (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__"),
+                      (TCPServer, "_idle_timeout")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
     monkeypatch.setattr(h11._connection, "set_comma_header", h11._connection.set_comma_header)
 
@@ -470,3 +475,87 @@ def test_a_response_header_h11_refuses_is_still_refused() -> None:
     for bad in ([("X-Bad", "line\r\nbreak")], [("Bad Name", "x")], [("Content-Length", "5"), ("Content-Length", "6")]):
         with pytest.raises(h11.LocalProtocolError):
             send_response_head(RESPONSE_HEADS[0][0], bad)
+
+
+async def quick_app(scope: dict, receive: Any, send: Any) -> None:
+    """Answers at once, or after the `?wait=` seconds the request's query string gives."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(float(scope["query_string"].decode().partition("wait=")[2] or 0))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def keep_alive_connection(keep_alive_timeout: float) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, WorkerContext]]:
+    """A client's connection to an in-process hypercorn connection, mended, serving `quick_app`."""
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    loop = asyncio.get_running_loop()
+    config = Config()
+    config.keep_alive_timeout = keep_alive_timeout
+    context = WorkerContext(None)
+    here, there = socket.socketpair()
+
+    async def serve() -> None:
+        reader, writer = await asyncio.open_connection(sock=here)
+        await TCPServer(ASGIWrapper(quick_app), loop, config, context, {}, reader, writer)
+
+    connection = loop.create_task(serve())
+    reader, writer = await asyncio.open_connection(sock=there)
+    try:
+        yield reader, writer, context
+    finally:
+        writer.close()
+        await asyncio.wait_for(connection, 5)
+
+
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/") -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head + await asyncio.wait_for(reader.readexactly(2), 5)
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_not_during_a_request() -> None:
+    async with keep_alive_connection(0.2) as (reader, writer, _):
+        assert (await ask(reader, writer)).endswith(b"ok")
+        assert (await ask(reader, writer, "/?wait=0.5")).endswith(b"ok")  # longer than the timeout: still served
+        await asyncio.sleep(0.1)
+        assert (await ask(reader, writer)).endswith(b"ok")  # idle for less than the timeout
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed by the server
+        assert 0.1 < time.monotonic() - started < 2
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_is_closed_at_once_when_the_server_shuts_down() -> None:
+    async with keep_alive_connection(30) as (reader, writer, context):
+        assert (await ask(reader, writer)).endswith(b"ok")
+        await context.terminated.set()
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+
+
+@pytest.mark.anyio
+async def test_a_stopped_keep_alive_timer_is_not_waited_for_and_never_fires() -> None:
+    """hypercorn waited for the stopped timer's task to end before it started each request's
+    app: here `stop()` returns at once, and the timer's action does not run."""
+    fired: list[str] = []
+
+    async def action() -> None:
+        try:
+            await asyncio.sleep(0.05)
+            fired.append("timed out")
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # a task slow to end: stopping does not wait for it
+            raise
+
+    timer = hypercorn_mends.KeepAliveTimer()
+    async with TaskGroup(asyncio.get_running_loop()) as task_group:
+        await timer.restart(task_group, action)
+        await asyncio.sleep(0)  # the timer's task started
+        started = time.monotonic()
+        await timer.stop()
+        assert time.monotonic() - started < 0.05
+        await timer.restart(task_group, action)
+        await timer.stop()  # before its task ever ran
+    assert fired == []
