@@ -6,7 +6,9 @@ on every chunk, and its pool walks every connection on each request and release.
 `asyncio.Protocol` per connection: bytes are de-chunked as they arrive, and the waiting reader
 is woken once. The pool is a stack of idle connections per origin, so taking and giving back a
 connection costs the same with 1 or 1,000 of them, and a connection the server closes leaves the
-pool the moment it does (nothing is polled).
+pool the moment it does (nothing is polled). When requests at once outgrow the pool, it opens a
+spare connection ahead of the next one (`_open_spare`), so that a growing number of streams does
+not wait for a connection (and TLS handshake) each.
 
 It plugs in as an `httpx.AsyncBaseTransport`, so the SDK, its error mapping and every request
 the service makes stay as they are. Timeouts are httpx's: connect, write, pool, and read, which
@@ -31,6 +33,7 @@ MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line, or a trailer line
 WRITE_SLICE_BYTES = 64 * 1024  # a request body is written this much at a time
 PAUSE_READING_BYTES = 1024 * 1024  # a body not read this far ahead stops reading from the socket
 
+SPARE_BACKOFF_SECONDS = 5.0  # no spare connection is opened this long after one failed
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -467,6 +470,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._open = 0  # idle, in use, and connecting
         self.connections: set[Connection] = set()  # idle and in use
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._in_use: dict[tuple[str, str, int], int] = {}  # connections taken and not given back, per origin
+        self._spares: dict[tuple[str, str, int], asyncio.Task[None]] = {}  # being opened ahead of need
+        self._spare_failed_at = -SPARE_BACKOFF_SECONDS
         self._closed = False
 
     @property
@@ -515,12 +521,42 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                     and now - connection.idle_since < self.keepalive_seconds
                     and not connection.peer_may_have_closed()
                 ):
-                    return connection
+                    return self._taken(connection, timeouts)
                 connection.close()
             if self._open < self.max_connections:
-                return await self._connect(origin, timeouts.get("connect"))
+                return self._taken(await self._connect(origin, timeouts.get("connect")), timeouts)
             self._close_an_idle_connection()  # of another origin: its slot comes free when it is gone
             await self._wait_for_slot(timeouts.get("pool"))
+
+    def _taken(self, connection: Connection, timeouts: dict[str, float | None]) -> Connection:
+        origin = connection.origin
+        in_use = self._in_use[origin] = self._in_use.get(origin, 0) + 1
+        if in_use > 1 and not self._idle.get(origin):
+            self._open_spare(origin, timeouts.get("connect"))
+        return connection
+
+    def _open_spare(self, origin: tuple[str, str, int], timeout: float | None) -> None:
+        """The origin's requests at once just took its last idle connection: open one more in
+        the background, for the next request. One at a time, within `max_connections`, and none
+        for a while after one failed (the next request finds out for itself)."""
+        if (
+            origin in self._spares
+            or self._closed
+            or self._open >= self.max_connections
+            or time.monotonic() - self._spare_failed_at < SPARE_BACKOFF_SECONDS
+        ):
+            return
+        self._spares[origin] = asyncio.get_running_loop().create_task(self._spare(origin, timeout))
+
+    async def _spare(self, origin: tuple[str, str, int], timeout: float | None) -> None:
+        try:
+            connection = await self._connect(origin, timeout)
+        except Exception:  # httpx's ConnectError or ConnectTimeout
+            self._spare_failed_at = time.monotonic()
+            return
+        finally:
+            del self._spares[origin]
+        self._keep(connection)
 
     async def _wait_for_slot(self, timeout: float | None) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -596,6 +632,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def _release(self, connection: Connection) -> None:
         """A response is done with its connection: keep it for the next request, or close it."""
+        self._in_use[connection.origin] -= 1
+        self._keep(connection)
+
+    def _keep(self, connection: Connection) -> None:
+        """Keep a connection no request uses for the next one, or close it."""
         if connection.reusable and not self._closed:  # reusable: its response was read to the end
             idle = self._idle.setdefault(connection.origin, deque())
             if len(idle) < self.max_idle_connections:
@@ -625,6 +666,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closed = True
+        for spare in list(self._spares.values()):
+            spare.cancel()
         for idle in self._idle.values():
             while idle:
                 connection = idle.pop()

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1268,6 +1268,102 @@ async def test_an_unreachable_first_address_does_not_hold_up_the_next(monkeypatc
             filler.close()
         hole.close()
         server.close()
+
+
+def open_stream() -> Reply:
+    """A response whose body goes on until the test ends: its connection stays in use."""
+    return Reply([head(headers=CHUNKED) + chunk(b"first"), 30.0])
+
+
+@asynccontextmanager
+async def streams_in_use(client: httpx.AsyncClient, count: int) -> AsyncIterator[None]:
+    """`count` responses open at once, each holding its connection."""
+    async with AsyncExitStack() as stack:
+        for _ in range(count):
+            await stack.enter_async_context(client.stream("GET", "/"))
+        yield
+
+
+@pytest.mark.anyio
+async def test_requests_that_outgrow_the_pool_find_a_spare_connection_opened_ahead() -> None:
+    """Requests one after another share one connection. Once two are in flight at once and the
+    pool has none idle left, a spare is opened in the background: the third finds it ready."""
+    async with serve(*[open_stream() for _ in range(3)]) as server:
+        transport = UpstreamTransport()
+        async with make_client(server, transport) as client:
+            async with streams_in_use(client, 1):
+                await asyncio.sleep(0.1)
+                assert server.accepted == 1  # one stream: no spare
+                async with streams_in_use(client, 1):  # the second connects, and opens a spare
+                    await until(lambda: transport.idle_connections == 1)
+                    assert server.accepted == 3
+                    async with streams_in_use(client, 1):
+                        assert server.requests[-1].connection == 3  # the spare
+                        await until(lambda: transport.idle_connections == 1)  # and the next spare
+                        assert server.accepted == 4
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_no_spare_connection_beyond_the_limit() -> None:
+    async with serve(*[open_stream() for _ in range(2)]) as server:
+        transport = UpstreamTransport(max_connections=2)
+        async with make_client(server, transport) as client:
+            async with streams_in_use(client, 2):
+                await asyncio.sleep(0.1)
+                assert server.accepted == 2 and not transport._spares
+
+
+@pytest.mark.anyio
+async def test_a_spare_connection_that_fails_is_not_tried_again_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream refusing connections is found out by the requests themselves: a spare that
+    failed is quiet, and none is tried for SPARE_BACKOFF_SECONDS."""
+    async with serve(*[open_stream() for _ in range(4)]) as server:
+        transport = UpstreamTransport()
+        connect = transport._connect
+        attempts: list[int] = []
+
+        async def third_refused(origin: Any, timeout: Any) -> Connection:
+            attempts.append(len(attempts) + 1)
+            if len(attempts) == 3:  # the spare the second request opens (after its own connection)
+                raise httpx.ConnectError("refused")
+            return await connect(origin, timeout)
+
+        monkeypatch.setattr(transport, "_connect", third_refused)
+        async with make_client(server, transport) as client:
+            async with streams_in_use(client, 2):
+                await until(lambda: len(attempts) == 3 and not transport._spares)
+                async with streams_in_use(client, 1):  # connects for itself: no spare so soon
+                    await asyncio.sleep(0.1)
+                    assert len(attempts) == 4 and server.accepted == 3 and transport.idle_connections == 0
+                    monkeypatch.setattr(transport, "_spare_failed_at", time.monotonic() - 60)
+                    async with streams_in_use(client, 1):  # later: spares again
+                        await until(lambda: transport.idle_connections == 1)
+                        assert len(attempts) == 6 and server.accepted == 5
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_closing_the_pool_stops_a_spare_being_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(*[open_stream() for _ in range(2)]) as server:
+        transport = UpstreamTransport()
+        connect = transport._connect
+        hanging: list[asyncio.Future[None]] = []
+
+        async def connect_then_hang(origin: Any, timeout: Any) -> Any:
+            if len(transport.connections) < 2:
+                return await connect(origin, timeout)
+            hanging.append(asyncio.get_running_loop().create_future())
+            return await hanging[-1]
+
+        monkeypatch.setattr(transport, "_connect", connect_then_hang)
+        async with make_client(server, transport) as client:
+            async with streams_in_use(client, 2):
+                await until(lambda: bool(hanging))
+                spare = next(iter(transport._spares.values()))
+                await transport.aclose()
+                await asyncio.sleep(0)
+                assert spare.cancelled() and not transport._spares
 
 
 @pytest.mark.anyio
