@@ -550,6 +550,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     async def _spare(self, origin: tuple[str, str, int], timeout: float | None) -> None:
         try:
+            if self._closed or self._open >= self.max_connections:  # a request took the last slot meanwhile
+                return
             connection = await self._connect(origin, timeout)
         except Exception:  # httpx's ConnectError or ConnectTimeout
             self._spare_failed_at = time.monotonic()

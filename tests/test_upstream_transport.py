@@ -1315,6 +1315,20 @@ async def test_no_spare_connection_beyond_the_limit() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_spare_never_takes_a_slot_a_request_took_before_it_started() -> None:
+    """A spare is opened by a task of its own: a request that connects before that task runs
+    may take the last slot, and the spare then opens nothing."""
+    async with serve(Reply([full(b"ok")])) as server:
+        transport = UpstreamTransport(max_connections=1)
+        async with make_client(server, transport) as client:
+            transport._open_spare(("http", "127.0.0.1", server.port), 5.0)  # its task runs after the request's connect
+            assert (await client.get("/")).content == b"ok"
+            await until(lambda: not transport._spares)
+            assert server.accepted == 1 and transport._open == 1
+        await transport.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_spare_connection_that_fails_is_not_tried_again_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
     """The upstream refusing connections is found out by the requests themselves: a spare that
     failed is quiet, and none is tried for SPARE_BACKOFF_SECONDS."""
