@@ -537,8 +537,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def _open_spare(self, origin: tuple[str, str, int], timeout: float | None) -> None:
         """The origin's requests at once just took its last idle connection: open one more in
-        the background, for the next request. One at a time, within `max_connections`, and none
-        for a while after one failed (the next request finds out for itself)."""
+        the background, for the next request. One at a time per origin, within `max_connections`,
+        and none (to any origin: the service has one) for a while after one failed; the next
+        request finds out for itself."""
         if (
             origin in self._spares
             or self._closed
@@ -557,7 +558,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             self._spare_failed_at = time.monotonic()
             return
         finally:
-            del self._spares[origin]
+            self._spares.pop(origin, None)
         self._keep(connection)
 
     async def _wait_for_slot(self, timeout: float | None) -> None:
@@ -668,8 +669,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closed = True
-        for spare in list(self._spares.values()):
-            spare.cancel()
+        for spare in self._spares.values():
+            spare.cancel()  # one that had not started yet never runs its own clean-up
+        self._spares.clear()
         for idle in self._idle.values():
             while idle:
                 connection = idle.pop()

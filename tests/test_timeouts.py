@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import anyio
 import pytest
 
 from assistant.timeouts import MoveOn
@@ -47,3 +48,18 @@ async def test_a_cancellation_from_outside_goes_on() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.anyio
+async def test_an_anyio_cancellation_in_the_same_turn_as_its_deadline_goes_on() -> None:
+    """The deadline cancels the task first; anyio's scope, cancelled in the same turn of the
+    loop, delivers at the next await. The block must not end as if it had only timed out."""
+    loop = asyncio.get_running_loop()
+    after_the_block = False
+    with anyio.CancelScope() as outer:
+        deadline = loop.time() + 0.01
+        async with MoveOn(deadline):
+            loop.call_at(deadline, outer.cancel)  # after the deadline's own timer: it runs second
+            await loop.create_future()
+        after_the_block = True
+    assert outer.cancelled_caught and not after_the_block

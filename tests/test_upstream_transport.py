@@ -1381,6 +1381,15 @@ async def test_closing_the_pool_stops_a_spare_being_opened(monkeypatch: pytest.M
 
 
 @pytest.mark.anyio
+async def test_closing_the_pool_before_a_spare_started_leaves_nothing() -> None:
+    transport = UpstreamTransport()
+    transport._open_spare(("http", "127.0.0.1", unused_port()), 5.0)
+    await transport.aclose()
+    await asyncio.sleep(0)
+    assert not transport._spares and transport._open == 0 and not transport.connections
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(("host", "raced"), [("127.0.0.1", False), ("localhost", True)])
 async def test_only_a_name_has_its_addresses_raced(monkeypatch: pytest.MonkeyPatch, host: str, raced: bool) -> None:
     """An IP address is one address: racing it would only run the attempt in a task of its
