@@ -11,8 +11,8 @@ garbage collection (garbage_collection.py).
 
 Applied by the app as it starts serving (app.py), so they hold in the process that serves,
 also under `hypercorn --workers 1` (hypercorn_config.py runs only in hypercorn's parent there).
-Written for hypercorn 0.18.0 and applied to it only (five of them replace a hypercorn function
-with a copy that differs where it says), the h11 one for h11 0.16.0: tests/test_shutdown.py,
+Written for hypercorn 0.18.0 and applied to it only (several replace a hypercorn function with
+a copy that differs where it says), the h11 one for h11 0.16.0: tests/test_shutdown.py,
 tests/test_e2e.py, tests/test_faults.py, tests/test_e2e_websocket_close.py and
 tests/test_hypercorn_mends.py fail if another version leaves them out. Each is worth reporting
 upstream.
