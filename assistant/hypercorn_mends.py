@@ -464,9 +464,9 @@ async def _idle_timeout(self: TCPServer) -> None:
 
 def _init_tcp_server(self: TCPServer, *args: Any, **kwargs: Any) -> None:
     """hypercorn's, with a lean keep-alive timer (`KeepAliveTimer`), and a list for the drain
-    waiters of the connection's asyncio stream: a
-    deque (~0.7 KiB) for the writes that wait for a client that is slow to read, which most
-    connections never have. asyncio only appends to it, removes from it and iterates over it.
+    waiters of the connection's asyncio stream: a deque (~0.7 KiB) for the writes that wait for
+    a client that is slow to read, which most connections never have. asyncio only appends to
+    it, removes from it and iterates over it.
     Each connection counts, as it ends, towards the next full garbage collection
     (garbage_collection.py), and its reference cycle is broken as it ends (`_end_connection`):
     hypercorn builds it in the connection's own task."""
