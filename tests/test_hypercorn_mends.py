@@ -555,3 +555,36 @@ async def test_a_stopped_keep_alive_timer_is_not_waited_for_and_never_fires() ->
         await timer.restart(task_group, action)
         await timer.stop()  # before its task ever ran
     assert fired == []
+
+
+@pytest.mark.anyio
+async def test_the_apps_writes_wait_for_a_client_that_does_not_read() -> None:
+    """The app's writes skip hypercorn's send lock while the socket takes them at once, but
+    one that the client is behind on still waits for it (backpressure)."""
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    loop = asyncio.get_running_loop()
+    sent: list[int] = []
+    piece = b"x" * 65536
+
+    async def flooding_app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(1000):  # 64 MiB, if nothing waited
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            sent.append(1)
+
+    here, there = socket.socketpair()
+
+    async def serve() -> None:
+        reader, writer = await asyncio.open_connection(sock=here)
+        await TCPServer(ASGIWrapper(flooding_app), loop, Config(), WorkerContext(None), {}, reader, writer)
+
+    connection = loop.create_task(serve())
+    try:
+        there.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        await asyncio.sleep(0.5)
+        assert 0 < len(sent) < 100, len(sent)
+    finally:
+        there.close()
+        await asyncio.wait_for(connection, 5)
