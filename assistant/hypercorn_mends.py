@@ -4,8 +4,8 @@ a lost connection; the end of one that had a request pipelined behind a stream; 
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
 stream's drain waiters; the answer to a request that is not valid HTTP/1.1 (the service's JSON
 error, not a bare status); the wait, before each request's app starts, for the connection's
-keep-alive timer to stop (`KeepAliveTimer`); the send lock taken by every write, also by the
-app's that wait for nothing; and h11's validating a response's headers three
+keep-alive timer to stop (`KeepAliveTimer`); the send lock and drain on every write, also on
+the app's writes that have nothing to wait for; and h11's validating a response's headers three
 times over. An ended connection leaves no reference cycle of hypercorn's behind (it is broken
 as the connection ends), so reference counting frees it, and it counts towards the next full
 garbage collection (garbage_collection.py).
