@@ -1,9 +1,10 @@
 """Frames a run's events as Server-Sent Events, written by hand (WHATWG rules).
 
-The request's task sends: whatever the run's log holds past what was sent, framed together into
-one body message, or a keepalive comment when nothing was sent for the heartbeat interval (so
-comments flow while a tool runs for minutes). Callbacks watch the client: gone away (its next
-ASGI message), due a keepalive or no longer reading (one timer).
+A task of the response's own, the sender, sends: whatever the run's log holds past what was sent,
+framed together into one body message, or a keepalive comment when nothing was sent for the
+heartbeat interval (so comments flow while a tool runs for minutes). The request's task watches
+the client for its disconnect; one timer says when a keepalive is due or the client stopped
+reading.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from .errors import ServiceError
 from .events import ERROR, RUN_RESUMED, Event, stream_path
@@ -85,20 +86,22 @@ def frame_resumed(log: RunLog, after: int) -> bytes:
 class SSEResponse:
     """An ASGI response streaming one run's log from position `after`.
 
-    One task, the sender, sends. The client is watched without a task of its own (an anyio
-    task, its task group and a timer scope held ~4 KiB per open stream): a bare asyncio task
-    waits for the client's next ASGI message, and one loop timer asks the sender for a
-    keepalive comment when nothing was sent for the heartbeat interval, or drops the client
-    when one send has waited longer than the slow-client timeout. Either ends the stream by
-    moving the sender's `MoveOn` (an `asyncio.timeout`) to now (anyio's CancelScope, with its two sets, held
-    ~0.5 KiB more per open stream).
+    A bare asyncio task, the sender, sends. It runs beside the request's task rather than in it
+    because it wakes at every delta, and a wake-up resumes the task's whole chain of awaits: in
+    the request's task that is hypercorn's, Starlette's and the service's ~13 frames, in its own
+    task two. The request's task watches the client meanwhile, waiting for its next ASGI message
+    (a disconnect ends the sender), and one loop timer asks the sender for a keepalive comment
+    when nothing was sent for the heartbeat interval, or ends it when one send has waited longer
+    than the slow-client timeout. The sender's end ends the watch (its `MoveOn` moved to now, or,
+    once the client's disconnect came, the future it then waits on set), and the request's task
+    takes the sender's outcome: an error the sender raised goes on from there, as from any
+    response.
     The sender waits on one `Wakeup` per wait, with no timeout of its own: that keeps the path
     of each delta free of timers.
     """
 
-    _stop: MoveOn  # the sender's: no deadline until the stream is ended from outside
-    _receive: Receive
-    _next_message: asyncio.Task[Message]  # the client's next ASGI message
+    _sender: asyncio.Task[None]
+    _watch: MoveOn  # the request task's wait for the client: moved to now when the sender ends
     _timer: asyncio.TimerHandle
 
     def __init__(
@@ -126,8 +129,9 @@ class SSEResponse:
         self._sending_since: float | None = None
         self._keepalive_due = False
         self._wakeup: Wakeup | None = None
-        self._watching = False
         self._finishing = False
+        self._watching = False  # the request's task waits in `_watch`
+        self._sender_done: asyncio.Future[None] | None = None  # the watch's wait once the client is gone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.head_sent:
@@ -136,47 +140,56 @@ class SSEResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.done = True
             return
-        async with MoveOn(None) as self._stop:
-            self._receive = receive
-            self._watching = True
-            self._watch_next_message()
+        # An error this stream sends itself carries the ID of the request reading it.
+        correlation_id = scope.get("state", {}).get("correlation_id") or self.log.correlation_id
+        loop = asyncio.get_running_loop()
+        async with MoveOn(None) as self._watch:
+            self._sender = loop.create_task(self._stream(send, correlation_id))
+            self._sender.add_done_callback(self._on_sender_end)
             first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
-            self._timer = asyncio.get_running_loop().call_later(first, self._on_timer)
+            self._timer = loop.call_later(first, self._on_timer)
+            self._watching = True
             try:
-                # An error this stream sends itself carries the ID of the request reading it.
-                await self._stream(send, scope.get("state", {}).get("correlation_id") or self.log.correlation_id)
-                self.done = True
+                await self._watch_client(receive)
             finally:
                 self._watching = False
                 self._timer.cancel()
-                self._next_message.remove_done_callback(self._client_said)
-                self._next_message.cancel()
+                if not self._sender.done():  # this task was cancelled, or its watch failed
+                    self._sender.remove_done_callback(self._on_sender_end)
+                    self._sender.cancel()
+        if not self._sender.cancelled():
+            self._sender.result()  # the sender's error, if it raised one, goes on from here
+
+    def _on_sender_end(self, sender: asyncio.Task[None]) -> None:
+        if self._sender_done is not None:
+            if not self._sender_done.done():  # else the request's task was cancelled as it waited
+                self._sender_done.set_result(None)
+        elif self._watching:  # else the watch ended as the sender did, and left `_watch`
+            self._watch.reschedule(0)  # a deadline in the past: the wait for the client ends
 
     def _end(self) -> None:
         """End the stream: the sender is cancelled on the loop's next iteration."""
-        if not self._stop.expired():
-            self._stop.reschedule(0)  # a deadline in the past
+        self._sender.cancel()
 
-    def _watch_next_message(self) -> None:
-        self._next_message = asyncio.get_running_loop().create_task(self._receive())
-        self._next_message.add_done_callback(self._client_said)
-
-    def _client_said(self, task: asyncio.Task[Message]) -> None:
-        """The client's next message: a disconnect ends the stream; anything else (the request's
-        own empty body on a GET) is read past."""
-        error = None if task.cancelled() else task.exception()  # retrieved, so asyncio does not log it
-        if not self._watching:  # queued before __call__ left its scope: remove_done_callback was too late
-            return
-        if error is not None:
+    async def _watch_client(self, receive: Receive) -> None:
+        """Wait for the client's disconnect, which ends the stream (anything else, the request's
+        own empty body on a GET, is read past), then for the sender's end, which ends the first
+        wait too."""
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception as error:
             logger.warning("the server's receive failed (%r): ending the stream", error,
                            extra={"run_id": self.log.run_id})
-        elif task.cancelled() or task.result()["type"] == "http.disconnect":
-            if not self._finishing:  # else hypercorn closed the connection after the last byte
-                logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
+            self._end()
         else:
-            self._watch_next_message()
-            return
-        self._end()
+            if not self._finishing:
+                logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
+                self._end()
+            # else hypercorn closed the stream after the last byte, as usual, inside the last send
+        if not self._sender.done():
+            self._sender_done = asyncio.get_running_loop().create_future()
+            await self._sender_done
 
     def _on_timer(self) -> None:
         """The heartbeat timer and the watchdog of a client that stopped reading, in one timer."""
@@ -241,3 +254,4 @@ class SSEResponse:
         self._sending_since = time.monotonic()  # the last send is watched too
         await send({"type": "http.response.body", "body": pending, "more_body": False})
         self._sending_since = None
+        self.done = True

@@ -31,6 +31,10 @@ async def never_takes_the_bytes(message: dict[str, Any]) -> None:
         await anyio.sleep(3600)
 
 
+def pending_tasks_of_the_response() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if "SSEResponse" in task.get_coro().__qualname__]
+
+
 def new_log() -> RunLog:
     log = RunLog("run_t", "conv_t", "corr")
     log.append(Event(RUN_CREATED, {}))
@@ -162,28 +166,61 @@ async def test_a_receive_that_fails_ends_the_stream(caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.anyio
-async def test_a_client_message_queued_as_the_stream_ends_starts_no_new_wait() -> None:
-    """The receive task can finish in the loop iteration the stream ends in: its callback is
-    then already queued and runs after the response returned. It must not wait for another
-    message (a task left pending after the app returned)."""
+async def test_the_stream_ending_ends_the_wait_for_the_clients_next_message() -> None:
+    """The request's task waits for the client's next message while the sender sends; when the
+    sender ends, that wait ends too (cancelled, not left pending) and nothing of the response
+    outlives it."""
     log = new_log()
     calls = 0
+    waits_cancelled = 0
 
     async def receive() -> dict[str, Any]:
-        nonlocal calls
+        nonlocal calls, waits_cancelled
         calls += 1
         if calls == 1:
             return {"type": "http.request", "body": b"", "more_body": False}  # a GET's own body message
-        await anyio.sleep(3600)
+        try:
+            await anyio.sleep(3600)
+        except BaseException:
+            waits_cancelled += 1
+            raise
         raise AssertionError("unreachable")
 
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
-    # The run's last event lands in the next iteration, just before the receive task first runs.
     asyncio.get_running_loop().call_soon(log.append, Event(METADATA, {}))
     with anyio.fail_after(3):
         await response({"type": "http"}, receive, discard)
-    await anyio.sleep(0.05)
-    assert response.done and calls == 1
+    assert response.done and calls == 2 and waits_cancelled == 1
+    assert response._sender.done() and not pending_tasks_of_the_response()
+
+
+@pytest.mark.anyio
+async def test_a_sender_that_fails_raises_its_error_from_the_response() -> None:
+    """An error in the sender's task goes on from the request's task, as from any response
+    (Starlette and hypercorn log it and close the connection)."""
+    log = new_log()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise RuntimeError("the send broke")
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with pytest.raises(RuntimeError, match="the send broke"), anyio.fail_after(3):
+        await response({"type": "http"}, never_disconnects, send)
+    assert not response.done
+    assert response._sender.done() and not pending_tasks_of_the_response()
+
+
+@pytest.mark.anyio
+async def test_a_response_cancelled_from_outside_cancels_its_sender() -> None:
+    log = new_log()
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with anyio.move_on_after(0.2):
+        await response({"type": "http"}, never_disconnects, discard)
+    assert not response.done
+    await anyio.sleep(0)
+    assert response._sender.cancelled()
+    assert response._sender.done() and not pending_tasks_of_the_response()
 
 
 @pytest.mark.anyio
@@ -220,6 +257,39 @@ async def test_a_disconnect_during_the_last_send_is_not_logged_as_a_client_leavi
     with caplog.at_level("INFO", logger="assistant.sse"), anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
     assert "client disconnected from the stream" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_response_cancelled_as_its_sender_ends_after_the_disconnect_leaves_no_error() -> None:
+    """The request's task waits for the sender's end once the disconnect came. Cancelled in the
+    loop iteration the sender ends in, its wait is cancelled before the sender's end is told:
+    that must not try to set the cancelled wait (asyncio would log an InvalidStateError)."""
+    log = new_log()
+    log.append(Event(METADATA, {}))
+    gone = anyio.Event()
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    response_task: asyncio.Task[None] | None = None
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()
+            await anyio.sleep(0.05)
+            assert response_task is not None and response._sender_done is not None  # it waits
+            response_task.cancel()  # in the step the sender ends in
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, receive, send))
+    with anyio.fail_after(3):
+        await asyncio.wait((response_task,))
+    await anyio.sleep(0.05)
+    asyncio.get_running_loop().set_exception_handler(None)
+    assert response_task.cancelled() and response.done
+    assert errors == []
 
 
 @pytest.mark.anyio
