@@ -6,10 +6,12 @@ import asyncio
 import gc
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from starlette.types import Receive, Send
 
 from assistant.events import MESSAGE_DELTA, METADATA, RUN_CREATED, RUN_RESUMED, Event
 from assistant.run_log import RunLog
@@ -33,6 +35,25 @@ async def never_takes_the_bytes(message: dict[str, Any]) -> None:
 
 def pending_tasks_of_the_response() -> list[asyncio.Task[Any]]:
     return [task for task in asyncio.all_tasks() if "SSEResponse" in task.get_coro().__qualname__]
+
+
+def closed_inside_the_last_send(then: Callable[[], None] = lambda: None) -> tuple[Receive, Send]:
+    """hypercorn's receive and send on a connection it closes inside the response's last send
+    (`Connection: close`, or shutting down): it queues http.disconnect before that send
+    returns. `then` runs as the last send returns."""
+    gone = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()
+            await anyio.sleep(0.05)
+            then()
+
+    return receive, send
 
 
 def new_log() -> RunLog:
@@ -242,17 +263,7 @@ async def test_a_disconnect_during_the_last_send_is_not_logged_as_a_client_leavi
     send and queues http.disconnect before it returns: the client had every byte."""
     log = new_log()
     log.append(Event(METADATA, {}))
-    gone = anyio.Event()
-
-    async def receive() -> dict[str, Any]:
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            gone.set()
-            await anyio.sleep(0.05)
-
+    receive, send = closed_inside_the_last_send()
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
     with caplog.at_level("INFO", logger="assistant.sse"), anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
@@ -266,22 +277,15 @@ async def test_a_response_cancelled_as_its_sender_ends_after_the_disconnect_leav
     that must not try to set the cancelled wait (asyncio would log an InvalidStateError)."""
     log = new_log()
     log.append(Event(METADATA, {}))
-    gone = anyio.Event()
     errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
     response_task: asyncio.Task[None] | None = None
 
-    async def receive() -> dict[str, Any]:
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    def cancel_the_response() -> None:
+        assert response_task is not None and response._sender_done is not None  # it waits
+        response_task.cancel()  # in the step the sender ends in
 
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            gone.set()
-            await anyio.sleep(0.05)
-            assert response_task is not None and response._sender_done is not None  # it waits
-            response_task.cancel()  # in the step the sender ends in
-
+    receive, send = closed_inside_the_last_send(then=cancel_the_response)
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
     response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, receive, send))
     with anyio.fail_after(3):
