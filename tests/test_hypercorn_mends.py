@@ -1,8 +1,8 @@
 """assistant/hypercorn_mends.py, in process: hypercorn's handshake declines compression unless
 asked to take it, a stalled write or close is reset only when the client takes nothing, the lean
 queue and event (and a connection's drain waiters) behave as asyncio's, which they replace, the
-ping loop leaves nothing behind, and each connection counts, as it ends, towards the next full
-garbage collection (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
+ping loop leaves nothing behind, each connection counts, as it ends, towards the next full
+garbage collection, and a response's head and body are written as h11 writes them (the ping loop and the resets are also tested end to end: tests/test_e2e.py,
 tests/test_shutdown.py, tests/test_faults.py)."""
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
                       (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__"),
                       (TCPServer, "_idle_timeout")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
-    # h11's own, not whatever is there: an app started by an earlier test mended it for the process.
+    # h11's and hypercorn's own, not whatever is there: an app started by an earlier test mended
+    # them for the process.
     monkeypatch.setattr(h11._connection, "set_comma_header", h11._headers.set_comma_header)
+    monkeypatch.setattr(H11Protocol, "stream_send", hypercorn_mends._original_h11_stream_send)
 
 
 def answered_extensions(offer: bytes) -> str | None:
@@ -588,3 +590,69 @@ async def test_the_apps_writes_wait_for_a_client_that_does_not_read() -> None:
     finally:
         there.close()
         await asyncio.wait_for(connection, 5)
+
+
+BODIES = [  # (request, response headers, the app's body messages)
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [],
+     [b"data: 1\n\n", b"", "data: \u00fc\u20ac\n\n".encode(), b"x" * 70000, b"end"]),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [], [b"one", b""]),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [(b"content-length", b"6")], [b"abc", b"def"]),
+    (b"GET / HTTP/1.0\r\n\r\n", [], [b"abc", b"", b"def"]),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [], [b"abc", b"def"]),
+]
+
+
+async def exchange(request: bytes, headers: list[tuple[bytes, bytes]], bodies: list[bytes]) -> bytes:
+    """What a client reads from an in-process hypercorn connection whose app sends `bodies`, the
+    last one ending the response; the server closes the connection after it."""
+    loop = asyncio.get_running_loop()
+    config = Config()
+    config.include_date_header = False
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for number, body in enumerate(bodies, 1):
+            await send({"type": "http.response.body", "body": body, "more_body": number < len(bodies)})
+
+    here, there = socket.socketpair()
+
+    async def serve() -> None:
+        reader, writer = await asyncio.open_connection(sock=here)
+        await TCPServer(ASGIWrapper(app), loop, config, WorkerContext(None), {}, reader, writer)
+
+    connection = loop.create_task(serve())
+    reader, writer = await asyncio.open_connection(sock=there)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await asyncio.wait_for(connection, 5)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("request_head", "headers", "bodies"), BODIES)
+async def test_a_response_body_is_written_as_h11_writes_it(
+    request_head: bytes, headers: list[tuple[bytes, bytes]], bodies: list[bytes], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked body's data is framed by the mend, not by h11 (no Data event reaches h11),
+    and the client reads what h11 would have written, byte for byte; other bodies go to h11."""
+    data_events = 0
+    h11_send = h11.Connection.send
+
+    def counting_send(self: h11.Connection, event: Any) -> Any:
+        nonlocal data_events
+        data_events += type(event) is h11.Data
+        return h11_send(self, event)
+
+    monkeypatch.setattr(h11.Connection, "send", counting_send)
+    expected = await exchange(request_head, headers, bodies)
+    h11_data_events = data_events
+    assert h11_data_events > 0 or request_head.startswith(b"HEAD")
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    data_events = 0
+    assert await exchange(request_head, headers, bodies) == expected
+    chunked = request_head.startswith(b"GET / HTTP/1.1") and not headers
+    assert data_events == (0 if chunked else h11_data_events)
