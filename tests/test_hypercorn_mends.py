@@ -30,6 +30,9 @@ from hypercorn.asyncio.worker_context import EventWrapper, WorkerContext
 from hypercorn.config import Config
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import Handshake, WSStream
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.extensions import PerMessageDeflate
 
 from assistant import hypercorn_mends
 from assistant.hypercorn_mends import LeanEvent, LeanQueue, mend_hypercorn
@@ -54,6 +57,7 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # them for the process.
     monkeypatch.setattr(h11._connection, "set_comma_header", h11._headers.set_comma_header)
     monkeypatch.setattr(H11Protocol, "stream_send", hypercorn_mends._original_h11_stream_send)
+    monkeypatch.setattr(WSStream, "_send_wsproto_event", hypercorn_mends._original_send_wsproto_event)
 
 
 def answered_extensions(offer: bytes) -> str | None:
@@ -656,3 +660,64 @@ async def test_a_response_body_is_written_as_h11_writes_it(
     assert await exchange(request_head, headers, bodies) == expected
     chunked = request_head.startswith(b"GET / HTTP/1.1") and not headers
     assert data_events == (0 if chunked else h11_data_events)
+
+
+class SendingStream:
+    """What hypercorn's WSStream._send_wsproto_event uses of its stream: a wsproto connection
+    and a send that records the bytes it is given."""
+
+    def __init__(self, extensions: list[Any]) -> None:
+        self.connection = Connection(ConnectionType.SERVER, extensions=extensions)
+        self.stream_id = 1
+        self.sent: list[bytes] = []
+
+    async def send(self, event: Any) -> None:
+        self.sent.append(bytes(event.data))
+
+
+def taken_deflate() -> list[Any]:
+    """permessage-deflate as a handshake that takes the client's offer leaves it: enabled."""
+    extension = PerMessageDeflate()
+    extension.accept("permessage-deflate")
+    return [extension]
+
+
+WS_MESSAGES = [
+    TextMessage(data="data"), TextMessage(data=""), TextMessage(data="\u00fc\u20ac" * 40),
+    TextMessage(data="x" * 125), TextMessage(data="x" * 126), TextMessage(data="x" * 65535),
+    TextMessage(data="x" * 65536), TextMessage(data="part one, ", message_finished=False),
+    TextMessage(data="part two"), BytesMessage(data=b"bytes"), Ping(), TextMessage(data="after"),
+    CloseConnection(code=1000), TextMessage(data="after the close"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("compression", [False, True])
+async def test_a_websocket_message_is_framed_as_wsproto_frames_it(
+    compression: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole text message on a connection without extensions is framed by the mend, not by
+    wsproto, into the bytes wsproto would write; anything else goes to wsproto."""
+    framed_by_wsproto = 0
+    wsproto_send = Connection.send
+
+    def counting_send(self: Connection, event: Any) -> bytes:
+        nonlocal framed_by_wsproto
+        framed_by_wsproto += type(event) is TextMessage
+        return wsproto_send(self, event)
+
+    monkeypatch.setattr(Connection, "send", counting_send)
+    extensions = taken_deflate if compression else list
+    expected = SendingStream(extensions())
+    for message in WS_MESSAGES:
+        await WSStream._send_wsproto_event(expected, message)  # type: ignore[arg-type]
+    assert framed_by_wsproto == 11 and expected.connection.state is ConnectionState.LOCAL_CLOSING
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    framed_by_wsproto = 0
+    mended = SendingStream(extensions())
+    for message in WS_MESSAGES:
+        await WSStream._send_wsproto_event(mended, message)  # type: ignore[arg-type]
+    assert mended.sent == expected.sent
+    # wsproto frames only the two parts of the message sent in two, the texts after the close
+    # (it refuses them), and with compression all of them
+    assert framed_by_wsproto == (11 if compression else 3)
