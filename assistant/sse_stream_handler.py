@@ -100,7 +100,6 @@ class SSEResponse:
     of each delta free of timers.
     """
 
-    _sender: asyncio.Task[None]
     _watch: MoveOn  # the request task's wait for the client: moved to now when the sender ends
     _timer: asyncio.TimerHandle
 
@@ -131,6 +130,7 @@ class SSEResponse:
         self._wakeup: Wakeup | None = None
         self._finishing = False
         self._watching = False  # the request's task waits in `_watch`
+        self._sender: asyncio.Task[None] | None = None  # while the response runs
         self._sender_done: asyncio.Future[None] | None = None  # the watch's wait once the client is gone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,22 +143,35 @@ class SSEResponse:
         # An error this stream sends itself carries the ID of the request reading it.
         correlation_id = scope.get("state", {}).get("correlation_id") or self.log.correlation_id
         loop = asyncio.get_running_loop()
-        async with MoveOn(None) as self._watch:
-            self._sender = loop.create_task(self._stream(send, correlation_id))
-            self._sender.add_done_callback(self._on_sender_end)
-            first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
-            self._timer = loop.call_later(first, self._on_timer)
-            self._watching = True
-            try:
-                await self._watch_client(receive)
-            finally:
-                self._watching = False
-                self._timer.cancel()
-                if not self._sender.done():  # this task was cancelled, or its watch failed
-                    self._sender.remove_done_callback(self._on_sender_end)
-                    self._sender.cancel()
-        if not self._sender.cancelled():
-            self._sender.result()  # the sender's error, if it raised one, goes on from here
+        sender = self._sender = loop.create_task(self._stream(send, correlation_id))
+        sender.add_done_callback(self._on_sender_end)
+        try:
+            async with MoveOn(None) as self._watch:
+                first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
+                self._timer = loop.call_later(first, self._on_timer)
+                self._watching = True
+                try:
+                    await self._watch_client(receive, sender)
+                finally:
+                    self._watching = False
+                    self._timer.cancel()
+                    if not sender.done():  # this task was cancelled, or its watch failed
+                        sender.remove_done_callback(self._on_sender_end)
+                        sender.cancel()
+                        await asyncio.wait((sender,))  # nothing of the response outlives it
+        except BaseException:
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                # The sender failed as this task was cancelled: its error would go unseen.
+                logger.error("the stream's sender failed", exc_info=sender.exception(),
+                             extra={"run_id": self.log.run_id})
+            raise
+        finally:
+            # A sender that ended by an error or a cancellation keeps it, and its traceback keeps
+            # this response: with the task kept here too, that is a cycle, which only a full
+            # garbage collection (every 10,000 connections: garbage_collection.py) would free.
+            self._sender = None
+        if not sender.cancelled():
+            sender.result()  # the sender's error, if it raised one, goes on from here
 
     def _on_sender_end(self, sender: asyncio.Task[None]) -> None:
         if self._sender_done is not None:
@@ -168,10 +181,11 @@ class SSEResponse:
             self._watch.reschedule(0)  # a deadline in the past: the wait for the client ends
 
     def _end(self) -> None:
-        """End the stream: the sender is cancelled on the loop's next iteration."""
-        self._sender.cancel()
+        """End the stream: the sender is cancelled at its next await."""
+        if self._sender is not None:
+            self._sender.cancel()
 
-    async def _watch_client(self, receive: Receive) -> None:
+    async def _watch_client(self, receive: Receive, sender: asyncio.Task[None]) -> None:
         """Wait for the client's disconnect, which ends the stream (anything else, the request's
         own empty body on a GET, is read past), then for the sender's end, which ends the first
         wait too."""
@@ -187,7 +201,7 @@ class SSEResponse:
                 logger.info("client disconnected from the stream", extra={"run_id": self.log.run_id})
                 self._end()
             # else hypercorn closed the stream after the last byte, as usual, inside the last send
-        if not self._sender.done():
+        if not sender.done():
             self._sender_done = asyncio.get_running_loop().create_future()
             await self._sender_done
 

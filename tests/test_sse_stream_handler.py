@@ -37,10 +37,13 @@ def pending_tasks_of_the_response() -> list[asyncio.Task[Any]]:
     return [task for task in asyncio.all_tasks() if "SSEResponse" in task.get_coro().__qualname__]
 
 
-def closed_inside_the_last_send(then: Callable[[], None] = lambda: None) -> tuple[Receive, Send]:
+def closed_inside_the_last_send(
+    then: Callable[[], None] = lambda: None, *, pause: float = 0.05,
+) -> tuple[Receive, Send]:
     """hypercorn's receive and send on a connection it closes inside the response's last send
     (`Connection: close`, or shutting down): it queues http.disconnect before that send
-    returns. `then` runs as the last send returns."""
+    returns, `pause` seconds later (0: without waiting, as hypercorn's send to a client that
+    keeps up). `then` runs as the last send returns."""
     gone = anyio.Event()
 
     async def receive() -> dict[str, Any]:
@@ -50,7 +53,8 @@ def closed_inside_the_last_send(then: Callable[[], None] = lambda: None) -> tupl
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             gone.set()
-            await anyio.sleep(0.05)
+            if pause:
+                await anyio.sleep(pause)
             then()
 
     return receive, send
@@ -212,7 +216,7 @@ async def test_the_stream_ending_ends_the_wait_for_the_clients_next_message() ->
     with anyio.fail_after(3):
         await response({"type": "http"}, receive, discard)
     assert response.done and calls == 2 and waits_cancelled == 1
-    assert response._sender.done() and not pending_tasks_of_the_response()
+    assert response._sender is None and not pending_tasks_of_the_response()
 
 
 @pytest.mark.anyio
@@ -229,7 +233,38 @@ async def test_a_sender_that_fails_raises_its_error_from_the_response() -> None:
     with pytest.raises(RuntimeError, match="the send broke"), anyio.fail_after(3):
         await response({"type": "http"}, never_disconnects, send)
     assert not response.done
-    assert response._sender.done() and not pending_tasks_of_the_response()
+    assert response._sender is None and not pending_tasks_of_the_response()
+
+
+@pytest.mark.anyio
+async def test_a_sender_that_fails_as_the_response_is_cancelled_has_its_error_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cancellation goes on from the request's task, so the sender's error cannot: it is
+    logged with the run's id, not left to asyncio's "never retrieved" (which names no run)."""
+    log = new_log()
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    response_task: asyncio.Task[None] | None = None
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            assert response_task is not None
+            response_task.cancel()  # in the step the sender fails in
+            raise RuntimeError("the send broke")
+
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    with caplog.at_level("ERROR", logger="assistant.sse"):
+        response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, never_disconnects, send))
+        with anyio.fail_after(3):
+            await asyncio.wait((response_task,))
+        await anyio.sleep(0.01)
+        gc.collect()  # a task whose exception was never retrieved says so as it is freed
+        await anyio.sleep(0.01)
+    asyncio.get_running_loop().set_exception_handler(None)
+    assert response_task.cancelled()
+    assert "the stream's sender failed" in caplog.text and "the send broke" in caplog.text
+    assert errors == []
 
 
 @pytest.mark.anyio
@@ -239,9 +274,7 @@ async def test_a_response_cancelled_from_outside_cancels_its_sender() -> None:
     with anyio.move_on_after(0.2):
         await response({"type": "http"}, never_disconnects, discard)
     assert not response.done
-    await anyio.sleep(0)
-    assert response._sender.cancelled()
-    assert response._sender.done() and not pending_tasks_of_the_response()
+    assert response._sender is None and not pending_tasks_of_the_response()
 
 
 @pytest.mark.anyio
@@ -268,6 +301,58 @@ async def test_a_disconnect_during_the_last_send_is_not_logged_as_a_client_leavi
     with caplog.at_level("INFO", logger="assistant.sse"), anyio.fail_after(3):
         await response({"type": "http"}, receive, send)
     assert "client disconnected from the stream" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_disconnect_queued_by_a_last_send_that_did_not_wait_leaves_no_error() -> None:
+    """The usual end of a stream: the last send queues the disconnect and returns at once, so
+    the request's task takes the disconnect, finds the sender done and leaves its watch before
+    the sender's end is told, which must then leave the watch alone."""
+    log = new_log()
+    log.append(Event(METADATA, {}))
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    receive, send = closed_inside_the_last_send(pause=0)
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
+    try:
+        with anyio.fail_after(3):
+            await response({"type": "http"}, receive, send)
+        await anyio.sleep(0.05)
+    finally:
+        asyncio.get_running_loop().set_exception_handler(None)
+    assert response.done and errors == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["the client's disconnect", "a stalled client", "a normal end"])
+async def test_an_ended_stream_is_freed_without_the_garbage_collector(ending: str) -> None:
+    """A sender cancelled by the stream's end keeps its CancelledError, whose traceback keeps
+    the response: the response must not keep the sender in turn (a reference cycle that only a
+    full collection, every 10,000 connections, would free, with the run's log in it)."""
+    log = new_log()
+    if ending == "a normal end":
+        log.append(Event(METADATA, {}))
+    gone = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    if ending == "the client's disconnect":
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+    response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=0.1)
+    freed = weakref.ref(response)
+    send = never_takes_the_bytes if ending == "a stalled client" else discard
+    gc.collect()
+    gc.disable()
+    try:
+        with anyio.fail_after(3):
+            await response({"type": "http"}, receive, send)
+        del response
+        await anyio.sleep(0.01)  # the sender's done callbacks
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.anyio
