@@ -119,7 +119,7 @@ async def _stream_send(self: H11Protocol, event: StreamEvent) -> None:
     """hypercorn's, with a chunk of a chunked response body framed here, as h11's writer frames
     it. h11 would first pass the chunk through its state machine, where a body's data changes no
     state (it comes only while the response is being sent, and the states it could move are
-    already settled by the event that began the body): ~21 of a delta's ~177 calls. Anything
+    already settled by the event that began the body): ~21 calls a delta. Anything
     else, and a body h11 frames otherwise (a content length, an HTTP/1.0 client), goes to h11."""
     if type(event) is Body:
         connection = self.connection
@@ -134,7 +134,7 @@ async def _stream_send(self: H11Protocol, event: StreamEvent) -> None:
 async def _send_wsproto_event(self: WSStream, event: Any) -> None:
     """hypercorn's, with a whole text message framed here, as wsproto frames it for a server
     (unmasked, one frame) on a connection without extensions (the service declines compression
-    unless WS_COMPRESSION=on): wsproto's way there is ~12 of a delta's ~167 calls. Anything
+    unless WS_COMPRESSION=on): wsproto's way there is ~12 calls a delta. Anything
     else, and a message wsproto would frame otherwise, goes to wsproto."""
     if type(event) is TextMessage and event.message_finished:
         connection = self.connection
@@ -181,8 +181,8 @@ async def _protocol_send(self: TCPServer, event: Event) -> None:
     Nothing is written to a connection already lost: asyncio logged a warning for each such
     write, and a client that flooded pings and left made thousands. The lock matters only to a
     write that waits for the client: the app's write that finds none waiting, and that the
-    socket takes at once (every delta of a client that keeps up), goes without it (~8 of a
-    delta's ~200 calls)."""
+    socket takes at once (every delta of a client that keeps up), goes without it (~8 calls a
+    delta)."""
     if isinstance(event, RawData):
         transport = self.writer.transport
         data = event.data

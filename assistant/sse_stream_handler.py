@@ -129,8 +129,7 @@ class SSEResponse:
         self._keepalive_due = False
         self._wakeup: Wakeup | None = None
         self._finishing = False
-        self._watching = False  # the request's task waits in `_watch`
-        self._sender: asyncio.Task[None] | None = None  # while the response runs
+        self._sender: asyncio.Task[None] | None = None  # while the request's task watches the client
         self._sender_done: asyncio.Future[None] | None = None  # the watch's wait once the client is gone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,11 +148,9 @@ class SSEResponse:
             async with MoveOn(None) as self._watch:
                 first = min(self.heartbeat_seconds, self.slow_client_timeout_seconds)
                 self._timer = loop.call_later(first, self._on_timer)
-                self._watching = True
                 try:
                     await self._watch_client(receive, sender)
                 finally:
-                    self._watching = False
                     self._timer.cancel()
                     if not sender.done():  # this task was cancelled, or its watch failed
                         sender.remove_done_callback(self._on_sender_end)
@@ -177,7 +174,7 @@ class SSEResponse:
         if self._sender_done is not None:
             if not self._sender_done.done():  # else the request's task was cancelled as it waited
                 self._sender_done.set_result(None)
-        elif self._watching:  # else the watch ended as the sender did, and left `_watch`
+        elif self._sender is not None:  # else the watch ended as the sender did, and left `_watch`
             self._watch.reschedule(0)  # a deadline in the past: the wait for the client ends
 
     def _end(self) -> None:
