@@ -489,26 +489,36 @@ async def quick_app(scope: dict, receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def keep_alive_connection(keep_alive_timeout: float) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, WorkerContext]]:
-    """A client's connection to an in-process hypercorn connection, mended, serving `quick_app`."""
-    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+async def served_connection(
+    app: Any, config: Config | None = None, context: WorkerContext | None = None,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A client's connection to an in-process hypercorn connection serving `app`; leaving closes
+    the client's end and waits for the server's connection to end."""
     loop = asyncio.get_running_loop()
-    config = Config()
-    config.keep_alive_timeout = keep_alive_timeout
-    context = WorkerContext(None)
     here, there = socket.socketpair()
 
     async def serve() -> None:
         reader, writer = await asyncio.open_connection(sock=here)
-        await TCPServer(ASGIWrapper(quick_app), loop, config, context, {}, reader, writer)
+        await TCPServer(ASGIWrapper(app), loop, config or Config(), context or WorkerContext(None), {}, reader, writer)
 
     connection = loop.create_task(serve())
     reader, writer = await asyncio.open_connection(sock=there)
     try:
-        yield reader, writer, context
+        yield reader, writer
     finally:
         writer.close()
         await asyncio.wait_for(connection, 5)
+
+
+@asynccontextmanager
+async def keep_alive_connection(keep_alive_timeout: float) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, WorkerContext]]:
+    """A client's connection to an in-process hypercorn connection, mended, serving `quick_app`."""
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    config = Config()
+    config.keep_alive_timeout = keep_alive_timeout
+    context = WorkerContext(None)
+    async with served_connection(quick_app, config, context) as (reader, writer):
+        yield reader, writer, context
 
 
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/") -> bytes:
@@ -609,7 +619,6 @@ BODIES = [  # (request, response headers, the app's body messages)
 async def exchange(request: bytes, headers: list[tuple[bytes, bytes]], bodies: list[bytes]) -> bytes:
     """What a client reads from an in-process hypercorn connection whose app sends `bodies`, the
     last one ending the response; the server closes the connection after it."""
-    loop = asyncio.get_running_loop()
     config = Config()
     config.include_date_header = False
 
@@ -620,20 +629,9 @@ async def exchange(request: bytes, headers: list[tuple[bytes, bytes]], bodies: l
         for number, body in enumerate(bodies, 1):
             await send({"type": "http.response.body", "body": body, "more_body": number < len(bodies)})
 
-    here, there = socket.socketpair()
-
-    async def serve() -> None:
-        reader, writer = await asyncio.open_connection(sock=here)
-        await TCPServer(ASGIWrapper(app), loop, config, WorkerContext(None), {}, reader, writer)
-
-    connection = loop.create_task(serve())
-    reader, writer = await asyncio.open_connection(sock=there)
-    try:
+    async with served_connection(app, config) as (reader, writer):
         writer.write(request)
         return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-        await asyncio.wait_for(connection, 5)
 
 
 @pytest.mark.anyio

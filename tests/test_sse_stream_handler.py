@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -58,6 +59,19 @@ def closed_inside_the_last_send(
             then()
 
     return receive, send
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What the loop's exception handler is given meanwhile: an error in a callback, or a task's
+    exception that nobody retrieved."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(None)
 
 
 def new_log() -> RunLog:
@@ -243,8 +257,6 @@ async def test_a_sender_that_fails_as_the_response_is_cancelled_has_its_error_lo
     """The cancellation goes on from the request's task, so the sender's error cannot: it is
     logged with the run's id, not left to asyncio's "never retrieved" (which names no run)."""
     log = new_log()
-    errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
     response_task: asyncio.Task[None] | None = None
 
     async def send(message: dict[str, Any]) -> None:
@@ -254,14 +266,13 @@ async def test_a_sender_that_fails_as_the_response_is_cancelled_has_its_error_lo
             raise RuntimeError("the send broke")
 
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
-    with caplog.at_level("ERROR", logger="assistant.sse"):
+    with loop_errors() as errors, caplog.at_level("ERROR", logger="assistant.sse"):
         response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, never_disconnects, send))
         with anyio.fail_after(3):
             await asyncio.wait((response_task,))
         await anyio.sleep(0.01)
         gc.collect()  # a task whose exception was never retrieved says so as it is freed
         await anyio.sleep(0.01)
-    asyncio.get_running_loop().set_exception_handler(None)
     assert response_task.cancelled()
     assert "the stream's sender failed" in caplog.text and "the send broke" in caplog.text
     assert errors == []
@@ -310,16 +321,12 @@ async def test_a_disconnect_queued_by_a_last_send_that_did_not_wait_leaves_no_er
     the sender's end is told, which must then leave the watch alone."""
     log = new_log()
     log.append(Event(METADATA, {}))
-    errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
     receive, send = closed_inside_the_last_send(pause=0)
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
-    try:
+    with loop_errors() as errors:
         with anyio.fail_after(3):
             await response({"type": "http"}, receive, send)
         await anyio.sleep(0.05)
-    finally:
-        asyncio.get_running_loop().set_exception_handler(None)
     assert response.done and errors == []
 
 
@@ -362,8 +369,6 @@ async def test_a_response_cancelled_as_its_sender_ends_after_the_disconnect_leav
     that must not try to set the cancelled wait (asyncio would log an InvalidStateError)."""
     log = new_log()
     log.append(Event(METADATA, {}))
-    errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
     response_task: asyncio.Task[None] | None = None
 
     def cancel_the_response() -> None:
@@ -372,11 +377,11 @@ async def test_a_response_cancelled_as_its_sender_ends_after_the_disconnect_leav
 
     receive, send = closed_inside_the_last_send(then=cancel_the_response)
     response = SSEResponse(log, heartbeat_seconds=5, retry_ms=1, slow_client_timeout_seconds=5)
-    response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, receive, send))
-    with anyio.fail_after(3):
-        await asyncio.wait((response_task,))
-    await anyio.sleep(0.05)
-    asyncio.get_running_loop().set_exception_handler(None)
+    with loop_errors() as errors:
+        response_task = asyncio.get_running_loop().create_task(response({"type": "http"}, receive, send))
+        with anyio.fail_after(3):
+            await asyncio.wait((response_task,))
+        await anyio.sleep(0.05)
     assert response_task.cancelled() and response.done
     assert errors == []
 
