@@ -8,6 +8,7 @@ Responses engine: `AssistantsParser` maps this API's events onto them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -33,7 +34,7 @@ from .upstream import (
     retry_delay,
     waits_too_long,
 )
-from .upstream_sse import decode_named_events, iterate_sse_events
+from .upstream_sse import DeliverEvents, decode_named_events, deliver_batches, iterate_sse_events
 
 # The SDK marks this API deprecated on every call; using it is this engine's whole point.
 warnings.filterwarnings("ignore", message="The Assistants API is deprecated", category=DeprecationWarning)
@@ -253,7 +254,7 @@ class AssistantsEngine:
     @asynccontextmanager
     async def open_round(
         self, thread_id: str, turn_input: NewMessage | ToolOutputs
-    ) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+    ) -> AsyncIterator[DeliverEvents]:
         if isinstance(turn_input, NewMessage):
             response = await self._create_run(thread_id, turn_input.text)
             run_id = None
@@ -262,10 +263,10 @@ class AssistantsEngine:
             self._continuing[thread_id] = run_id
             response = await self._submit_tool_outputs_with_backoff(thread_id, run_id, turn_input.results)
             if response is None:  # a failed attempt delivered them after all: no stream to read
-                yield self._poll(thread_id, run_id)
+                yield functools.partial(deliver_batches, self._poll(thread_id, run_id))
                 return
         try:
-            yield self._events(thread_id, run_id, response)
+            yield functools.partial(deliver_batches, self._events(thread_id, run_id, response))
         finally:
             with anyio.CancelScope(shield=True):  # also when the run is being cancelled
                 await response.http_response.aclose()

@@ -8,9 +8,10 @@ handlers wait on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -32,6 +33,7 @@ from .message_parser import ToolTracker
 from .run_log import RunLog
 from .timeouts import MoveOn
 from .tool_executor import ToolCall, ToolRegistry, ToolResult, cancelled_from_outside, error_output, execute_tool
+from .upstream_sse import DeliverEvents
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -67,9 +69,8 @@ class Engine(Protocol):
 
     def next_input(self, parser: Any, results: list[ToolResult]) -> Any: ...
 
-    def open_round(
-        self, thread_id: str, turn_input: Any
-    ) -> AbstractAsyncContextManager[AsyncIterator[list[dict[str, Any]]]]: ...
+    def open_round(self, thread_id: str, turn_input: Any) -> AbstractAsyncContextManager[DeliverEvents]:
+        """The round's upstream request, sent; it gives what hands its events over, in batches."""
 
     async def abandon_round(self, thread_id: str, parser: Any, results: list[ToolResult]) -> None:
         """The round will not go on: leave the thread so that its next message is accepted."""
@@ -82,6 +83,15 @@ async def _run_tool(
     result = await execute_tool(registry, call, correlation_id=log.correlation_id)
     results[call.call_id] = result
     log.append(tracker.finish_call(result))
+
+
+def _log_batch(parser: Parser, log: RunLog, batch: list[dict[str, Any]]) -> bool:
+    """A batch of the round's upstream events, parsed into the run's log; True once the round
+    has ended. Called for each network read, from the upstream connection's read callback."""
+    for upstream_event in batch:
+        for event in parser.parse(upstream_event):
+            log.append(event)
+    return parser.ended
 
 
 def _interrupted(call: ToolCall, reason: str, correlation_id: str) -> ToolResult:
@@ -114,14 +124,9 @@ async def run_rounds(
         reason = ""
         settled = False
         try:
-            async with engine.open_round(thread_id, turn_input) as batches:
+            async with engine.open_round(thread_id, turn_input) as deliver:
                 log.mark_upstream_answered()
-                async for batch in batches:
-                    for event in [e for upstream_event in batch for e in parser.parse(upstream_event)]:
-                        log.append(event)
-                    del batch  # an idle stream holds no upstream batch (`response.created` echoes the request)
-                    if parser.ended:
-                        break
+                await deliver(functools.partial(_log_batch, parser, log))
             if parser.failure is not None:
                 # Not settled: what failed may still hold the thread (an Assistants run that an
                 # `error` event broke off is still going), and the engine lets go of it.

@@ -25,7 +25,8 @@ from .message_parser import MessageParser, ToolTracker
 from .timeouts import MoveOn
 from .tool_executor import ToolRegistry, ToolResult
 from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error, may_have_taken_effect
-from .upstream_sse import iterate_sse_events
+from .upstream_sse import DeliverEvents, OnBatch, sse_events_to
+from .upstream_transport import ResponseBody
 
 logger = logging.getLogger("assistant.responses")
 
@@ -321,36 +322,55 @@ class ResponsesEngine:
 
 
 class Round:
-    """One round's streamed response, as `async with`: its events in batches; on a normal end
-    the body read to its end (so the connection goes back to the pool instead of being dropped:
-    no new TLS handshake), and the response closed however the round ends. A class, not an
+    """One round's streamed response, as `async with`: it gives `deliver`, which hands the
+    events to the orchestrator's handler in batches; on a normal end the body is read to its
+    end (so the connection goes back to the pool instead of being dropped: no new TLS
+    handshake), and the response is closed however the round ends. A class, not an
     `asynccontextmanager`: an idle stream holds no generator, context manager object and entry
     in the loop's set of async generators for it (~0.5 KiB)."""
 
-    __slots__ = ("_engine", "_thread_id", "_items", "_response", "_chunks", "_events")
+    __slots__ = ("_engine", "_thread_id", "_items", "_response", "_chunks")
 
     def __init__(self, engine: ResponsesEngine, thread_id: str, items: list[dict[str, Any]]) -> None:
         self._engine = engine
         self._thread_id = thread_id
         self._items = items
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    async def __aenter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def __aenter__(self) -> DeliverEvents:
         self._response = await self._engine._create_response(self._thread_id, self._items)
-        self._chunks = _body_chunks(self._response)
-        self._events = iterate_sse_events(self._chunks)
-        return self._events
+        return self.deliver
+
+    async def deliver(self, on_batch: OnBatch) -> None:
+        """The round's events to `on_batch`, a batch per network read, until it returns True or
+        the body ends. From the service's own transport they go from the connection's read
+        callback straight to `on_batch`: no task wakes per delta. From any other (httpx's,
+        behind a proxy; respx's in tests) they are read here."""
+        on_chunk = sse_events_to(on_batch)
+        body = self._response.stream
+        try:
+            if isinstance(body, ResponseBody) and "content-encoding" not in self._response.headers:
+                await body.deliver(on_chunk)
+                return
+            self._chunks = _body_chunks(self._response)
+            async for chunk in self._chunks:
+                if on_chunk(chunk):
+                    return
+        except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)
+            raise map_upstream_error(exc) from exc
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
             if exc_type is None:
-                await self._events.aclose()
+                chunks = self._chunks or _body_chunks(self._response)
                 async with MoveOn(time.monotonic() + DRAIN_SECONDS):
                     try:
-                        async for _ in self._chunks:
+                        async for _ in chunks:
                             pass
                     except httpx.HTTPError:
                         pass  # the response is complete; the connection is just not reused
         finally:
+            self._chunks = None
             with anyio.CancelScope(shield=True):  # also when the run is being cancelled
                 await self._response.aclose()
 
@@ -360,8 +380,8 @@ def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
 
     No content coding is asked for, so none is expected; httpx's `aiter_bytes()` would add two
     generators that keep the last chunk alive while they wait: an idle stream's
-    `response.created`, echoing the request, ~2 KiB each (the service's own transport keeps
-    nothing; httpx's, used behind a proxy, still does)."""
+    `response.created`, echoing the request, ~2 KiB each (httpx's transport, used behind a
+    proxy, keeps it)."""
     if "content-encoding" in response.headers:
         return response.aiter_bytes()
     return aiter(cast(httpx.AsyncByteStream, response.stream))

@@ -6,7 +6,7 @@ event types, so it decodes the SSE lines itself and parses each data line with o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -131,6 +131,57 @@ def decode_named_events(pairs: list[tuple[bytes, bytes]]) -> list[dict[str, Any]
     return events
 
 
+# A round's events go to the orchestrator's handler a batch at a time (one per network read);
+# it returns True once it needs no more (the response ended).
+OnBatch = Callable[[list[dict[str, Any]]], bool]
+# How a round hands its events over: awaited until the handler returns True or the stream ends.
+DeliverEvents = Callable[[OnBatch], Awaitable[None]]
+
+
+def sse_events_to(
+    on_batch: OnBatch, decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]] = decode_events
+) -> Callable[[bytes], bool]:
+    """A chunk handler for an upstream SSE body: each chunk's complete events go to `on_batch`
+    as one batch, and its answer is returned. Plain calls, no task: the connection runs it
+    from its own read callback (`upstream_transport.Connection.deliver_body`)."""
+    decoder = SSEDecoder()
+
+    def on_chunk(chunk: bytes) -> bool:
+        pairs = decoder.feed(chunk)
+        try:
+            events = decode(pairs)
+        except UpstreamError:
+            # The events before the broken one still count: deliver them, then fail.
+            events = _decodable_prefix(pairs, decode)
+            if events and on_batch(events):
+                return True
+            raise
+        return on_batch(events) if events else False
+
+    return on_chunk
+
+
+def _decodable_prefix(
+    pairs: list[tuple[bytes, bytes]], decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The events of `pairs` up to the first one `decode` refuses."""
+    events: list[dict[str, Any]] = []
+    for pair in pairs:
+        try:
+            events += decode([pair])
+        except UpstreamError:
+            break
+    return events
+
+
+async def deliver_batches(batches: AsyncIterator[list[dict[str, Any]]], on_batch: OnBatch) -> None:
+    """A round read by pulling (the Assistants engine's): each batch to `on_batch`, until it
+    returns True. The orchestrator gets it as `functools.partial(deliver_batches, batches)`."""
+    async for batch in batches:
+        if on_batch(batch):
+            return
+
+
 async def iterate_sse_events(
     chunks: AsyncIterator[bytes],
     decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]] = decode_events,
@@ -144,12 +195,7 @@ async def iterate_sse_events(
                 events = decode(pairs)
             except UpstreamError:
                 # The events before the broken one still count: deliver them, then fail.
-                events = []
-                for pair in pairs:
-                    try:
-                        events += decode([pair])
-                    except UpstreamError:
-                        break
+                events = _decodable_prefix(pairs, decode)
                 if events:
                     yield events
                 raise

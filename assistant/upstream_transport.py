@@ -1,10 +1,11 @@
-"""A lean HTTP/1.1 transport under the OpenAI client: one callback and one wakeup per network read.
+"""A lean HTTP/1.1 transport under the OpenAI client: one callback and at most one wakeup per network read.
 
 The service's hot path is reading streamed events from the upstream. httpx's default transport
 (httpcore, h11 and anyio streams) spends a cancel scope, an h11 event and several stream layers
 on every chunk, and its pool walks every connection on each request and release. This one is an
 `asyncio.Protocol` per connection: bytes are de-chunked as they arrive, and the waiting reader
-is woken once. The pool is a stack of idle connections per origin, so taking and giving back a
+is woken once; a streamed body's reader (`deliver_body`) is not woken at all: its chunk handler
+runs in the read callback. The pool is a stack of idle connections per origin, so taking and giving back a
 connection costs the same with 1 or 1,000 of them, and a connection the server closes leaves the
 pool the moment it does (nothing is polled). When requests at once outgrow the pool, it opens a
 spare connection ahead of the next one (`_open_spare`), so that a growing number of streams does
@@ -19,12 +20,14 @@ re-armed lazily, not one per chunk). Failures raise httpx's exceptions.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import ipaddress
 import select
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -95,6 +98,8 @@ class Connection(asyncio.Protocol):
         self._read_timeout: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        # While a body's reader waits in `deliver_body`: its chunk handler, run in its context.
+        self._deliver: Callable[[bytes], bool] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -138,6 +143,24 @@ class Connection(asyncio.Protocol):
         except httpx.RemoteProtocolError as exc:
             self._fail(exc)
             return
+        waiter = self._waiter
+        if self._deliver is not None and waiter is not None and not waiter.done():
+            # The body's reader waits in `deliver_body` (not cancelled, not timed out): the data
+            # goes to it from here, and its task wakes only for the end.
+            if self._chunks:
+                try:
+                    stop = self._deliver(self.take_body())
+                except Exception as exc:  # the reader's own failure (a malformed event): it raises it
+                    self._deliver = self._waiter = None
+                    waiter.set_exception(exc)
+                    waiter = None  # the error's traceback keeps this frame: no cycle through the future
+                    return
+                if stop:
+                    self._deliver = None  # what follows is buffered, for the reader to drain
+                    self._wake()
+                    return
+            if not self.body_done:
+                return
         if self._buffered > PAUSE_READING_BYTES and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -401,6 +424,29 @@ class Connection(asyncio.Protocol):
         self._raise_error()
         return self._wait()
 
+    async def deliver_body(self, on_chunk: Callable[[bytes], bool]) -> None:
+        """Hand the body to `on_chunk` as it arrives, until it returns True or the body ends.
+
+        While the reader's task waits here, `data_received` calls `on_chunk` itself (in the
+        task's context, for its log lines): a chunk wakes no task, and the task waits once for
+        the end. What arrives while the task is not waiting the task hands over itself."""
+        deliver = functools.partial(contextvars.copy_context().run, on_chunk)
+        while True:
+            chunk = self.take_body()
+            if chunk and on_chunk(chunk):
+                return
+            if self.body_done:
+                return
+            self._raise_error()
+            self._deliver = deliver
+            try:
+                await self._wait()
+            finally:
+                stopped = self._deliver is None
+                self._deliver = None
+            if stopped:
+                return
+
     @property
     def reusable(self) -> bool:
         return not self.closed and self.keep_alive and self._error is None and (self.body_done or not self.in_response)
@@ -444,6 +490,12 @@ class ResponseBody(httpx.AsyncByteStream):
             else:
                 await connection.wait_body()
         await self.aclose()
+
+    async def deliver(self, on_chunk: Callable[[bytes], bool]) -> None:
+        """The body to `on_chunk` as it arrives, until it returns True or the body ends
+        (`Connection.deliver_body`); what is left is read with `async for`, which gives the
+        connection back at the end."""
+        await self.connection.deliver_body(on_chunk)
 
     async def aclose(self) -> None:
         if not self._released:

@@ -44,6 +44,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from app import create_app
+from assistant import orchestrator
 from assistant.config import load_settings
 from tests.e2e import ServerProcess, free_port, running_service
 # pytest finds fixtures among the module's names: these are used by name, not referenced.
@@ -1357,3 +1358,27 @@ async def test_upstream_connections_are_reused_between_rounds(fake_upstream: Ser
         connections = [(c.requests, c.idle) for c in pool.connections]  # before the shutdown closes them
     # One connection (the fake keeps connections alive for 5 s) served the thread and all four rounds.
     assert connections == [(5, True)], connections
+
+
+@pytest.mark.anyio
+async def test_a_streamed_rounds_events_are_parsed_in_the_upstream_connections_read_callback(
+    fake_upstream: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path (README, "Where the time goes"): on the service's own transport, each read
+    of the upstream's stream is parsed into the run's log from the connection's read callback,
+    so the run's task does not wake per delta. (Elsewhere, behind a proxy or under respx, the
+    run's task reads the body itself; the other tests cover that.)"""
+    in_a_task: list[bool] = []
+    log_batch = orchestrator._log_batch
+
+    def spy(parser: Any, log: Any, batch: list[dict[str, Any]]) -> bool:
+        in_a_task.append(asyncio.current_task() is not None)
+        return log_batch(parser, log, batch)
+
+    monkeypatch.setattr(orchestrator, "_log_batch", spy)
+    async with in_process_service(fake_upstream.url) as (_, base):
+        async with http_client() as client:
+            thread_id = await new_thread(client, base)
+            response = await chat_json(client, base, thread_id, "fault:slow 0.03 8")  # 8 deltas, 30 ms apart
+            assert response.status_code == 200, response.text
+    assert in_a_task.count(False) >= 8, in_a_task

@@ -6,6 +6,7 @@ tests/test_e2e_resume.py.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from assistant.run_log import EventsDropped, RunLog
 from assistant.run_manager import RunManager
 from assistant.sse_stream_handler import SSEResponse
 from assistant.tool_executor import ToolCall, ToolRegistry
+from assistant.upstream_sse import DeliverEvents, deliver_batches
 from tests.test_chat_api import JSON, SSE, chat, events_of, make_client, parse_sse
 from tests.upstream_mock import sse_response, text_events, upstream  # noqa: F401  (fixture)
 
@@ -365,13 +367,13 @@ class StubEngine:
         raise AssertionError("the stub makes no tool calls")
 
     @asynccontextmanager
-    async def open_round(self, thread_id: str, turn_input: str) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+    async def open_round(self, thread_id: str, turn_input: str) -> AsyncIterator[DeliverEvents]:
         async def batches() -> AsyncIterator[list[dict[str, Any]]]:
             if turn_input in self.gates:
                 await self.gates[turn_input].wait()
             yield [{"type": "text", "text": turn_input}, {"type": "end"}]
 
-        yield batches()
+        yield functools.partial(deliver_batches, batches())
 
     async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
         pass
@@ -390,13 +392,13 @@ class SettlingEngine(StubEngine):
         return "results"
 
     @asynccontextmanager
-    async def open_round(self, thread_id: str, turn_input: str) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+    async def open_round(self, thread_id: str, turn_input: str) -> AsyncIterator[DeliverEvents]:
         async def batches() -> AsyncIterator[list[dict[str, Any]]]:
             if self.fails:
                 raise UpstreamError("the upstream stream broke")
             yield [{"type": "call"}, {"type": "end"}]
 
-        yield batches()
+        yield functools.partial(deliver_batches, batches())
 
     def new_parser(self, tracker: Any) -> StubParser:
         parser = StubParser()
@@ -651,13 +653,13 @@ class FailingFollowUpEngine(SettlingEngine):
         return [result.output for result in results]  # as the real engines send the outputs on
 
     @asynccontextmanager
-    async def open_round(self, thread_id: str, turn_input: Any) -> AsyncIterator[AsyncIterator[list[dict[str, Any]]]]:
+    async def open_round(self, thread_id: str, turn_input: Any) -> AsyncIterator[DeliverEvents]:
         async def batches() -> AsyncIterator[list[dict[str, Any]]]:
             if turn_input != "hi":
                 raise UpstreamError("the upstream stream broke")
             yield [{"type": "call"}, {"type": "end"}]
 
-        yield batches()
+        yield functools.partial(deliver_batches, batches())
 
     def new_parser(self, tracker: Any) -> StubParser:
         parser = super().new_parser(tracker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from assistant.message_parser import MessageParser
 from assistant.orchestrator import execute_run, run_answer, wait_until_accepted
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
+from assistant.upstream_sse import deliver_batches
 
 
 @pytest.fixture
@@ -408,7 +410,7 @@ class HeldRoundEngine(FakeEngine):
             await self.slow.wait()
             yield [{"type": "response.completed", "response": {"output": []}}]
 
-        yield batches()
+        yield functools.partial(deliver_batches, batches())
 
     async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
         await anyio.sleep(self.settle)

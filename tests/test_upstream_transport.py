@@ -10,7 +10,9 @@ are seen from the other end of the socket, not only through the pool's own bookk
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
+import gc
 import json
 import os
 import random
@@ -19,6 +21,7 @@ import ssl
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -1563,3 +1566,204 @@ async def test_tls_write_timeout_when_server_does_not_read() -> None:
     finally:
         stop.set()
         listener.close()
+
+
+# --------------------------------------------------------------------------------------------
+# a streamed body handed to a chunk handler (`ResponseBody.deliver`): what the Responses engine reads
+
+
+async def raw_response(transport: UpstreamTransport, server: ScriptedServer, read: float = 5.0) -> httpx.Response:
+    """The response as the engine gets it: straight from the transport, its stream a `ResponseBody`."""
+    timeout = httpx.Timeout(5.0, read=read).as_dict()
+    request = httpx.Request("GET", server.url + "/", extensions={"timeout": timeout})
+    return await transport.handle_async_request(request)
+
+
+class Handler:
+    """A chunk handler that records each chunk, whether a task ran it and what the context held."""
+
+    def __init__(self, stop_at: bytes = b"", fail_at: bytes = b"") -> None:
+        self.got: list[tuple[bytes, bool, str]] = []
+        self.stop_at = stop_at
+        self.fail_at = fail_at
+
+    def __call__(self, chunk: bytes) -> bool:
+        self.got.append((chunk, asyncio.current_task() is not None, READER.get("unset")))
+        if self.fail_at and self.fail_at in chunk:
+            raise ValueError("a malformed event")
+        return bool(self.stop_at) and self.stop_at in chunk
+
+    @property
+    def chunks(self) -> list[bytes]:
+        return [chunk for chunk, _, _ in self.got]
+
+
+READER: contextvars.ContextVar[str] = contextvars.ContextVar("READER")
+
+
+@pytest.mark.anyio
+async def test_deliver_runs_the_handler_from_the_read_callback_in_the_readers_context() -> None:
+    """What came with the head is handed over by the waiting task; every later read goes to the
+    handler from the connection's read callback (no task: the reader's task does not wake per
+    chunk), in the reader's context. The connection goes back to the pool at the end."""
+    writes: list[Write] = [head(headers=CHUNKED) + chunk(b"first")]
+    for part in (b"second", b"third"):
+        writes += [0.05, chunk(part)]
+    writes += [0.05, b"0\r\n\r\n"]
+    async with serve(Reply(writes), Reply([full(b"again")])) as server:
+        transport = UpstreamTransport()
+        READER.set("the run's")
+        response = await raw_response(transport, server)
+        handler = Handler()
+        await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        assert handler.got == [(b"first", True, "the run's"), (b"second", False, "the run's"), (b"third", False, "the run's")]
+        assert [chunk async for chunk in response.stream] == []  # type: ignore[attr-defined]
+        await response.aclose()
+        assert transport.idle_connections == 1
+        again = await raw_response(transport, server)
+        assert await again.aread() == b"again"
+    assert server.accepted == 1
+
+
+@pytest.mark.anyio
+async def test_deliver_stops_when_the_handler_says_so_and_leaves_the_rest_to_read() -> None:
+    """A handler returning True (the response has ended) gets nothing more; what follows is
+    buffered for the drain, which gives the connection back."""
+    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"done"), 0.05, chunk(b"trailing"), b"0\r\n\r\n"]
+    async with serve(Reply(writes), Reply([full(b"again")])) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        handler = Handler(stop_at=b"done")
+        await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        assert handler.chunks == [b"done"]
+        assert b"".join([chunk async for chunk in response.stream]) == b"trailing"  # type: ignore[attr-defined]
+        assert handler.chunks == [b"done"]
+        await response.aclose()
+        assert (await (await raw_response(transport, server)).aread()) == b"again"
+    assert server.accepted == 1
+
+
+@pytest.mark.anyio
+async def test_a_handler_that_raises_in_the_read_callback_fails_the_reader_and_drops_the_connection() -> None:
+    """The handler's error (a malformed event) is raised by `deliver` in the reader's task, and
+    nothing after it is handed over; the connection, mid-body, is not reused."""
+    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"ok"), 0.05, chunk(b"bad"), 0.05, chunk(b"after"), b"0\r\n\r\n"]
+    async with serve(Reply(writes), Reply([full(b"again")])) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        handler = Handler(fail_at=b"bad")
+        with pytest.raises(ValueError, match="a malformed event"):
+            await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        assert handler.chunks == [b"ok", b"bad"]
+        await response.aclose()
+        await until(lambda: transport.connections == set())
+        assert (await (await raw_response(transport, server)).aread()) == b"again"
+        assert handler.chunks == [b"ok", b"bad"]
+    assert server.accepted == 2
+
+
+@pytest.mark.anyio
+async def test_a_handlers_error_leaves_no_reference_cycle() -> None:
+    """The error's traceback keeps the read callback's frame: nothing in it may lead back to
+    the error, or the run's log and parser (the handler's frames) would wait for a full
+    collection (every 10,000 connections: assistant/garbage_collection.py)."""
+    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"bad"), 0.05, b"0\r\n\r\n"]
+    async with serve(Reply(writes)) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        handler = Handler(fail_at=b"bad")
+        freed = weakref.ref(handler)
+        gc.disable()
+        try:
+            try:
+                await response.stream.deliver(handler)  # type: ignore[attr-defined]
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("deliver did not raise the handler's error")
+            await response.aclose()
+            del response, handler
+            await asyncio.sleep(0)  # the loop's handle that woke this task still holds the future
+            assert freed() is None, "the handler is kept by a reference cycle"
+        finally:
+            gc.enable()
+
+
+@pytest.mark.anyio
+async def test_deliver_raises_the_read_timeout_after_a_silence_not_after_the_total() -> None:
+    """The read timeout still bounds each silence while the handler is fed from the callback:
+    a chunk every 0.1 s for 1 s under 0.3 s completes, then a silence raises httpx.ReadTimeout."""
+    writes: list[Write] = [head(headers=CHUNKED)]
+    for i in range(10):
+        writes += [0.1, chunk(b"tick %d" % i)]
+    async with serve(Reply(writes)) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server, read=0.3)
+        handler = Handler()
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        elapsed = time.monotonic() - started
+        assert handler.chunks == [b"tick %d" % i for i in range(10)]
+        assert 1.15 <= elapsed < 2.0, elapsed
+        await response.aclose()
+        await until(lambda: not transport.connections)
+
+
+@pytest.mark.anyio
+async def test_deliver_raises_when_the_server_closes_mid_body_after_handing_over_what_came() -> None:
+    async with serve(Reply([head(headers=CHUNKED), 0.02, chunk(b"part"), 0.05], close=True)) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        handler = Handler()
+        with pytest.raises(httpx.RemoteProtocolError, match="complete response body"):
+            await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        assert handler.chunks == [b"part"]
+        await response.aclose()
+        assert transport.connections == set()
+
+
+@asynccontextmanager
+async def a_waiting_reader() -> AsyncIterator[tuple[Connection, Handler, asyncio.Future[None]]]:
+    """A reader in `deliver`, handed its first chunk and waiting for more: (its connection, its
+    handler, its task). The server sends nothing more: the test feeds the connection itself."""
+    async with serve(Reply([head(headers=CHUNKED), 0.02, chunk(b"first")])) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        connection = only_connection(transport)
+        handler = Handler()
+        reader = asyncio.ensure_future(response.stream.deliver(handler))  # type: ignore[attr-defined]
+        await until(lambda: handler.chunks == [b"first"])
+        yield connection, handler, reader
+        await response.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_reader_is_handed_nothing_more() -> None:
+    """Once the reader's task is cancelled (its run stopped), a read that comes before the task
+    runs again is buffered, not handed to the handler: nothing is parsed for a stopped run."""
+    async with a_waiting_reader() as (connection, handler, reader):
+        reader.cancel()
+        connection.data_received(chunk(b"late"))  # as the loop would, before the task runs again
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert handler.chunks == [b"first"]
+        assert connection.take_body() == b"late"
+    assert connection.closed or connection.transport.is_closing()  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_read_without_body_data_does_not_wake_the_reader() -> None:
+    """A read that carries only chunk framing (a size line cut in two) gives the handler
+    nothing and does not wake the reader's task; the end of the body does."""
+    async with a_waiting_reader() as (connection, handler, reader):
+        waiter = connection._waiter
+        connection.data_received(b"5")
+        connection.data_received(b"\r\nfifth\r\n")
+        assert waiter is connection._waiter and waiter is not None and not waiter.done()
+        assert handler.chunks == [b"first", b"fifth"]
+        connection.data_received(b"0\r\n\r\n")
+        assert waiter.done()
+        await reader
+        assert handler.chunks == [b"first", b"fifth"]
+    assert connection.idle and not connection.closed  # back in the pool
