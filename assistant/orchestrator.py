@@ -87,7 +87,8 @@ async def _run_tool(
 
 def _log_batch(parser: Parser, log: RunLog, batch: list[dict[str, Any]]) -> bool:
     """A batch of the round's upstream events, parsed into the run's log; True once the round
-    has ended. Called for each network read, from the upstream connection's read callback."""
+    has ended. Called for each network read, from the upstream connection's read callback:
+    outside any task, so nothing under it may await or ask anyio for the current task."""
     for upstream_event in batch:
         for event in parser.parse(upstream_event):
             log.append(event)

@@ -25,7 +25,7 @@ from .message_parser import MessageParser, ToolTracker
 from .timeouts import MoveOn
 from .tool_executor import ToolRegistry, ToolResult
 from .upstream import call_with_retries, error_message, is_thread_busy, map_upstream_error, may_have_taken_effect
-from .upstream_sse import DeliverEvents, OnBatch, sse_events_to
+from .upstream_sse import DeliverEvents, OnBatch, SSEEventReader
 from .upstream_transport import ResponseBody
 
 logger = logging.getLogger("assistant.responses")
@@ -339,6 +339,7 @@ class Round:
 
     async def __aenter__(self) -> DeliverEvents:
         self._response = await self._engine._create_response(self._thread_id, self._items)
+        del self._items  # sent: not kept while the round streams and its tools run
         return self.deliver
 
     async def deliver(self, on_batch: OnBatch) -> None:
@@ -346,7 +347,7 @@ class Round:
         the body ends. From the service's own transport they go from the connection's read
         callback straight to `on_batch`: no task wakes per delta. From any other (httpx's,
         behind a proxy; respx's in tests) they are read here."""
-        on_chunk = sse_events_to(on_batch)
+        on_chunk = SSEEventReader(on_batch)
         body = self._response.stream
         try:
             if isinstance(body, ResponseBody) and "content-encoding" not in self._response.headers:
@@ -356,6 +357,7 @@ class Round:
             async for chunk in self._chunks:
                 if on_chunk(chunk):
                     return
+                del chunk  # an idle stream holds no chunk (a `response.created` echoes the request)
         except httpx.TransportError as exc:  # cut off (RemoteProtocolError, ReadError) or silent (ReadTimeout)
             raise map_upstream_error(exc) from exc
 
@@ -373,6 +375,7 @@ class Round:
             self._chunks = None
             with anyio.CancelScope(shield=True):  # also when the run is being cancelled
                 await self._response.aclose()
+            del self._response  # `deliver`, which the caller may still hold, keeps this round
 
 
 def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

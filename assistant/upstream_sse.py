@@ -29,6 +29,8 @@ class SSEDecoder:
     anything else the general one.
     """
 
+    __slots__ = ("_pending", "_pending_bytes", "_started", "_head", "_skip_lf")  # one per open stream
+
     def __init__(self) -> None:
         self._pending: list[bytes] = []  # the event still arriving: no blank line in it yet
         self._pending_bytes = 0
@@ -138,27 +140,32 @@ OnBatch = Callable[[list[dict[str, Any]]], bool]
 DeliverEvents = Callable[[OnBatch], Awaitable[None]]
 
 
-def sse_events_to(
-    on_batch: OnBatch, decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]] = decode_events
-) -> Callable[[bytes], bool]:
-    """A chunk handler for an upstream SSE body: each chunk's complete events go to `on_batch`
-    as one batch, and its answer is returned. Plain calls, no task: the connection runs it
-    from its own read callback (`upstream_transport.Connection.deliver_body`)."""
-    decoder = SSEDecoder()
+class SSEEventReader(SSEDecoder):
+    """A chunk handler for an upstream SSE body: called with each chunk, it hands the chunk's
+    complete events to `on_batch` as one batch and returns its answer. Plain calls, no task:
+    the connection calls it from its own read callback (`upstream_transport.Connection.deliver_body`).
+    One object with slots, not a closure: an open stream holds it for as long as it streams."""
 
-    def on_chunk(chunk: bytes) -> bool:
-        pairs = decoder.feed(chunk)
+    __slots__ = ("_on_batch", "_decode")
+
+    def __init__(
+        self, on_batch: OnBatch, decode: Callable[[list[tuple[bytes, bytes]]], list[dict[str, Any]]] = decode_events
+    ) -> None:
+        super().__init__()
+        self._on_batch = on_batch
+        self._decode = decode
+
+    def __call__(self, chunk: bytes) -> bool:
+        pairs = self.feed(chunk)
         try:
-            events = decode(pairs)
+            events = self._decode(pairs)
         except UpstreamError:
             # The events before the broken one still count: deliver them, then fail.
-            events = _decodable_prefix(pairs, decode)
-            if events and on_batch(events):
+            events = _decodable_prefix(pairs, self._decode)
+            if events and self._on_batch(events):
                 return True
             raise
-        return on_batch(events) if events else False
-
-    return on_chunk
+        return self._on_batch(events) if events else False
 
 
 def _decodable_prefix(
@@ -180,6 +187,7 @@ async def deliver_batches(batches: AsyncIterator[list[dict[str, Any]]], on_batch
     async for batch in batches:
         if on_batch(batch):
             return
+        del batch  # an idle stream holds no batch (a `response.created` echoes the request)
 
 
 async def iterate_sse_events(

@@ -12,7 +12,7 @@ import pytest
 
 from assistant.errors import UpstreamError
 from assistant import upstream_sse
-from assistant.upstream_sse import SSEDecoder, decode_events, iterate_sse_events, sse_events_to
+from assistant.upstream_sse import SSEDecoder, SSEEventReader, decode_events, iterate_sse_events
 from tests.conftest import fixtures_dir
 
 # --------------------------------------------------------------------------------------------
@@ -380,33 +380,33 @@ async def test_iterate_raises_upstream_error_on_bad_data() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# sse_events_to: the same, fed chunk by chunk (from the upstream connection's read callback)
+# SSEEventReader: the same, fed chunk by chunk (from the upstream connection's read callback)
 
 
-def test_sse_events_to_hands_over_one_batch_per_chunk_with_events() -> None:
+def test_sse_event_reader_hands_over_one_batch_per_chunk_with_events() -> None:
     batches: list[list[dict[str, object]]] = []
-    on_chunk = sse_events_to(lambda batch: batches.append(batch) or False)
+    on_chunk = SSEEventReader(lambda batch: batches.append(batch) or False)
     assert [on_chunk(chunk) for chunk in READS] == [False] * len(READS)
     assert batches == BATCHES
 
 
-def test_sse_events_to_returns_what_the_batch_handler_answers() -> None:
-    on_chunk = sse_events_to(lambda batch: batch[-1]["type"] == "end")
+def test_sse_event_reader_returns_what_the_batch_handler_answers() -> None:
+    on_chunk = SSEEventReader(lambda batch: batch[-1]["type"] == "end")
     assert on_chunk(b'data: {"type":"a"}\n\n') is False
     assert on_chunk(b'data: {"type":"end"}\n\n') is True
 
 
-def test_sse_events_to_hands_over_the_events_before_a_broken_one_then_raises() -> None:
+def test_sse_event_reader_hands_over_the_events_before_a_broken_one_then_raises() -> None:
     batches: list[list[dict[str, object]]] = []
-    on_chunk = sse_events_to(lambda batch: batches.append(batch) or False)
+    on_chunk = SSEEventReader(lambda batch: batches.append(batch) or False)
     with pytest.raises(UpstreamError, match=r"\(b\)"):
         on_chunk(b'data: {"type":"a"}\n\nevent: b\ndata: {bad\n\ndata: {"type":"c"}\n\n')
     assert batches == [[{"type": "a"}]]
 
 
-def test_sse_events_to_does_not_raise_for_a_broken_event_after_the_end() -> None:
+def test_sse_event_reader_does_not_raise_for_a_broken_event_after_the_end() -> None:
     """The handler said the response ended: what follows in the same read is not its concern."""
-    on_chunk = sse_events_to(lambda batch: batch[-1]["type"] == "end")
+    on_chunk = SSEEventReader(lambda batch: batch[-1]["type"] == "end")
     assert on_chunk(b'data: {"type":"end"}\n\nevent: b\ndata: {bad\n\n') is True
 
 
@@ -488,17 +488,17 @@ def test_broken_recorded_stream_last_line_also_rejected() -> None:
 
 
 @pytest.mark.parametrize("name", VALID_FIXTURES)
-def test_recorded_stream_through_sse_events_to(name: str) -> None:
+def test_recorded_stream_through_SSEEventReader(name: str) -> None:
     lines = fixture_lines(name)
     events: list[dict[str, object]] = []
-    on_chunk = sse_events_to(lambda batch: events.extend(batch) or False)
+    on_chunk = SSEEventReader(lambda batch: events.extend(batch) or False)
     for chunk in random_chunks(wire(lines), seed=len(name), max_size=300):
         assert on_chunk(chunk) is False
     assert events == [json.loads(line) for line in lines]
 
 
-def test_broken_recorded_stream_through_sse_events_to() -> None:
-    on_chunk = sse_events_to(lambda batch: False)
+def test_broken_recorded_stream_through_SSEEventReader() -> None:
+    on_chunk = SSEEventReader(lambda batch: False)
     with pytest.raises(UpstreamError, match="not valid JSON"):
         for chunk in random_chunks(wire(fixture_lines(BROKEN_FIXTURE)), seed=3, max_size=100):
             on_chunk(chunk)

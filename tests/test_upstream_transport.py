@@ -33,6 +33,7 @@ import anyio
 import httpx
 import pytest
 
+from assistant.responses_engine import Round
 from assistant.upstream_transport import MAX_HEAD_BYTES, PAUSE_READING_BYTES, Connection, UpstreamTransport
 
 # --------------------------------------------------------------------------------------------
@@ -1767,3 +1768,97 @@ async def test_a_read_without_body_data_does_not_wake_the_reader() -> None:
         await reader
         assert handler.chunks == [b"first", b"fifth"]
     assert connection.idle and not connection.closed  # back in the pool
+
+
+@pytest.mark.anyio
+async def test_a_handler_raising_stopiteration_fails_the_reader_instead_of_hanging_it() -> None:
+    """A future refuses StopIteration: raised by a handler (a bug), it still ends the reader,
+    as the RuntimeError a coroutine makes of it, instead of leaving it waiting for good."""
+
+    def handler(chunk: bytes) -> bool:
+        raise StopIteration
+
+    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"any"), 0.05, b"0\r\n\r\n"]
+    async with serve(Reply(writes)) as server:
+        transport = UpstreamTransport()
+        response = await raw_response(transport, server)
+        with anyio.fail_after(2), pytest.raises(RuntimeError, match="StopIteration"):
+            await response.stream.deliver(handler)  # type: ignore[attr-defined]
+        await response.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# the Responses engine's round on this transport (`responses_engine.Round.deliver`)
+
+
+def sse_event(kind: str, **fields: Any) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **fields}).encode())
+
+
+async def a_round(transport: UpstreamTransport, server: ScriptedServer) -> Round:
+    """A round whose request was sent: its response from this transport (the engine's part is
+    `_create_response`, not tested here)."""
+    round_ = Round(None, "conv_1", [])  # type: ignore[arg-type]
+    round_._response = await raw_response(transport, server)
+    return round_
+
+
+class Batches:
+    """A round's `on_batch`: records each batch and whether a task ran it; True at `done`."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[list[str], bool]] = []
+
+    def __call__(self, batch: list[dict[str, Any]]) -> bool:
+        self.got.append(([event["type"] for event in batch], asyncio.current_task() is not None))
+        return batch[-1]["type"] == "done"
+
+
+@pytest.mark.anyio
+async def test_a_round_reads_a_compressed_body_in_its_task_and_a_plain_one_from_the_read_callback() -> None:
+    """Nothing asks for a content coding; if one comes anyway, httpx's decoder reads it, in the
+    run's task (pull). A plain body goes from the connection's read callback to the parser."""
+    import gzip
+
+    events = [sse_event("created"), sse_event("delta"), sse_event("done")]
+    compressed = gzip.compress(b"".join(events))
+    gzipped = [head(headers=[*CHUNKED, ("Content-Encoding", "gzip")]), chunk(compressed[:20]), 0.02,
+               chunk(compressed[20:]), b"0\r\n\r\n"]
+    plain: list[Write] = [head(headers=CHUNKED)]
+    for event in events:
+        plain += [0.02, chunk(event)]
+    plain.append(b"0\r\n\r\n")
+    async with serve(Reply(gzipped), Reply(plain)) as server:
+        transport = UpstreamTransport()
+        for expected in (
+            [(["created", "delta", "done"], True)],
+            [(["created"], False), (["delta"], False), (["done"], False)],
+        ):
+            round_ = await a_round(transport, server)
+            batches = Batches()
+            await round_.deliver(batches)
+            await round_.__aexit__(None, None, None)
+            assert batches.got == expected
+        assert transport.idle_connections == 1  # each read to its end, then given back
+
+
+@pytest.mark.anyio
+async def test_a_waiting_round_holds_no_chunk() -> None:
+    """The first event comes with the head and echoes the whole request (`response.created`):
+    no frame of the waiting round keeps it, however long the stream then idles."""
+    echo = sse_event("created", request="x" * 20_000)
+    async with serve(Reply([head(headers=CHUNKED) + chunk(echo)])) as server:
+        transport = UpstreamTransport()
+        round_ = await a_round(transport, server)
+        batches = Batches()
+        reader = asyncio.ensure_future(round_.deliver(batches))
+        await until(lambda: bool(batches.got))
+        held, coro = [], reader.get_coro()  # type: ignore[attr-defined]
+        while coro is not None and hasattr(coro, "cr_frame"):
+            held += [name for name, value in coro.cr_frame.f_locals.items() if isinstance(value, bytes) and len(value) > 1000]
+            coro = coro.cr_await
+        assert held == []
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await round_.__aexit__(asyncio.CancelledError, None, None)
