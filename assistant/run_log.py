@@ -100,7 +100,9 @@ class RunLog:
         return self._first_seq + len(self._events) - 1
 
     def append(self, event: Event) -> int:
-        """Add an event and wake the readers; returns its sequence number (1, 2, ...)."""
+        """Add an event and wake the readers; returns its sequence number (1, 2, ...). Also
+        called from the upstream connection's read callback (`orchestrator._log_batch`), outside
+        any task: nothing here may await or ask anyio for the current task."""
         if self.finished:
             raise RuntimeError(f"run {self.run_id} has already ended")
         self._events.append((event.name, event.encoded))
