@@ -5,11 +5,11 @@ The service's hot path is reading streamed events from the upstream. httpx's def
 on every chunk, and its pool walks every connection on each request and release. This one is an
 `asyncio.Protocol` per connection: bytes are de-chunked as they arrive, and the waiting reader
 is woken once; a streamed body's reader (`deliver_body`) is not woken at all: its chunk handler
-runs in the read callback. The pool is a stack of idle connections per origin, so taking and giving back a
-connection costs the same with 1 or 1,000 of them, and a connection the server closes leaves the
-pool the moment it does (nothing is polled). When requests at once outgrow the pool, it opens a
-spare connection ahead of the next one (`_open_spare`), so that a growing number of streams does
-not wait for a connection (and TLS handshake) each.
+runs in the read callback. The pool is a stack of idle connections per origin, so taking and
+giving back a connection costs the same with 1 or 1,000 of them, and a connection the server
+closes leaves the pool the moment it does (nothing is polled). When requests at once outgrow
+the pool, it opens a spare connection ahead of the next one (`_open_spare`), so that a growing
+number of streams does not wait for a connection (and TLS handshake) each.
 
 It plugs in as an `httpx.AsyncBaseTransport`, so the SDK, its error mapping and every request
 the service makes stay as they are. Timeouts are httpx's: connect, write, pool, and read, which

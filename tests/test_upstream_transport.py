@@ -1617,7 +1617,8 @@ async def test_deliver_runs_the_handler_from_the_read_callback_in_the_readers_co
         response = await raw_response(transport, server)
         handler = Handler()
         await response.stream.deliver(handler)  # type: ignore[attr-defined]
-        assert handler.got == [(b"first", True, "the run's"), (b"second", False, "the run's"), (b"third", False, "the run's")]
+        in_the_runs_context = [(b"first", True), (b"second", False), (b"third", False)]
+        assert handler.got == [(chunk, in_a_task, "the run's") for chunk, in_a_task in in_the_runs_context]
         assert [chunk async for chunk in response.stream] == []  # type: ignore[attr-defined]
         await response.aclose()
         assert transport.idle_connections == 1
@@ -1648,7 +1649,8 @@ async def test_deliver_stops_when_the_handler_says_so_and_leaves_the_rest_to_rea
 async def test_a_handler_that_raises_in_the_read_callback_fails_the_reader_and_drops_the_connection() -> None:
     """The handler's error (a malformed event) is raised by `deliver` in the reader's task, and
     nothing after it is handed over; the connection, mid-body, is not reused."""
-    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"ok"), 0.05, chunk(b"bad"), 0.05, chunk(b"after"), b"0\r\n\r\n"]
+    writes: list[Write] = [head(headers=CHUNKED), 0.02, chunk(b"ok"), 0.05, chunk(b"bad"), 0.05, chunk(b"after")]
+    writes.append(b"0\r\n\r\n")
     async with serve(Reply(writes), Reply([full(b"again")])) as server:
         transport = UpstreamTransport()
         response = await raw_response(transport, server)
@@ -1855,7 +1857,8 @@ async def test_a_waiting_round_holds_no_chunk() -> None:
         await until(lambda: bool(batches.got))
         held, coro = [], reader.get_coro()  # type: ignore[attr-defined]
         while coro is not None and hasattr(coro, "cr_frame"):
-            held += [name for name, value in coro.cr_frame.f_locals.items() if isinstance(value, bytes) and len(value) > 1000]
+            locals_ = coro.cr_frame.f_locals.items()
+            held += [name for name, value in locals_ if isinstance(value, bytes) and len(value) > 1000]
             coro = coro.cr_await
         assert held == []
         reader.cancel()
