@@ -346,7 +346,7 @@ class Round:
         """The round's events to `on_batch`, a batch per network read, until it returns True or
         the body ends. From the service's own transport they go from the connection's read
         callback straight to `on_batch`: no task wakes per delta. From any other (httpx's,
-        behind a proxy; respx's in tests) they are read here."""
+        behind a proxy; respx's in tests), or with a content coding to undo, they are read here."""
         on_chunk = SSEEventReader(on_batch)
         body = self._response.stream
         try:
