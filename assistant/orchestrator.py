@@ -202,6 +202,7 @@ async def execute_run(
             if not log.finished:
                 # Also log.error: run_answer (a JSON client) must not read the cut-off run as completed.
                 log.error = log.error or ServiceError("the service stopped while running this message")
+                _end_open_steps(log, tracker, log.error.message)
                 log.append(Event(ERROR, log.error.payload(log.correlation_id)))
             raise
         # Anything else (a BaseException subclass, a CancelledError a library raised by itself)
@@ -209,9 +210,7 @@ async def execute_run(
         logger.exception("run crashed")
         log.error = ServiceError("the service failed while running this message")
     reason = log.cancel_reason or "the run was cancelled"
-    if log.outcome != RUN_COMPLETED:  # a client sees every step it saw start end, also now
-        for event in tracker.finish_open(log.error.message if log.error is not None else reason, log.correlation_id):
-            log.append(event)
+    _end_open_steps(log, tracker, log.error.message if log.error is not None else reason)
     if log.error is not None:  # the run failed, or the service's shutdown stopped it
         logger.warning("run ended with %s: %s", log.error.type, log.error.message)
         log.append(Event(ERROR, log.error.payload(log.correlation_id)))
@@ -220,6 +219,13 @@ async def execute_run(
         log.append(Event(RUN_CANCELLED, {"thread_id": log.thread_id, "run_id": log.run_id, "reason": reason}))
     log.append(metadata_event(log))
     logger.info("run finished", extra={"events": log.last_seq, "elapsed_seconds": _elapsed(log)})
+
+
+def _end_open_steps(log: RunLog, tracker: ToolTracker, reason: str) -> None:
+    """A client sees every step it saw start end, also when the run did not complete."""
+    if log.outcome != RUN_COMPLETED:
+        for event in tracker.finish_open(reason, log.correlation_id):
+            log.append(event)
 
 
 def _without_frames(error: ServiceError) -> ServiceError:

@@ -21,6 +21,7 @@ from assistant.message_parser import MessageParser
 from assistant.orchestrator import execute_run, run_answer, wait_until_accepted
 from assistant.run_log import RunLog
 from assistant.run_manager import RunManager
+from assistant.tool_executor import ToolRegistry
 from assistant.upstream_sse import deliver_batches
 
 
@@ -391,6 +392,59 @@ async def test_a_run_cancelled_from_outside_is_an_error_to_its_json_client(anyio
     assert log.finished and log.events()[-1].name == "error"
     with pytest.raises(ServiceError):
         await run_answer(log, "corr")
+
+
+class ToolCallingEngine(FakeEngine):
+    """Its round asks for one call of `slow_lookup`, which takes longer than the test; settling
+    the round takes `settle` s (the Assistants engine submits outputs or cancels upstream)."""
+
+    def __init__(self, settle: float = 0.0) -> None:
+        super().__init__({})
+        self.settle = settle
+
+    @asynccontextmanager
+    async def open_round(self, thread_id: str, turn_input: Any):  # type: ignore[no-untyped-def]
+        async def batches():  # type: ignore[no-untyped-def]
+            call = {"type": "function_call", "call_id": "call_1", "name": "slow_lookup", "arguments": "{}"}
+            yield [{"type": "response.created", "response": {"id": "resp_1"}},
+                   {"type": "response.output_item.done", "item": call},
+                   {"type": "response.completed", "response": {"output": []}}]
+
+        yield functools.partial(deliver_batches, batches())
+
+    async def abandon_round(self, thread_id: str, parser: Any, results: Any) -> None:
+        await anyio.sleep(self.settle)
+
+
+async def slow_lookup() -> str:
+    """Look something up, slowly."""
+    await anyio.sleep(30)
+    return "found"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("shut_down_first", [False, True], ids=["group-cancelled", "after-the-shutdown-grace"])
+async def test_a_run_cancelled_from_outside_ends_every_step_it_started(anyio_backend: str, shut_down_first: bool) -> None:
+    # README: every step that starts ends, also when the run is cancelled or fails. Here the
+    # manager's task group is cancelled while a tool runs: at once, or, as a shutdown goes,
+    # after the grace period stopped the run and while its round was still being settled.
+    registry = ToolRegistry({"slow_lookup": slow_lookup}, timeout=60)
+    log = RunLog("run_x", "conv_1", "corr", max_events=1000, max_bytes=10**6)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(execute_run, ToolCallingEngine(settle=1.0), registry, Settings(openai_api_key="sk-test"), log, "hi")
+        await anyio.sleep(0.2)  # the tool runs
+        if shut_down_first:  # what RunManager.shutdown does once SHUTDOWN_GRACE_SECONDS are over
+            log.error = ShuttingDown("the service is shutting down")
+            assert log.cancel_scope is not None
+            log.cancel_scope.cancel()
+            await anyio.sleep(0.1)  # the round is being settled
+        tg.cancel_scope.cancel()
+    names = [event.name for event in log.events()]
+    assert names[-1] == "error"
+    assert names.count("thread.run.step.created") == 1
+    completed = [event.data["step"] for event in log.events() if event.name == "thread.run.step.completed"]
+    assert len(completed) == 1 and completed[0]["id"] == "call_1" and completed[0]["is_error"], names
 
 
 class HeldRoundEngine(FakeEngine):
