@@ -26,6 +26,9 @@ _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asct
 _SECRET = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{6,})")
 # The service's own keys, whatever their shape (OPENAI_API_KEY of a compatible server, SERVICE_API_KEY).
 _KNOWN_SECRETS: set[str] = set()
+# A message or traceback longer than this loses its middle: an exception can quote megabytes (a
+# tool's whole input), and log pipelines cut or drop lines far shorter than that.
+MAX_LOGGED_CHARS = 16384
 
 
 def register_secrets(*values: str | None) -> None:
@@ -41,6 +44,14 @@ def redact(text: str) -> str:
     return _SECRET.sub("[redacted]", text)
 
 
+def _bounded(text: str) -> str:
+    """`text`, or its head and its tail (a traceback's last line says what was raised)."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return text
+    half = MAX_LOGGED_CHARS // 2
+    return f"{text[:half]} ... ({len(text) - 2 * half} characters left out) ... {text[-half:]}"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -48,7 +59,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": redact(record.getMessage()),
+            "message": _bounded(redact(record.getMessage())),
         }
         for key, var in (
             ("correlation_id", correlation_id_var),
@@ -62,7 +73,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = redact(self.formatException(record.exc_info))
+            entry["exception"] = _bounded(redact(self.formatException(record.exc_info)))
         return orjson.dumps(entry, default=str).decode()
 
 

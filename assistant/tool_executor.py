@@ -65,6 +65,9 @@ MAX_TOOLS = 128
 MAX_DESCRIPTION_CHARS = 1024
 # Invalid arguments: the first problems are listed, then how many more there are.
 MAX_LISTED_PROBLEMS = 10
+# An error's message is cut after this many characters: an exception can quote its whole input
+# (megabytes), which would go to the model, to every client and into the run's bounded log.
+MAX_ERROR_CHARS = 4096
 
 
 class ToolConfigError(ValueError):
@@ -293,8 +296,12 @@ def _exception_text(exc: BaseException) -> str:
 
 def error_output(message: str, correlation_id: str) -> str:
     """What a call that failed (or never finished) gives the model and the client: why, with
-    keys masked, and the request's correlation ID."""
-    return orjson.dumps({"error": redact(_clean(message)), "correlation_id": correlation_id}).decode()
+    keys masked (before the cut: a key cut in two would escape the mask), and the request's
+    correlation ID."""
+    message = redact(_clean(message))
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
+    return orjson.dumps({"error": message, "correlation_id": correlation_id}).decode()
 
 
 def _error(call: ToolCall, correlation_id: str, message: str) -> ToolResult:

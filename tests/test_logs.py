@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from assistant.config import load_settings
-from assistant.logs import JsonFormatter, redact
+from assistant.logs import MAX_LOGGED_CHARS, JsonFormatter, redact
 from tests.upstream_mock import (
     BASE_URL,
     call_events,
@@ -111,3 +111,24 @@ def test_websocket_turns_log_and_answer_with_the_handshake_id(upstream: respx.Mo
     ours = [line for line in logs
             if line["logger"].startswith("assistant") and line["message"] not in ("service ready", "shutting down")]
     assert ours and all(line.get("correlation_id") == "ws-1" for line in ours), ours
+
+
+def test_a_huge_message_or_traceback_is_logged_as_its_head_and_tail() -> None:
+    """An exception can quote megabytes (a tool's whole input): a log line keeps the head and the
+    tail of each, the tail being what was raised, masked before the cut."""
+    key = "sk-proj-abcdefghijklmnop1234"
+    try:
+        raise ValueError(f"{key} " + "x" * 1_000_000 + " the end")
+    except ValueError as exc:
+        record = logging.LogRecord("assistant.tools", logging.ERROR, __file__, 1, "raised: %s", (exc,), None)
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    entry = orjson.loads(JsonFormatter().format(record))
+    limit = MAX_LOGGED_CHARS
+    for field in ("message", "exception"):
+        text = entry[field]
+        assert len(text) < limit + 100 and "characters left out" in text, field
+        assert text.endswith(" the end") and "abcdefghijklmnop" not in text, field
+    assert entry["message"].startswith("raised: [redacted] xxx")
+    assert entry["exception"].startswith("Traceback (most recent call last):")
+    short = logging.LogRecord("assistant", logging.INFO, __file__, 1, "%s", ("y" * limit,), None)
+    assert orjson.loads(JsonFormatter().format(short))["message"] == "y" * limit

@@ -738,6 +738,29 @@ async def test_a_result_longer_than_the_upstream_takes_is_an_error_result() -> N
 
 
 @pytest.mark.anyio
+async def test_an_error_quoting_its_whole_input_is_cut_after_its_masking() -> None:
+    """An exception can quote megabytes (its whole input): the model, the clients and the run's
+    bounded log get its first MAX_ERROR_CHARS characters; a key is masked before the cut."""
+    limit = tool_executor.MAX_ERROR_CHARS
+    key = "sk-proj-abcdefghijklmnop1234"
+
+    def parse_report(path: str) -> None:
+        """Parse a report."""
+        raise ValueError(f"cannot parse {path}: {'x' * (limit - 60)}{key} {'y' * 100_000}")
+
+    def short_error() -> None:
+        """Fail briefly."""
+        raise ValueError("x" * (limit - len("ValueError: ")))
+
+    registry = ToolRegistry({"parse_report": parse_report, "short_error": short_error}, timeout=5)
+    message = error_of(await run(registry, "parse_report", '{"path": "a.csv"}'))
+    whole = f"ValueError: cannot parse a.csv: {'x' * (limit - 60)}[redacted] {'y' * 100_000}"
+    assert message == f"{whole[:limit]}... ({len(whole) - limit} more characters)"
+    assert "[redacted]" in message and "abcdefghijklmnop" not in message
+    assert error_of(await run(registry, "short_error", "{}")) == "ValueError: " + "x" * (limit - len("ValueError: "))
+
+
+@pytest.mark.anyio
 async def test_a_validator_raising_something_else_than_a_value_error_is_an_error_result() -> None:
     def save(note: PickyNote) -> str:
         return "saved"
