@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
+import datetime
+import enum
 import functools
 import importlib
 import inspect
 import json
 import logging
+import math
 import re
+import uuid
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -331,10 +336,10 @@ def _encode(result: Any) -> str:
         raise ValueError("the tool returned a generator: return a value (a list, say)")
     try:
         return orjson.dumps(result, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:  # integers beyond 64 bits, surrogates, nesting over 254 deep
+    except orjson.JSONEncodeError:  # integers beyond 64 bits, surrogates, nesting over 254 deep, tuple keys
         pass
     try:
-        return _clean(json.dumps(result, default=_json_default, ensure_ascii=False))
+        return _clean(json.dumps(_plain(result), ensure_ascii=False))
     except (ValueError, TypeError, RecursionError) as exc:  # circular, or too deep even for Python
         raise ValueError(f"the tool's result cannot be sent as JSON: {_exception_text(exc)}") from None
 
@@ -343,6 +348,39 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, pydantic.BaseModel):
         return obj.model_dump(mode="json")
     return str(obj)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain data, made as orjson makes it, for the `json` fallback: the same result
+    reads the same whether or not something elsewhere in it (a big integer) needed the fallback."""
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_plain_key(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")}
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return _json_default(value)
+
+
+def _plain_key(key: Any) -> Any:
+    """A key `json` writes as orjson does (a number, true, null), else its text: a tuple, say, as its `str()`."""
+    if isinstance(key, (enum.Enum, datetime.date, datetime.time, uuid.UUID)):
+        plain = _plain(key)
+        if plain is None or isinstance(plain, (str, int, float, bool)):
+            return plain
+    elif key is None or isinstance(key, (str, int, float, bool)):
+        return key
+    return str(key)
 
 
 def _build_tool(name: object, func: object) -> tuple[_Tool, str, dict[str, Any]]:

@@ -3,10 +3,12 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import json
 import logging
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -493,6 +495,57 @@ async def test_non_string_results_are_json_encoded(value: Any, expected: str) ->
 
     result = await run(ToolRegistry({"produce": produce}, timeout=5), "produce", "{}")
     assert result == ToolResult("call_1", expected, False)
+
+
+class Status(enum.Enum):
+    SHIPPED = "shipped"
+
+
+@dataclass
+class Order:
+    id: str
+    status: Status
+    placed: datetime
+    lines: dict[Any, int]
+    _cache: int = 0  # orjson leaves out a dataclass's private fields
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "value",
+    [
+        Order("ORD1", Status.SHIPPED, datetime(2024, 5, 1, 12, 30, 0, 123), {Status.SHIPPED: 1, 7: 2, None: 3, True: 4}),
+        [Money(3, "EUR"), Weather(city="Oslo", when=datetime(2024, 1, 2)), Opaque(), float("nan"), (1, "two")],
+        {datetime(2024, 1, 2).date(): "a date key", uuid.UUID(int=5): "a UUID key", 1.5: "a float key"},
+    ],
+    ids=["dataclass, enum, datetime, keys", "model, opaque, NaN, tuple", "keys"],
+)
+async def test_a_result_reads_the_same_whether_or_not_orjson_can_encode_all_of_it(value: Any) -> None:
+    """orjson refuses an integer past 64 bits (or a lone surrogate, or nesting past 254) anywhere
+    in a result, and the standard library's encoder takes the whole result over: what orjson
+    knows must come out the same, not as Python's reprs."""
+
+    def alone() -> Any:
+        return value
+
+    def beside_a_big_integer() -> Any:
+        return {"value": value, "big": 2**70}
+
+    registry = ToolRegistry({"alone": alone, "beside_a_big_integer": beside_a_big_integer}, timeout=5)
+    encoded = (await run(registry, "alone", "{}")).output
+    both = await run(registry, "beside_a_big_integer", "{}")
+    assert not both.is_error
+    assert both.output == '{"value": %s, "big": %d}' % (json.dumps(json.loads(encoded), ensure_ascii=False), 2**70)
+
+
+@pytest.mark.anyio
+async def test_a_dict_keyed_by_what_json_does_not_know_is_sent_with_the_keys_str() -> None:
+    def distances() -> dict[tuple[str, str], int]:
+        """Distances between pairs of cities."""
+        return {("Paris", "Lyon"): 465, ("Lyon", "Nice"): 470}
+
+    result = await run(ToolRegistry({"distances": distances}, timeout=5), "distances", "{}")
+    assert result == ToolResult("call_1", '{"(\'Paris\', \'Lyon\')": 465, "(\'Lyon\', \'Nice\')": 470}', False)
 
 
 @pytest.mark.anyio
