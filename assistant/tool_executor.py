@@ -188,7 +188,7 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
 
     text = call.arguments.strip() or "{}"
     try:
-        arguments = orjson.loads(text)
+        arguments = _load_json(text)
     except orjson.JSONDecodeError as exc:
         return _error(call, correlation_id, f"arguments for tool {call.name!r} are not valid JSON: {exc}")
     if not isinstance(arguments, dict):
@@ -236,6 +236,30 @@ async def _execute(registry: ToolRegistry, call: ToolCall, correlation_id: str, 
         return _error(call, correlation_id, f"tool {call.name!r} returned {len(output)} characters; "
                                             f"at most {MAX_OUTPUT_CHARS} can be sent to the model")
     return ToolResult(tool_call_id=call.call_id, output=output, is_error=False)
+
+
+def _load_json(text: str) -> Any:
+    """The arguments' JSON. orjson reads an integer past a double's range as infinity and refuses
+    it; the standard library keeps every digit (and still refuses NaN, Infinity and an
+    infinite float, as orjson does)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            raise exc from None
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def _refuse_constant(text: str) -> None:
+    raise ValueError(f"{text} is not JSON")
 
 
 async def _run_in_thread(func: Callable[[], Any], slots: anyio.CapacityLimiter) -> Any:

@@ -1061,6 +1061,18 @@ async def test_an_integer_past_64_bits_reaches_the_tool_with_every_digit() -> No
 
 
 @pytest.mark.anyio
+async def test_an_integer_past_a_doubles_range_is_valid_json_and_keeps_every_digit() -> None:
+    def digits(n: int) -> int:
+        """Count the digits of an integer."""
+        return len(str(abs(n)))
+
+    registry = ToolRegistry({"digits": digits}, timeout=5)
+    assert (await run(registry, "digits", '{"n": 1' + "0" * 400 + "}")).output == "401"
+    for refused in ('{"n": 1e400}', '{"n": NaN}', '{"n": -Infinity}', '{"n": 1' + "0" * 400 + ",}"):
+        assert "are not valid JSON" in error_of(await run(registry, "digits", refused)), refused
+
+
+@pytest.mark.anyio
 async def test_arguments_nested_deeper_than_pydantics_json_parser_goes_are_still_taken() -> None:
     """pydantic's JSON parser stops at 200 levels, orjson at 1024: what orjson reads is validated
     as objects then, as it was before the arguments were validated as JSON."""
