@@ -411,6 +411,23 @@ async def test_lax_coercion(examples: ToolRegistry) -> None:
 
 
 @pytest.mark.anyio
+async def test_lax_takes_true_for_one_and_a_strict_parameter_does_not() -> None:
+    """README: lax by default, as pydantic is; a strict parameter takes only its own JSON type."""
+
+    def lax(count: int) -> int:
+        return count
+
+    def strict(count: pydantic.StrictInt) -> int:
+        return count
+
+    registry = ToolRegistry({"lax": lax, "strict": strict}, timeout=5)
+    assert (await run(registry, "lax", '{"count": true}')).output == "1"
+    assert error_of(await run(registry, "strict", '{"count": true}')) == (
+        "invalid arguments for tool 'strict': count: Input should be a valid integer")
+    assert (await run(registry, "strict", '{"count": 3}')).output == "3"
+
+
+@pytest.mark.anyio
 async def test_empty_arguments_mean_no_arguments(examples: ToolRegistry) -> None:
     result = await run(examples, "roll_dice", "")
     assert not result.is_error
