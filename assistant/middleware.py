@@ -1,4 +1,4 @@
-"""ASGI middleware: the correlation ID every request carries, and the service's API key."""
+"""ASGI middleware: the correlation ID every request carries, the service's API key, and CORS."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.middleware import cors
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BadRequest, Unauthorized, error_body_and_headers, log_refusal
+from .errors import BadRequest, ServiceError, Unauthorized, error_body_and_headers, log_refusal
 from .logs import correlation_id_var
 
 # A caller's own ID is kept only when it is a short token that is safe in headers and logs.
@@ -103,24 +103,57 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         error = Unauthorized("missing or wrong API key: send 'Authorization: Bearer <SERVICE_API_KEY>'")
-        log_refusal(error)
-        correlation_id = scope.get("state", {}).get("correlation_id")
-        answer = "http.response"
-        if scope["type"] == "websocket":
-            # The handshake is refused with the same JSON 401 where the server can send one
-            # (hypercorn can: the websocket.http.response extension); no socket is opened.
-            if "websocket.http.response" not in scope.get("extensions", {}):
-                await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})  # a bare 403
-                return
-            answer = "websocket.http.response"
-        body, headers = error_body_and_headers(error, correlation_id)
-        await send({"type": f"{answer}.start", "status": error.status_code,
-                    "headers": [*headers, (b"www-authenticate", b"Bearer")]})
-        await send({"type": f"{answer}.body", "body": body})
+        await send_refusal(scope, send, error, [(b"www-authenticate", b"Bearer")])
+
+
+async def send_refusal(scope: Scope, send: Send, error: ServiceError,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answers a request refused before any route with the service's JSON error, and logs it.
+
+    A WebSocket handshake gets the same HTTP answer where the server can send one (hypercorn
+    can: the websocket.http.response extension); no socket is opened.
+    """
+    log_refusal(error)
+    answer = "http.response"
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": error.type})  # a bare 403
+            return
+        answer = "websocket.http.response"
+    body, error_headers = error_body_and_headers(error, scope.get("state", {}).get("correlation_id"))
+    await send({"type": f"{answer}.start", "status": error.status_code, "headers": [*error_headers, *(headers or ())]})
+    await send({"type": f"{answer}.body", "body": body})
+
+
+def is_same_origin(origin: str, headers: Headers) -> bool:
+    """A page of the service's own host (its chat page), directly or through a proxy that passes
+    the host on (`Host` or `X-Forwarded-Host`, as `deploy/nginx.conf` does)."""
+    host = origin.partition("://")[2].lower()
+    forwarded = headers.get("x-forwarded-host", "").partition(",")[0].strip().lower()
+    return bool(host) and host in (headers.get("host", "").lower(), forwarded)
 
 
 class CORSMiddleware(cors.CORSMiddleware):
-    """Starlette's, with a refused preflight answered in the service's JSON error shape."""
+    """Starlette's, with a refused preflight answered in the service's JSON error shape, and the
+    same origins checked on a WebSocket handshake.
+
+    A browser opens a WebSocket to any origin without asking (no preflight, and the page reads
+    every frame), so a handshake whose `Origin` is neither allowed nor the service's own host is
+    refused with 403. Clients that are not browsers send no `Origin` and are let through.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await super().__call__(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is None or self.is_allowed_origin(origin) or is_same_origin(origin, headers):
+            await self.app(scope, receive, send)
+            return
+        error = ServiceError(f"WebSocket from origin {origin!r} refused: not in CORS_ALLOW_ORIGINS",
+                             type="cors_refused", status_code=403)
+        await send_refusal(scope, send, error)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)

@@ -15,6 +15,7 @@ import openai
 import orjson
 import pytest
 import respx
+from starlette.datastructures import Headers
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
@@ -23,7 +24,7 @@ from assistant import responses_engine, run_manager
 from assistant.config import load_settings
 from assistant.example_tools import calculator
 from assistant.logs import JsonFormatter
-from assistant.middleware import APIKeyMiddleware
+from assistant.middleware import APIKeyMiddleware, CORSMiddleware, is_same_origin
 from assistant.upstream import create_openai_client
 from tests.conftest import fixtures_dir
 from tests.upstream_mock import (
@@ -1272,15 +1273,8 @@ def test_each_run_counts_as_it_ends_towards_the_next_full_garbage_collection(
     assert chat(client, "again").status_code == 502 and len(ended) == 2  # a run that fails ends too
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("path", "public"),
-    [("/prefix/health", True), ("/prefix/", True), ("/prefix", True), ("/prefix/static/chat.js", True),
-     ("/prefix/chat", False), ("/prefix/threads", False), ("/health", True), ("/prefixed/health", False)],
-)
-async def test_the_api_key_guard_sees_paths_as_the_routes_do_under_a_root_path(path: str, public: bool) -> None:
-    """`hypercorn --root-path /prefix` behind a proxy that keeps the prefix: the public routes
-    stay public, the rest still need the key."""
+def guarded_app() -> tuple[Any, list[str], Any, list[dict[str, Any]]]:
+    """An inner app that records the paths it is reached with, and a `send` that records messages."""
     reached: list[str] = []
 
     async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -1291,11 +1285,54 @@ async def test_the_api_key_guard_sees_paths_as_the_routes_do_under_a_root_path(p
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
+    return inner, reached, send, sent
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "public"),
+    [("/prefix/health", True), ("/prefix/", True), ("/prefix", True), ("/prefix/static/chat.js", True),
+     ("/prefix/chat", False), ("/prefix/threads", False), ("/health", True), ("/prefixed/health", False)],
+)
+async def test_the_api_key_guard_sees_paths_as_the_routes_do_under_a_root_path(path: str, public: bool) -> None:
+    """`hypercorn --root-path /prefix` behind a proxy that keeps the prefix: the public routes
+    stay public, the rest still need the key."""
+    inner, reached, send, sent = guarded_app()
     guard = APIKeyMiddleware(inner, api_key="secret")
     scope = {"type": "http", "path": path, "root_path": "/prefix", "headers": [], "state": {}}
     await guard(scope, None, send)
     assert bool(reached) is public
     assert public or sent[0]["status"] == 401
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("guard", ["api_key", "cors"])
+async def test_a_refused_handshake_is_closed_with_1008_where_the_server_cannot_answer_in_http(guard: str) -> None:
+    """Without the websocket.http.response extension the refusal is a close before accept (the
+    server turns it into a bare 403), never a socket that opens."""
+    inner, reached, send, sent = guarded_app()
+    middleware = (APIKeyMiddleware(inner, api_key="secret") if guard == "api_key"
+                  else CORSMiddleware(inner, allow_origins=["http://app.example"]))
+    scope = {"type": "websocket", "path": "/ws/chat", "root_path": "", "state": {}, "extensions": {},
+             "headers": [(b"host", b"service.example"), (b"origin", b"http://evil.example")]}
+    await middleware(scope, None, send)
+    assert not reached
+    assert sent == [{"type": "websocket.close", "code": 1008,
+                     "reason": "unauthorized" if guard == "api_key" else "cors_refused"}]
+
+
+@pytest.mark.parametrize(
+    ("origin", "headers", "same"),
+    [("http://service.example", {"host": "service.example"}, True),
+     ("https://Service.Example:8443", {"host": "service.example:8443"}, True),
+     ("https://service.example:8443", {"host": "service.example"}, False),  # another port, another origin
+     ("https://public.example", {"host": "127.0.0.1:8000", "x-forwarded-host": "public.example, inner"}, True),
+     ("https://inner", {"host": "127.0.0.1:8000", "x-forwarded-host": "public.example, inner"}, False),
+     ("null", {"host": "null"}, False),
+     ("http://", {"host": ""}, False)],
+)
+def test_same_origin_is_the_services_own_host(origin: str, headers: dict[str, str], same: bool) -> None:
+    assert is_same_origin(origin, Headers(headers)) is same
 
 
 def test_routes_keep_their_endpoints_names(client: TestClient) -> None:

@@ -1068,6 +1068,35 @@ async def test_cors_allows_only_the_configured_origin(guarded: ServerProcess) ->
     assert "x-correlation-id" in refused.headers["access-control-expose-headers"].lower()
 
 
+@pytest.mark.anyio
+async def test_a_websocket_from_an_origin_cors_does_not_allow_is_refused(guarded: ServerProcess) -> None:
+    """A browser opens a WebSocket to any origin without a preflight, so CORS_ALLOW_ORIGINS is
+    checked on the handshake: another site's page gets 403, before the API key is even looked at."""
+    good = {"Authorization": f"Bearer {SERVICE_KEY}"}
+    for headers in ({**good, "X-Correlation-ID": "ws-origin"}, {"X-Correlation-ID": "ws-origin"}):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(guarded, origin="http://evil.example", additional_headers=headers):
+                pass
+        response = refused.value.response
+        assert response.status_code == 403 and response.headers["x-correlation-id"] == "ws-origin"
+        assert json.loads(response.body) == {
+            "error": "WebSocket from origin 'http://evil.example' refused: not in CORS_ALLOW_ORIGINS",
+            "type": "cors_refused", "correlation_id": "ws-origin"}
+    # `null` (a sandboxed frame, a file) is no host of the service's either.
+    with pytest.raises(InvalidStatus, match="403"):
+        async with ws_connect(guarded, origin="null", additional_headers=good):
+            pass
+    # The allowed origin, the service's own host (its chat page, directly or behind a proxy that
+    # passes the host on) and a client that sends no Origin all get their socket.
+    host = guarded.url.removeprefix("http://")
+    for origin, headers in ((ALLOWED_ORIGIN, good), (f"http://{host}", good), (f"https://{host.upper()}", good),
+                            ("https://assistant.example", {**good, "X-Forwarded-Host": "assistant.example"}),
+                            (None, good)):
+        async with ws_connect(guarded, origin=origin, additional_headers=headers) as ws:
+            await ws.send(json.dumps({"thread_id": "thread_" + "0" * 24, "message": "hi"}))
+            assert (await ws_recv(ws))["event"], origin
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Secrets and stack traces never reach a client (or the log)
 
