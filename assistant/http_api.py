@@ -128,11 +128,20 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+def one_header(request: Request, name: str) -> str | None:
+    """A header that takes one value. Sent again with another value, which one the client meant
+    is unknown (and a proxy may read the other), so the request is refused."""
+    values = request.headers.getlist(name)
+    if len(values) > 1 and len(set(values)) > 1:
+        raise BadRequest(f"the {name} header was sent {len(values)} times with different values; send it once")
+    return values[0] if values else None
+
+
 async def read_json_body(request: Request, max_bytes: int, idle_seconds: float) -> object:
     """The request's JSON body, read no further than `max_bytes`, from a client that never goes
     `idle_seconds` without sending some of it (one that stops half-way would hold its connection
     for ever: hypercorn's own read timeout would also cut every open stream)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = (one_header(request, "Content-Type") or "").split(";")[0].strip().lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"send the body as application/json, not {content_type!r}")
     declared = request.headers.get("content-length")
@@ -205,7 +214,7 @@ async def create_thread(request: Request) -> Response:
 def wants_event_stream(request: Request) -> bool:
     """`text/event-stream` among the Accept header's media ranges (in any case), unless its
     `q=0` says the client refuses it."""
-    for media_range in request.headers.get("accept", "").split(","):
+    for media_range in ",".join(request.headers.getlist("accept")).split(","):  # one list, however many lines
         media_type, *parameters = media_range.split(";")
         if media_type.strip().lower() != "text/event-stream":
             continue
@@ -251,10 +260,10 @@ async def chat(request: Request) -> Response:
     settings = state.settings
     data = await read_json_body(request, settings.max_body_bytes, settings.slow_client_timeout_seconds)
     thread_id, message = parse_chat_request(data, max_message_chars=settings.max_message_chars)
-    last_event_id = request.headers.get("last-event-id")
+    last_event_id = one_header(request, "Last-Event-ID")
     if last_event_id:
         return await resume_chat(request, thread_id, last_event_id)
-    key = request.headers.get("idempotency-key")
+    key = one_header(request, "Idempotency-Key")
     if key is not None:
         key = check_idempotency_key(key)
         earlier = state.runs.keyed_run(thread_id, key, message)
@@ -383,7 +392,7 @@ async def stream_run(request: Request) -> Response:
     """GET /chat/stream/{run_id}: a run's events, from the start or after Last-Event-ID (EventSource)."""
     run_id = check_run_id(request.path_params["run_id"])
     after = 0
-    last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    last_event_id = one_header(request, "Last-Event-ID") or request.query_params.get("last_event_id")
     if last_event_id:
         resumed_run, after = parse_event_id(last_event_id)
         if resumed_run != run_id:

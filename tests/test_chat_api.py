@@ -1035,6 +1035,41 @@ def test_the_event_stream_is_chosen_by_accepts_media_ranges(
         assert response.json()["responses"] == ["ok"]
 
 
+def test_accept_sent_on_several_lines_is_read_as_one_list(client: TestClient, upstream: respx.MockRouter) -> None:
+    """RFC 9110: a list header's lines mean the same as one line joined with commas."""
+    upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    response = client.post("/chat", json={"thread_id": "conv_test", "message": "hi"},
+                           headers=[("content-type", "application/json"), ("accept", "application/json"),
+                                    ("accept", "text/event-stream")])
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert events_of(response.text)[-1]["event"] == "metadata"
+
+
+@pytest.mark.parametrize(("name", "values"), [
+    ("Content-Type", ("application/json", "text/plain")),
+    ("Idempotency-Key", ("key-1", "key-2")),
+    ("Last-Event-ID", ("run_" + "a" * 24 + ":1", "run_" + "b" * 24 + ":1")),
+])
+def test_a_one_value_header_sent_twice_with_different_values_is_refused(
+    client: TestClient, upstream: respx.MockRouter, name: str, values: tuple[str, str]
+) -> None:
+    """Which one the client meant is unknown; the same value twice is taken."""
+    route = upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
+    headers = [("content-type", "application/json")] if name != "Content-Type" else []
+    refused = client.post("/chat", json={"thread_id": "conv_test", "message": "hi"},
+                          headers=[*headers, *((name, value) for value in values)])
+    assert (refused.status_code, refused.json()["type"]) == (400, "invalid_request")
+    assert refused.json()["error"] == f"the {name} header was sent 2 times with different values; send it once"
+    if name == "Last-Event-ID":
+        resumed = client.get(f"/chat/stream/run_{'a' * 24}", headers=[(name, value) for value in values])
+        assert (resumed.status_code, resumed.json()["type"]) == (400, "invalid_request")
+    assert not route.called
+    if name != "Last-Event-ID":
+        taken = client.post("/chat", json={"thread_id": "conv_test", "message": "hi"},
+                            headers=[*headers, (name, values[0]), (name, values[0])])
+        assert taken.status_code == 200 and taken.json()["responses"] == ["ok"]
+
+
 def test_the_longest_safe_correlation_id_is_kept_and_one_longer_is_replaced(client: TestClient) -> None:
     """README: a caller's ID is kept when it is a safe token of 1 to 64 characters."""
     longest = "a" * 64
