@@ -52,6 +52,18 @@ def _bounded(text: str) -> str:
     return f"{text[:half]} ... ({len(text) - 2 * half} characters left out) ... {text[-half:]}"
 
 
+def _loggable(value: object) -> object:
+    """A field's value with secrets masked and long text cut, into lists and dicts: an ID or an
+    `extra=` field can carry text a client or the upstream chose."""
+    if isinstance(value, str):
+        return _bounded(redact(value))
+    if isinstance(value, (list, tuple)):
+        return [_loggable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _loggable(item) for key, item in value.items()}
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -59,7 +71,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": _bounded(redact(record.getMessage())),
+            "message": _loggable(record.getMessage()),
         }
         for key, var in (
             ("correlation_id", correlation_id_var),
@@ -68,12 +80,12 @@ class JsonFormatter(logging.Formatter):
         ):
             value = var.get()
             if value is not None:
-                entry[key] = value
+                entry[key] = _loggable(value)
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = _loggable(value)
         if record.exc_info:
-            entry["exception"] = _bounded(redact(self.formatException(record.exc_info)))
+            entry["exception"] = _loggable(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from assistant.config import load_settings
-from assistant.logs import MAX_LOGGED_CHARS, JsonFormatter, redact
+from assistant.logs import MAX_LOGGED_CHARS, JsonFormatter, correlation_id_var, redact, register_secrets
 from tests.upstream_mock import (
     BASE_URL,
     call_events,
@@ -132,3 +132,22 @@ def test_a_huge_message_or_traceback_is_logged_as_its_head_and_tail() -> None:
     assert entry["exception"].startswith("Traceback (most recent call last):")
     short = logging.LogRecord("assistant", logging.INFO, __file__, 1, "%s", ("y" * limit,), None)
     assert orjson.loads(JsonFormatter().format(short))["message"] == "y" * limit
+
+
+def test_every_field_of_a_line_is_masked_not_only_the_message() -> None:
+    """The correlation ID is the client's token, and `extra=` fields can carry what the upstream
+    or a client sent: the service's keys are masked there too, in lists and dicts as well."""
+    register_secrets(SERVICE_KEY)
+    record = logging.LogRecord("assistant", logging.INFO, __file__, 1, "plain", (), None)
+    record.upstream_run_id = f"run_{SERVICE_KEY}"
+    record.details = {"sent": [f"Bearer {OPENAI_KEY}", 3], "note": "x" * (2 * MAX_LOGGED_CHARS)}
+    token = correlation_id_var.set(SERVICE_KEY)
+    try:
+        line = JsonFormatter().format(record)
+    finally:
+        correlation_id_var.reset(token)
+    assert SERVICE_KEY not in line and OPENAI_KEY not in line
+    entry = orjson.loads(line)
+    assert entry["correlation_id"] == "[redacted]" and entry["upstream_run_id"] == "run_[redacted]"
+    assert entry["details"]["sent"][0].endswith("[redacted]") and entry["details"]["sent"][1] == 3
+    assert "characters left out" in entry["details"]["note"]
