@@ -126,7 +126,7 @@ class ResponsesEngine:
         # goes straight to the connection pool (the SDK's and httpx's request building, cookie
         # jar and hooks cost ~1 ms per turn). The SDK still gives its headers and error types.
         self._http: httpx.AsyncClient = client._client
-        self._responses_url = httpx.URL(f"{client.base_url}responses")
+        self._responses_url = httpx.URL(str(client.base_url.join("responses")))  # also under a bare host
         self._timeout = self._http.timeout.as_dict()
         self._headers = httpx.Headers({
             name: value

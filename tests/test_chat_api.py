@@ -998,6 +998,19 @@ def test_unsafe_correlation_ids_are_replaced(client: TestClient, given: str) -> 
     assert len(raw.headers["x-correlation-id"]) == 32
 
 
+def test_a_base_url_that_is_a_bare_host_is_taken_as_its_root() -> None:
+    """`OPENAI_BASE_URL=http://host:port` (a compatible server at its root) sends to /responses;
+    the service used to fail to start, asking for `http://host:portresponses`."""
+    with respx.mock(base_url="http://bare.invalid:8080", using="httpx", assert_all_mocked=True) as router:
+        router.post("/conversations").respond(200, json={"id": "conv_bare", "object": "conversation",
+                                                         "created_at": 1, "metadata": {}})
+        router.post("/responses").mock(return_value=sse_response(text_events("from the root")))
+        with make_client(OPENAI_BASE_URL="http://bare.invalid:8080") as bare:
+            thread_id = bare.post("/threads").json()["thread_id"]
+            answer = chat(bare, "hi", thread_id=thread_id)
+    assert answer.status_code == 200 and answer.json()["responses"] == ["from the root"]
+
+
 def test_safe_correlation_id_is_kept(client: TestClient, upstream: respx.MockRouter) -> None:
     upstream.post("/responses").mock(return_value=sse_response(text_events("ok")))
     response = client.post("/chat", json={"thread_id": "conv_test", "message": "hi"},
