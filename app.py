@@ -32,9 +32,10 @@ from assistant.http_api import (
     handle_http_exception,
     handle_service_error,
     handle_unexpected_error,
-    websocket_only,
     health,
     stream_run,
+    websocket_not_found,
+    websocket_only,
 )
 from assistant.hypercorn_mends import mend_hypercorn
 from assistant.logs import adopt_server_loggers, configure_logging, register_secrets
@@ -95,6 +96,9 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
 
     app = Starlette(
         routes=[
+            # Every WebSocket handshake is taken by one of these two; HTTP never matches them.
+            WebSocketRoute("/ws/chat", Endpoint(websocket_chat)),
+            WebSocketRoute("/{path:path}", Endpoint(websocket_not_found)),
             Route("/", Endpoint(chat_page), methods=["GET"]),
             Mount("/static", RevalidatedStaticFiles(directory=STATIC_DIR), name="static"),
             Route("/health", Endpoint(health), methods=["GET"]),
@@ -103,7 +107,6 @@ def create_app(settings: Settings | None = None, tool_map: Mapping[str, Callable
             Route("/chat", Endpoint(chat), methods=["POST"]),
             Route("/chat/stream/{run_id}", Endpoint(stream_run), methods=["GET"]),
             Route("/runs/{run_id}/cancel", Endpoint(cancel_run), methods=["POST"]),
-            WebSocketRoute("/ws/chat", Endpoint(websocket_chat)),
             Route("/ws/chat", Endpoint(websocket_only), methods=["GET"]),
         ],
         middleware=middleware,

@@ -31,7 +31,7 @@ from .errors import (
     UnsupportedMediaType,
     log_refusal,
 )
-from .middleware import is_bare_root_path
+from .middleware import is_bare_root_path, send_refusal
 from .orchestrator import run_answer, wait_until_accepted
 from .run_log import RunLog
 from .sse_stream_handler import KEEPALIVE, SSE_HEADERS, SSEResponse, frame_error, frame_retry
@@ -398,6 +398,13 @@ async def stream_run(request: Request) -> Response:
         if resumed_run != run_id:
             raise BadRequest(f"Last-Event-ID {last_event_id!r} is not an event of run {run_id!r}")
     return resumed_stream(request, request.app.state.runs.resumable(run_id, after), after, resumed=bool(last_event_id))
+
+
+async def websocket_not_found(websocket: WebSocket) -> None:
+    """A WebSocket handshake anywhere but /ws/chat: a JSON 404, as HTTP gets (Starlette closed
+    it, which hypercorn answers with a bare 403)."""
+    error = NotFound(f"no WebSocket at {websocket.url.path}: it is at /ws/chat")
+    await send_refusal(websocket.scope, websocket.send, error)
 
 
 async def websocket_only(request: Request) -> Response:

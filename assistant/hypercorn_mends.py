@@ -2,8 +2,8 @@
 and oversized messages; the close of a connection whose client stopped reading; writes to a
 lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
-stream's drain waiters; the answer to a request that is not valid HTTP/1.1 (the service's JSON
-error, not a bare status); the wait, before each request's app starts, for the connection's
+stream's drain waiters; the answer to a request that is not valid HTTP/1.1 or to a WebSocket
+handshake refused before it opens (the service's JSON error, not a bare status); the wait, before each request's app starts, for the connection's
 keep-alive timer to stop (`KeepAliveTimer`); the send lock and drain on every write, also on
 the app's writes that have nothing to wait for; h11's validating a response's headers three
 times over, and its state machine run for every chunk of a streamed body; wsproto's framing of
@@ -31,6 +31,7 @@ import importlib.metadata
 import socket
 import struct
 import termios
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -44,7 +45,7 @@ from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
+from hypercorn.protocol.events import Body, Data, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
@@ -55,7 +56,7 @@ from wsproto.frame_protocol import CloseReason
 from .errors import ServiceError, error_body_and_headers, log_refusal
 from .garbage_collection import note_ended
 from .logs import correlation_id_var
-from .middleware import new_correlation_id
+from .middleware import choose_correlation_id, header_of, new_correlation_id
 
 _compression = False  # WS_COMPRESSION: take the permessage-deflate a client offers
 _stalled_seconds = 30.0  # SLOW_CLIENT_TIMEOUT_SECONDS
@@ -94,6 +95,7 @@ def mend_hypercorn(*, compression: bool, slow_client_timeout_seconds: float) -> 
     H11Protocol.handle = _handle_then_end_a_paused_read  # type: ignore[method-assign]
     H11Protocol._handle_events = _handle_events  # type: ignore[method-assign]
     WSStream._handle_events = _handle_websocket_events  # type: ignore[method-assign]
+    WSStream._send_error_response = _refuse_websocket_handshake  # type: ignore[method-assign]
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     WorkerContext.event_class = LeanEvent
     TCPServer.__init__ = _init_tcp_server  # type: ignore[method-assign]
@@ -331,6 +333,38 @@ async def _refuse_malformed_request(self: H11Protocol, error: h11.RemoteProtocol
     await self._send_h11_event(h11.Response(status_code=status, headers=headers))
     await self._send_h11_event(h11.Data(data=body))
     await self._send_h11_event(h11.EndOfMessage())
+
+
+# What a WebSocket handshake that hypercorn refuses itself gets, by hypercorn's status for it.
+_HANDSHAKE_REFUSALS = {
+    400: ("invalid_request", "not a WebSocket handshake the service takes: it needs HTTP/1.1, Connection: Upgrade, "
+                             "Upgrade: websocket, a Sec-WebSocket-Key and Sec-WebSocket-Version: 13"),
+    404: ("not_found", "no server of this name here"),
+    500: ("internal_error", "the service failed to handle this request"),
+}
+
+
+async def _refuse_websocket_handshake(self: WSStream, status_code: int) -> None:
+    """hypercorn's answer to a WebSocket handshake it ends itself (one that is not valid, or an
+    app that closed or failed before accepting), with the service's JSON error and correlation
+    ID: it was a bare status. An invalid one is told the version spoken here (RFC 6455, 4.4)."""
+    scope = getattr(self, "scope", None) or {"headers": [], "state": {}}
+    correlation_id = scope["state"].get("correlation_id")  # the app's, when it got that far
+    if correlation_id is None:
+        correlation_id = choose_correlation_id(header_of(scope, b"x-correlation-id"))
+        correlation_id_var.set(correlation_id)  # the connection ends here: nothing else logs with it
+    type, message = _HANDSHAKE_REFUSALS.get(status_code, ("http_error", "the WebSocket handshake was refused"))  # 403
+    refusal = ServiceError(message, type=type, status_code=status_code)
+    if status_code < 500:
+        log_refusal(refusal)  # an app's failure is logged with its traceback already
+    body, headers = error_body_and_headers(refusal, correlation_id)
+    headers += [(b"connection", b"close"), (b"x-correlation-id", correlation_id.encode())]
+    if status_code == 400:
+        headers.append((b"sec-websocket-version", b"13"))
+    await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
+    await self.send(Body(stream_id=self.stream_id, data=body))
+    await self.send(EndBody(stream_id=self.stream_id))
+    await self.config.log.access(scope, {"status": status_code, "headers": []}, time.time() - self.start_time)
 
 
 async def _handle_websocket_events(self: WSStream) -> None:

@@ -26,7 +26,13 @@ def new_correlation_id() -> str:
     return uuid.uuid4().hex
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def choose_correlation_id(given: bytes | None) -> str:
+    """The caller's `X-Correlation-ID` if it is safe, else a new one."""
+    candidate = given.decode("latin-1") if given is not None else ""
+    return candidate if SAFE_CORRELATION_ID.fullmatch(candidate) else new_correlation_id()
+
+
+def header_of(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
             return value
@@ -47,9 +53,7 @@ class CorrelationIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        raw = _header(scope, b"x-correlation-id")
-        candidate = raw.decode("latin-1") if raw is not None else ""
-        correlation_id = candidate if SAFE_CORRELATION_ID.fullmatch(candidate) else new_correlation_id()
+        correlation_id = choose_correlation_id(header_of(scope, b"x-correlation-id"))
         scope.setdefault("state", {})["correlation_id"] = correlation_id
         correlation_id_var.set(correlation_id)
         header = (b"x-correlation-id", correlation_id.encode())
@@ -98,7 +102,7 @@ class APIKeyMiddleware:
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
-        scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+        scheme, _, given = (header_of(scope, b"authorization") or b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):
             await self.app(scope, receive, send)
             return

@@ -451,6 +451,43 @@ def test_a_request_that_is_not_http_gets_the_services_json_error(
         time.sleep(0.05)
 
 
+HANDSHAKE = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Correlation-ID: ws-refused-1\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "type", "message"), [
+    # no Sec-WebSocket-Version, and one this server does not speak: hypercorn refused them itself
+    (b"GET /ws/chat HTTP/1.1\r\n" + HANDSHAKE + b"\r\n", 400, "invalid_request",
+     "not a WebSocket handshake the service takes: it needs HTTP/1.1, Connection: Upgrade, Upgrade: websocket, "
+     "a Sec-WebSocket-Key and Sec-WebSocket-Version: 13"),
+    (b"GET /ws/chat HTTP/1.1\r\n" + HANDSHAKE + b"Sec-WebSocket-Version: 8\r\n\r\n", 400, "invalid_request", None),
+    # a path with no WebSocket (Starlette closed it, a bare 403), an HTTP route's and a static file's too
+    (b"GET /chats HTTP/1.1\r\n" + HANDSHAKE + b"Sec-WebSocket-Version: 13\r\n\r\n", 404, "not_found",
+     "no WebSocket at /chats: it is at /ws/chat"),
+    (b"GET /health HTTP/1.1\r\n" + HANDSHAKE + b"Sec-WebSocket-Version: 13\r\n\r\n", 404, "not_found", None),
+    (b"GET /static/chat.js HTTP/1.1\r\n" + HANDSHAKE + b"Sec-WebSocket-Version: 13\r\n\r\n", 404, "not_found", None),
+])
+def test_a_websocket_handshake_refused_before_the_socket_opens_gets_the_services_json_error(
+    service: ServerProcess, request_bytes: bytes, status: int, type: str, message: str | None
+) -> None:
+    """hypercorn answered these with a bare status: no body, no correlation ID."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", data, re.I).group(1)):  # type: ignore[union-attr]
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"\r\ncontent-type: application/json\r\n" in head and b"\r\nx-correlation-id: ws-refused-1\r\n" in head
+    assert (b"\r\nsec-websocket-version: 13\r\n" in head) is (status == 400)  # what it speaks (RFC 6455, 4.4)
+    error = json.loads(body)
+    assert error["type"] == type and error["correlation_id"] == "ws-refused-1", error
+    assert message is None or error["error"] == message
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. JSON replies
 

@@ -21,6 +21,7 @@ import anyio
 import h11
 import h11._connection
 import h11._headers
+import orjson
 import pytest
 
 from hypercorn.app_wrappers import ASGIWrapper
@@ -51,7 +52,7 @@ def hypercorn_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
                       (ASGIWrapper, "__call__"), (TCPServer, "protocol_send"), (TCPServer, "_close"),
                       (H11Protocol, "handle"), (H11Protocol, "_handle_events"), (WSStream, "_handle_events"),
                       (TaskGroup, "spawn_app"), (WorkerContext, "event_class"), (TCPServer, "__init__"),
-                      (TCPServer, "_idle_timeout")):
+                      (TCPServer, "_idle_timeout"), (WSStream, "_send_error_response")):
         monkeypatch.setattr(cls, name, getattr(cls, name))
     # h11's and hypercorn's own, not whatever is there: an app started by an earlier test mended
     # them for the process.
@@ -719,3 +720,37 @@ async def test_a_websocket_message_is_framed_as_wsproto_frames_it(
     # wsproto frames only the two parts of the message sent in two, the texts after the close
     # (it refuses them), and with compression all of them
     assert framed_by_wsproto == (11 if compression else 3)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("ending", "status", "type"), [("raises", 500, "internal_error"),
+                                                         ("returns", 500, "internal_error"),
+                                                         ("closes", 403, "http_error")])
+async def test_a_handshake_the_app_ends_before_accepting_gets_the_services_json_error(
+    ending: str, status: int, type: str
+) -> None:
+    """hypercorn answers an app that fails, returns or closes before accepting a WebSocket with a
+    bare status; mended, with the JSON error and the correlation ID the app's request had."""
+    mend_hypercorn(compression=False, slow_client_timeout_seconds=30)
+    config = Config()
+    config.include_date_header = False
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        scope["state"]["correlation_id"] = "the-apps-id"  # as CorrelationIdMiddleware sets it
+        await receive()  # websocket.connect
+        if ending == "raises":
+            raise RuntimeError("a bug")
+        if ending == "closes":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async with served_connection(app, config) as (reader, writer):
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"x-correlation-id: the-apps-id\r\n" in head, head
+    error = orjson.loads(body)
+    assert (error["type"], error["correlation_id"]) == (type, "the-apps-id")
