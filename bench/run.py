@@ -2,7 +2,7 @@
 
     python bench/run.py [--quick] [--pin] [--transport sse|ws|both] [--streams N] [--deltas N]
                         [--rate R] [--idle-streams N] [--scenarios ABCDEFG] [--worker-class uvloop]
-                        [--json FILE]
+                        [--conventional PYTHON] [--json FILE]
 
 It starts bench/fast_upstream.py (a fake OpenAI that costs little CPU, whose deltas carry their
 send time) and the service exactly as the Procfile does (its command, bound to 127.0.0.1
@@ -21,7 +21,9 @@ instead of $PORT), then drives it with bench/load.py, a separate process, once p
      to back for 60 s, a new connection per turn        time (~33 turns a second with all open)
   F  D's then B's load (SSE) against bench/floor.py's the floors: what a plain asyncio relay, and a
      relays instead of the service                      bare ASGI relay under hypercorn, cost per delta
-                                                        and per idle stream
+                                                        and per idle stream; with --conventional, also
+                                                        bench/conventional.py (the build the targets
+                                                        were set against), for reference
 
 CPU is the service's (every process its command started: one, as hypercorn_config.py says
 `workers = 0`), from /proc/<pid>/stat utime+stime, over the measured part only (threads are
@@ -267,14 +269,16 @@ class Service:
     of bench/floor.py's relays in its place ("raw": plain asyncio; "hypercorn": a bare ASGI app)."""
 
     def __init__(self, upstream: Upstream, cpus: set[int] | None, worker_class: str | None = None,
-                 floor: str | None = None, settings: dict[str, str] | None = None) -> None:
+                 floor: str | None = None, settings: dict[str, str] | None = None,
+                 conventional_python: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(_CONFIG_PREFIXES) and k.lower() not in _PROXY_VARS}
         env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
                    LOG_LEVEL="WARNING", SSE_HEARTBEAT_SECONDS="15", PYTHONUNBUFFERED="1", **(settings or {}))
         if floor:
             env["FLOOR_UPSTREAM"] = f"http://127.0.0.1:{upstream.port}"
-        self.label = {"raw": "the raw floor", "hypercorn": "the hypercorn floor"}.get(floor or "", "the service")
+        self.label = {"raw": "the raw floor", "hypercorn": "the hypercorn floor",
+                      "conventional": "the conventional build"}.get(floor or "", "the service")
         for attempt in range(3):  # the free port can be taken before hypercorn binds it
             fd, log_path = tempfile.mkstemp(prefix="bench-service-", suffix=".log")
             self.log_path = Path(log_path)
@@ -284,6 +288,9 @@ class Service:
                            "--port", str(self.port)]
             elif floor == "hypercorn":
                 command = [sys.executable, "-m", "hypercorn", "bench.floor:app", "--bind", f"127.0.0.1:{self.port}"]
+            elif floor == "conventional":
+                command = [conventional_python or "python", "-m", "uvicorn", "bench.conventional:app", "--host",
+                           "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
             else:
                 command = [sys.executable, "-m", *procfile_command(f"127.0.0.1:{self.port}")]
             if worker_class:
@@ -648,6 +655,9 @@ def main() -> int:
                         metavar="NAME=VALUE", help="a setting of the service's, e.g. WS_COMPRESSION=on (repeatable)")
     parser.add_argument("--worker-class", choices=("asyncio", "uvloop"),
                         help="hypercorn's --worker-class (default: none, as in the Procfile), to compare loops")
+    parser.add_argument("--conventional", metavar="PYTHON",
+                        help="F also measures bench/conventional.py (FastAPI, sse-starlette, the openai SDK on "
+                             "uvicorn) run by this interpreter, whose virtualenv has those packages")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this file")
     parser.add_argument("--keep-raw", type=Path, metavar="DIR", help="keep each load run's raw results (JSON) here")
     args = parser.parse_args()
@@ -840,16 +850,19 @@ def main() -> int:
 
         # F: the floors. D's then B's load (SSE) against bench/floor.py's relays instead of the service.
         if "F" in scenarios:
-            for floor, label in (("raw", "raw asyncio relay"), ("hypercorn", "bare ASGI relay, hypercorn")):
+            floors = [("raw", "floor: raw asyncio relay"), ("hypercorn", "floor: bare ASGI relay, hypercorn")]
+            if args.conventional:  # not a floor: what the targets were set against
+                floors.append(("conventional", "reference: FastAPI, sse-starlette, openai SDK, uvicorn"))
+            for floor, label in floors:
                 progress(f"F {label}: {d_streams} idle streams, then {b_streams} x {b_deltas} deltas at {b_rate:g}/s")
                 relay = Service(bench.upstream, service_cpus, args.worker_class if floor == "hypercorn" else None,
-                                floor=floor)
+                                floor=floor, conventional_python=args.conventional)
                 services.append(relay)
                 bench.load(relay, "sse", min(20, d_streams), 5, 0)  # warm-up, as in D
                 idle = bench.load(relay, "sse", d_streams, 2, 0, stall=600, ramp=0.1 if quick else 2.0, hold=hold)
                 run = bench.load(relay, "sse", b_streams, b_deltas, b_rate, ramp=ramp_for(b_deltas, b_rate))
                 count_errors(f"F {floor}", "sse", idle, run)
-                name = f"F floor: {label}"
+                name = f"F {label}"
                 table.add(name, "sse", "RSS per open idle stream (as D)",
                           (idle.rss_open_kib - idle.rss_before_kib) / d_streams, "KiB", IDLE_KIB_PER_STREAM)
                 table.add(name, "sse", "errors (idle streams)", idle.errors, "", 0, digits=0)
