@@ -3,8 +3,9 @@ and oversized messages; the close of a connection whose client stopped reading; 
 lost connection; the end of one that had a request pipelined behind a stream; and the memory
 each open connection holds in asyncio's Queue and Event (`LeanQueue`, `LeanEvent`) and in its
 stream's drain waiters; the answer to a request that is not valid HTTP/1.1 or to a WebSocket
-handshake refused before it opens (the service's JSON error, not a bare status); the wait, before each request's app starts, for the connection's
-keep-alive timer to stop (`KeepAliveTimer`); the send lock and drain on every write, also on
+handshake refused before it opens (the service's JSON error, not a bare status); the wait,
+before each request's app starts, for the connection's keep-alive timer to stop
+(`KeepAliveTimer`); the send lock and drain on every write, also on
 the app's writes that have nothing to wait for; h11's validating a response's headers three
 times over, and its state machine run for every chunk of a streamed body; wsproto's framing of
 each WebSocket message. An ended connection leaves no reference cycle of hypercorn's behind (it
